@@ -1,0 +1,85 @@
+"""The map's data model: plain immutable values shared by every layer.
+
+These classes carry no I/O and no validation framework, so the worker-side import stays light.
+Validation of untrusted input happens at the edges (the server's gRPC handlers, the sidecar's
+response check), which build these values only from data they have already checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "DOWN",
+    "DRAIN",
+    "STATUSES",
+    "STRATEGIES",
+    "UP",
+    "Node",
+    "Service",
+]
+
+UP: Final = "up"
+DOWN: Final = "down"
+DRAIN: Final = "drain"
+#: Node statuses. Only ``up`` nodes of positive weight receive traffic (see :attr:`Node.healthy`).
+STATUSES: Final = (UP, DOWN, DRAIN)
+
+#: Load-balancing strategy names accepted by ``pick(strategy=...)`` and in a service's options.
+STRATEGIES: Final = ("round_robin", "random", "weighted", "consistent_hash")
+
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One backend instance of a service."""
+
+    host: str
+    port: int
+    weight: int = 1
+    status: str = UP
+    meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, with IPv6 literals bracketed so the string can be dialled as is."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the node may receive traffic outside panic mode."""
+        return self.status == UP and self.weight > 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The node's identity within its service: two nodes with one address are one node."""
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A named set of nodes plus the options that steer picking among them.
+
+    ``strategy`` is the default used by ``pick`` when the caller names none. ``panic_threshold``
+    (0.0-1.0, 0 disables it) is Envoy's panic mode: when the healthy fraction of nodes falls below
+    it, picks spread over every node that is ``up`` or ``down`` (never ``drain`` or weight 0, which
+    are an operator's decisions). ``revision`` is the server revision at which the service last
+    changed.
+    """
+
+    name: str
+    nodes: tuple[Node, ...] = ()
+    strategy: str = "round_robin"
+    panic_threshold: float = 0.0
+    revision: int = 0
+    meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def healthy_nodes(self) -> tuple[Node, ...]:
+        """The nodes that may receive traffic outside panic mode, in map order."""
+        return tuple(n for n in self.nodes if n.healthy)

@@ -1,0 +1,353 @@
+"""The region's byte layout: pure encode/decode, no I/O.
+
+``docs/region-format.md`` is the normative description; this docstring is its summary. All
+integers are little-endian.
+
+File::
+
+    [header page: 4096 B][slot table: slot_count x 16 B][data area: records, 64-B aligned]
+
+Header (static fields are written once, before the file is renamed into place)::
+
+    off  size  field
+    0    8     magic b"CLMAPRGN"
+    8    4     format version (u32) = 1
+    12   4     header size (u32) = 4096
+    16   8     file size in bytes (u64)
+    24   8     slot table offset (u64) = 4096
+    32   4     slot count (u32)
+    36   4     reserved (0)
+    40   8     data area offset (u64)
+    48   8     created, wall-clock ns (u64)
+    56   8     file id (u64, random; tells one file incarnation from the next)
+    64   64    robust process-shared pthread mutex (writers only)
+    -- live words: each an aligned 8-byte word, stored whole, meaningful alone --
+    128  8     generation: bumped at the end of every publish; bit 63 = RETIRED
+    136  8     last successful sync, wall-clock ns
+    144  8     writer pid
+    152  8     pending transaction: offset of a committed txn record, 0 if none
+
+Slot ``i`` (16 bytes at ``slot_table + 16*i``)::
+
+    0  8  version: generation of the record's publish, 0 = empty slot; bit 63 = RETIRED
+    8  8  offset of the record in the file
+
+Slot 0 holds the meta record, slot 1 the directory, slots 2.. one service each.
+
+Record (immutable once its slot points at it)::
+
+    0   4  kind (u32): 1 meta, 2 directory, 3 service, 4 txn
+    4   4  payload length (u32)
+    8   8  version (u64): equals the slot version that points at it
+    16  8  checksum (u64): xxh3_64(payload, seed=version)
+    24  .. payload (msgpack)
+
+A reader trusts a record only if kind, version (== the slot version it read) and checksum all
+match, so a record overwritten, half-written or seen out of order is retried, never returned.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import xxhash
+
+from clustermap.errors import CorruptRegion
+from clustermap.model import STATUSES, STRATEGIES, Node, Service
+
+__all__ = [
+    "DATA_ALIGN",
+    "FORMAT_VERSION",
+    "GENERATION_OFF",
+    "HEADER_SIZE",
+    "KIND_DIRECTORY",
+    "KIND_META",
+    "KIND_SERVICE",
+    "KIND_TXN",
+    "LAST_SYNC_OFF",
+    "MAGIC",
+    "MUTEX_OFF",
+    "MUTEX_SIZE",
+    "RECORD_HEADER",
+    "RETIRED",
+    "SLOT_DIRECTORY",
+    "SLOT_META",
+    "SLOT_SIZE",
+    "TXN_OFF",
+    "WRITER_PID_OFF",
+    "FileHeader",
+    "Meta",
+    "align",
+    "decode_directory",
+    "decode_meta",
+    "decode_service",
+    "decode_txn",
+    "encode_directory",
+    "encode_header",
+    "encode_meta",
+    "encode_record",
+    "encode_service",
+    "encode_txn",
+    "parse_header",
+    "parse_record_header",
+    "verify_payload",
+]
+
+MAGIC: Final = b"CLMAPRGN"
+FORMAT_VERSION: Final = 1
+HEADER_SIZE: Final = 4096
+MUTEX_OFF: Final = 64
+MUTEX_SIZE: Final = 64
+GENERATION_OFF: Final = 128
+LAST_SYNC_OFF: Final = 136
+WRITER_PID_OFF: Final = 144
+TXN_OFF: Final = 152
+SLOT_SIZE: Final = 16
+DATA_ALIGN: Final = 64
+RETIRED: Final = 1 << 63
+
+SLOT_META: Final = 0
+SLOT_DIRECTORY: Final = 1
+FIRST_SERVICE_SLOT: Final = 2
+
+KIND_META: Final = 1
+KIND_DIRECTORY: Final = 2
+KIND_SERVICE: Final = 3
+KIND_TXN: Final = 4
+
+_STATIC = struct.Struct("<8sIIQQI4xQQQ")  # magic .. file id: 64 bytes
+RECORD_HEADER: Final = struct.Struct("<IIQQ")  # kind, length, version, checksum
+MAX_PAYLOAD: Final = (1 << 32) - 1
+
+assert _STATIC.size == 64
+assert RECORD_HEADER.size == 24
+
+
+def align(n: int, to: int = DATA_ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """The static part of the header, fixed for the life of one file."""
+
+    file_size: int
+    slot_table: int
+    slot_count: int
+    data_offset: int
+    created_ns: int
+    file_id: int
+
+
+def encode_header(h: FileHeader) -> bytes:
+    """The first 64 bytes of a new region file."""
+    return _STATIC.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_SIZE,
+        h.file_size,
+        h.slot_table,
+        h.slot_count,
+        h.data_offset,
+        h.created_ns,
+        h.file_id,
+    )
+
+
+def parse_header(buf: bytes, actual_size: int) -> FileHeader:
+    """Validate the static header against the file's real size; raise :class:`CorruptRegion`."""
+    if len(buf) < _STATIC.size or actual_size < HEADER_SIZE:
+        raise CorruptRegion(f"truncated region: {actual_size} bytes, a header needs {HEADER_SIZE}")
+    magic, version, header_size, file_size, slot_table, slot_count, data_offset, created, fid = (
+        _STATIC.unpack_from(buf, 0)
+    )
+    if magic != MAGIC:
+        raise CorruptRegion("not a ClusterMap region (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptRegion(
+            f"region format version {version} is not supported (this reader knows "
+            f"{FORMAT_VERSION}); upgrade the client or the sidecar so both agree"
+        )
+    if header_size != HEADER_SIZE or slot_table != HEADER_SIZE:
+        raise CorruptRegion(f"bad header geometry (header {header_size}, slots at {slot_table})")
+    if file_size != actual_size:
+        raise CorruptRegion(f"region size {actual_size} != {file_size} recorded in its header")
+    if slot_count < FIRST_SERVICE_SLOT or data_offset != align(
+        slot_table + slot_count * SLOT_SIZE, DATA_ALIGN
+    ):
+        raise CorruptRegion(f"bad slot table ({slot_count} slots, data at {data_offset})")
+    if data_offset > file_size:
+        raise CorruptRegion("slot table runs past the end of the region")
+    return FileHeader(file_size, slot_table, slot_count, data_offset, created, fid)
+
+
+def checksum(payload: bytes | memoryview, version: int) -> int:
+    return xxhash.xxh3_64_intdigest(payload, seed=version)
+
+
+def encode_record(kind: int, version: int, payload: bytes) -> bytes:
+    """A complete record (header + payload), ready to copy into the data area."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"record payload of {len(payload)} bytes exceeds 4 GiB")
+    return RECORD_HEADER.pack(kind, len(payload), version, checksum(payload, version)) + payload
+
+
+def parse_record_header(buf: bytes | memoryview) -> tuple[int, int, int, int]:
+    """(kind, length, version, checksum) of a record header."""
+    kind, length, version, digest = RECORD_HEADER.unpack_from(buf, 0)
+    return kind, length, version, digest
+
+
+def verify_payload(payload: bytes | memoryview, version: int, expected: int) -> bool:
+    return checksum(payload, version) == expected
+
+
+# -- payloads -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Map-wide state the sidecar publishes with each update.
+
+    ``source`` is ``"server"`` or ``"snapshot"`` (warm start from disk). ``protected`` means the
+    sidecar is holding back an update it judged destructive; ``reason`` says why.
+    """
+
+    revision: int = 0
+    epoch: str = ""
+    source: str = "server"
+    stale: bool = False
+    protected: bool = False
+    reason: str = ""
+    server: str = ""
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+def encode_meta(m: Meta) -> bytes:
+    return _pack(
+        {
+            "revision": m.revision,
+            "epoch": m.epoch,
+            "source": m.source,
+            "stale": m.stale,
+            "protected": m.protected,
+            "reason": m.reason,
+            "server": m.server,
+            "counters": dict(m.counters),
+        }
+    )
+
+
+def _unpack(payload: bytes | memoryview, what: str) -> Any:
+    try:
+        return msgpack.unpackb(payload, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CorruptRegion(f"undecodable {what} record: {exc}") from None
+
+
+def decode_meta(payload: bytes | memoryview) -> Meta:
+    d = _unpack(payload, "meta")
+    try:
+        counters = d.get("counters", {})
+        if not all(isinstance(k, str) and type(v) is int for k, v in counters.items()):
+            raise TypeError("counters must map names to integers")
+        return Meta(
+            revision=_int(d["revision"]),
+            epoch=_str(d["epoch"]),
+            source=_str(d["source"]),
+            stale=bool(d["stale"]),
+            protected=bool(d["protected"]),
+            reason=_str(d["reason"]),
+            server=_str(d.get("server", "")),
+            counters=counters,
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CorruptRegion(f"malformed meta record: {exc}") from None
+
+
+def encode_directory(slots: Mapping[str, int]) -> bytes:
+    return _pack(dict(slots))
+
+
+def decode_directory(payload: bytes | memoryview, slot_count: int) -> dict[str, int]:
+    d = _unpack(payload, "directory")
+    if not isinstance(d, dict) or not all(
+        isinstance(k, str) and type(v) is int and FIRST_SERVICE_SLOT <= v < slot_count
+        for k, v in d.items()
+    ):
+        raise CorruptRegion("malformed directory record")
+    return d
+
+
+def encode_service(s: Service) -> bytes:
+    """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``."""
+    return _pack(
+        [
+            s.name,
+            s.revision,
+            s.strategy,
+            float(s.panic_threshold),
+            dict(s.meta),
+            [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
+        ]
+    )
+
+
+def decode_service(payload: bytes | memoryview) -> Service:
+    """Decode and check a service record; anything off raises :class:`CorruptRegion`."""
+    d = _unpack(payload, "service")
+    try:
+        name, revision, strategy, panic, meta, raw_nodes = d
+        nodes = tuple([Node(*n) for n in raw_nodes])
+        if not (isinstance(name, str) and type(revision) is int and strategy in STRATEGIES):
+            raise TypeError("bad service fields")
+        if not isinstance(panic, float) or not 0.0 <= panic <= 1.0 or not isinstance(meta, dict):
+            raise TypeError("bad service options")
+        for n in nodes:
+            if not (
+                isinstance(n.host, str)
+                and type(n.port) is int
+                and type(n.weight) is int
+                and n.status in STATUSES
+                and isinstance(n.meta, dict)
+            ):
+                raise TypeError(f"bad node {n!r:.80}")
+    except (TypeError, ValueError) as exc:
+        raise CorruptRegion(f"malformed service record: {exc}") from None
+    return Service(name, nodes, strategy, panic, revision, meta)
+
+
+def encode_txn(generation: int, entries: list[tuple[int, int, int]]) -> bytes:
+    """A redo log: the slot stores ``(slot, version, offset)`` that make up one publish."""
+    return _pack([generation, entries])
+
+
+def decode_txn(payload: bytes | memoryview) -> tuple[int, list[tuple[int, int, int]]]:
+    d = _unpack(payload, "transaction")
+    try:
+        generation, entries = d
+        out = [(int(s), int(v), int(o)) for s, v, o in entries]
+        return int(generation), out
+    except (TypeError, ValueError) as exc:
+        raise CorruptRegion(f"malformed transaction record: {exc}") from None
+
+
+def _pack(obj: object) -> bytes:
+    out: bytes = msgpack.packb(obj)
+    return out
+
+
+def _int(v: object) -> int:
+    if type(v) is not int:
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v

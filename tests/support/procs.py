@@ -1,0 +1,117 @@
+"""Real child processes for tests: own session, killed as a group on teardown, awaited by
+condition (a line on stdout, a file state), never by fixed sleeps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Child:
+    """A subprocess in its own session, with line-oriented stdout."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env or python_env(),
+            start_new_session=True,
+            text=True,
+        )
+        self._sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.lines: list[str] = []
+
+    @classmethod
+    def python(cls, *args: str, env: dict[str, str] | None = None) -> Child:
+        return cls([sys.executable, *args], env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def readline(self, timeout: float = 10.0) -> str:
+        """The next stdout line; fails the test on timeout or EOF, showing stderr."""
+        assert self.proc.stdout is not None
+        if not self._sel.select(timeout):
+            raise AssertionError(f"no output from {self.argv} within {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"{self.argv} exited ({self.proc.wait()}): {self.stderr()}")
+        self.lines.append(line.rstrip("\n"))
+        return self.lines[-1]
+
+    def expect(self, prefix: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(deadline - time.monotonic(), 0.01))
+            if line.startswith(prefix):
+                return line
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read()[-4000:]
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        return self.wait()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        rc = self.proc.wait(timeout)
+        self.close()
+        return rc
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._sel.close()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
