@@ -1,18 +1,278 @@
-"""Region commands of cmctl: they read the region as a worker does."""
+"""Region commands of cmctl: they read the region exactly as a worker does.
+
+``dump`` and ``status`` read a consistent snapshot; ``pick`` goes through the same
+:class:`~clustermap.client.ClusterMap` a worker uses, so what it prints is what a worker picks;
+``watch`` prints each published change.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
 from typing import Any
 
-__all__ = ["add_commands"]
+from clustermap.client import ClusterMap
+from clustermap.errors import UnknownService
+from clustermap.model import STRATEGIES, Node, Service
+from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
+
+__all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
+
+#: A map not synced for this long is reported stale even if the sidecar has not said so (it may
+#: be dead). Ten poll intervals at the default 0.5 s.
+STALE_AFTER_S = 5.0
 
 
 def add_commands(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("status", help="the sidecar's health as published")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_not_yet)
+    p = sub.add_parser("dump", help="print the map as workers see it")
+    p.add_argument("services", nargs="*", metavar="SERVICE", help="only these services")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(run=dump)
+
+    p = sub.add_parser("status", help="the sidecar's health as published in the region")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER_S,
+        metavar="S",
+        help="report stale when the last sync is older than this (default %(default)s)",
+    )
+    p.set_defaults(run=status)
+
+    p = sub.add_parser("pick", help="what a worker would pick")
+    p.add_argument("service")
+    p.add_argument("--key", help="consistent-hash key")
+    p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random"])
+    p.add_argument("--count", type=int, default=1, metavar="N", help="pick N times")
+    p.set_defaults(run=pick)
+
+    p = sub.add_parser("watch", help="print changes as they are published")
+    p.add_argument("--interval", type=float, default=0.1, metavar="S", help="check period")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N changes")
+    p.set_defaults(run=watch)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise SystemExit("cmctl: not implemented yet")
+# -- JSON shapes (also used by tests and the docs) -----------------------------------------------
+
+
+def node_json(n: Node) -> dict[str, Any]:
+    return {
+        "host": n.host,
+        "port": n.port,
+        "address": n.address,
+        "weight": n.weight,
+        "status": n.status,
+        "meta": dict(n.meta),
+    }
+
+
+def service_json(s: Service) -> dict[str, Any]:
+    return {
+        "nodes": [node_json(n) for n in s.nodes],
+        "strategy": s.strategy,
+        "panic_threshold": s.panic_threshold,
+        "revision": s.revision,
+        "meta": dict(s.meta),
+        "healthy": sum(n.healthy for n in s.nodes),
+    }
+
+
+def status_json(
+    reader: RegionReader, snap: Snapshot, stale_after: float = STALE_AFTER_S
+) -> dict[str, Any]:
+    meta = snap.meta
+    age = (time.time_ns() - snap.last_sync_ns) / 1e9 if snap.last_sync_ns else None
+    alive = _alive(reader.path, snap.writer_pid)
+    stale = bool(meta.stale or age is None or age > stale_after or alive is False)
+    reasons = []
+    if meta.reason:
+        reasons.append(meta.reason)
+    if age is None:
+        reasons.append("never synced with a server")
+    elif age > stale_after and not meta.stale:
+        reasons.append(f"no sync for {age:.1f} s")
+    if alive is False:
+        reasons.append(f"no writer is running (last was pid {snap.writer_pid})")
+    return {
+        "region": reader.path,
+        "format_version": FORMAT_VERSION,
+        "region_bytes": reader.file_size,
+        "generation": snap.generation,
+        "revision": meta.revision,
+        "epoch": meta.epoch,
+        "source": meta.source,
+        "server": meta.server,
+        "last_sync_ns": snap.last_sync_ns,
+        "age_seconds": None if age is None else round(age, 3),
+        "stale": stale,
+        "protected": meta.protected,
+        "reason": "; ".join(reasons),
+        "writer_pid": snap.writer_pid,
+        "writer_alive": alive,
+        "repair_pending": snap.repair_pending,
+        "services": len(snap.services),
+        "nodes": sum(len(s.nodes) for s in snap.services.values()),
+        "counters": dict(meta.counters),
+    }
+
+
+def _alive(region: str, pid: int) -> bool | None:
+    """Whether a writer holds the region's election lock.
+
+    Read from ``/proc/locks`` (which also names the holder's pid), never by taking the lock: a
+    probe that held it even briefly could refuse a sidecar starting at that instant. Falls back
+    to signalling ``pid``; None when neither can tell.
+    """
+    try:
+        st = os.stat(region + ".lock")
+        with open("/proc/locks") as proc_locks:
+            locks = proc_locks.read()
+    except OSError:
+        locks = None
+    if locks is not None:
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        return any(
+            len(fields := line.split()) > 5 and fields[1] == "FLOCK" and fields[5] == ident
+            for line in locks.splitlines()
+        )
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _snapshot(args: argparse.Namespace) -> tuple[RegionReader, Snapshot]:
+    reader = RegionReader(args.region)
+    return reader, reader.snapshot()
+
+
+def dump(args: argparse.Namespace) -> int:
+    reader, snap = _snapshot(args)
+    names = args.services or sorted(snap.services)
+    for name in names:
+        if name not in snap.services:
+            raise UnknownService(f"unknown service {name!r} in {reader.path}")
+    if args.json:
+        out = status_json(reader, snap)
+        out["services"] = {n: service_json(snap.services[n]) for n in names}
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    st = status_json(reader, snap)
+    print(_status_line(st))
+    for name in names:
+        s = snap.services[name]
+        healthy = sum(n.healthy for n in s.nodes)
+        print(f"\n{name}  {s.strategy}, {len(s.nodes)} nodes, {healthy} healthy, rev {s.revision}")
+        width = max((len(n.address) for n in s.nodes), default=0)
+        for n in s.nodes:
+            meta = " ".join(f"{k}={v}" for k, v in sorted(n.meta.items()))
+            print(f"  {n.address:<{width}}  weight {n.weight:<4} {n.status:<5} {meta}".rstrip())
+    return 0
+
+
+def _status_line(st: dict[str, Any]) -> str:
+    age = "never synced" if st["age_seconds"] is None else f"synced {st['age_seconds']:.1f} s ago"
+    flags = [f for f in ("stale", "protected") if st[f]]
+    line = (
+        f"revision {st['revision']}, generation {st['generation']}, {age}, "
+        f"{st['services']} services, {st['nodes']} nodes"
+    )
+    if flags:
+        line += f"  [{', '.join(flags).upper()}: {st['reason']}]"
+    return line
+
+
+def status(args: argparse.Namespace) -> int:
+    reader, snap = _snapshot(args)
+    st = status_json(reader, snap, args.stale_after)
+    if args.json:
+        json.dump(st, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    rows = [
+        ("region", f"{st['region']} ({st['region_bytes']} bytes, format {st['format_version']})"),
+        ("revision", f"{st['revision']} (generation {st['generation']}, epoch {st['epoch']})"),
+        ("last sync", "never" if st["age_seconds"] is None else f"{st['age_seconds']:.3f} s ago"),
+        ("source", f"{st['source']} {st['server']}".strip()),
+        ("stale", "yes" if st["stale"] else "no"),
+        ("protected", "yes" if st["protected"] else "no"),
+        ("reason", st["reason"] or "-"),
+        ("writer", f"pid {st['writer_pid']} ({_alive_word(st['writer_alive'])})"),
+        ("map", f"{st['services']} services, {st['nodes']} nodes"),
+    ]
+    rows += [(f"  {k}", str(v)) for k, v in sorted(st["counters"].items())]
+    for k, v in rows:
+        print(f"{k:<12} {v}")
+    return 0
+
+
+def _alive_word(alive: bool | None) -> str:
+    return {True: "running", False: "not running", None: "unknown"}[alive]
+
+
+def pick(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise SystemExit("cmctl: --count must be at least 1")
+    cm = ClusterMap(args.region)
+    for _ in range(args.count):
+        print(cm.pick(args.service, args.key, strategy=args.strategy).address)
+    return 0
+
+
+def watch(args: argparse.Namespace) -> int:
+    reader = RegionReader(args.region)
+    prev = reader.snapshot()
+    print(_status_line(status_json(reader, prev)), flush=True)
+    changes = 0
+    while not args.count or changes < args.count:
+        time.sleep(args.interval)
+        if reader.generation == prev.generation:
+            continue
+        snap = reader.snapshot()
+        for line in _diff(prev, snap):
+            print(line, flush=True)
+        prev = snap
+        changes += 1
+    return 0
+
+
+def _diff(a: Snapshot, b: Snapshot) -> list[str]:
+    head = f"generation {b.generation} revision {b.meta.revision}:"
+    out = []
+    for name in sorted(set(a.services) | set(b.services)):
+        old, new = a.services.get(name), b.services.get(name)
+        if old == new:
+            continue
+        if old is None:
+            out.append(f"{head} + {name} ({len(new.nodes) if new else 0} nodes)")
+        elif new is None:
+            out.append(f"{head} - {name}")
+        else:
+            before = {n.key: n for n in old.nodes}
+            after = {n.key: n for n in new.nodes}
+            for key in sorted(set(before) | set(after)):
+                x, y = before.get(key), after.get(key)
+                if y is None:
+                    out.append(f"{head} {name} - {before[key].address}")
+                elif x != y:
+                    sign = "+" if x is None else "~"
+                    out.append(f"{head} {name} {sign} {y.address} weight {y.weight} {y.status}")
+            if old.strategy != new.strategy or old.meta != new.meta:
+                out.append(f"{head} {name} options {new.strategy} {dict(new.meta)}")
+    for flag in ("stale", "protected"):
+        if getattr(a.meta, flag) != getattr(b.meta, flag):
+            out.append(f"{head} {flag} = {getattr(b.meta, flag)} {b.meta.reason}".rstrip())
+    return out or [f"{head} (no change to services)"]
