@@ -11,23 +11,12 @@ import shutil
 import tempfile
 import time
 
-from common import baseline_ns, machine, once_s, per_call_ns
+from common import baseline_ns, machine, make_service, once_s, per_call_ns
 
 from clustermap.model import Node, Service
 from clustermap.region import layout as L
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
-
-
-def make_service(i: int, nodes: int, rev: int = 1) -> Service:
-    return Service(
-        f"service-{i:05d}",
-        tuple(
-            Node(f"10.{i % 250}.{k // 250}.{k % 250}", 8000 + k, 1 + k % 3, "up", {"zone": "z1"})
-            for k in range(nodes)
-        ),
-        revision=rev,
-    )
 
 
 def main() -> None:

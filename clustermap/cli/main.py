@@ -21,7 +21,9 @@ DEFAULT_SERVER = "127.0.0.1:7700"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmctl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cmctl", description="Inspect the ClusterMap region and administer cm-server."
+    )
     parser.add_argument(
         "--region",
         default=os.environ.get("CLUSTERMAP_REGION", DEFAULT_REGION),
@@ -33,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="cm-server address for admin commands (default: $CLUSTERMAP_SERVER or %(default)s)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from clustermap.cli import inspect
+    from clustermap.cli import admin, inspect, up
 
     inspect.add_commands(sub)
+    admin.add_commands(sub)
+    up.add_commands(sub)
     return parser
 
 

@@ -381,14 +381,18 @@ class RegionWriter:
         if not pending and not removals:
             return WriterStats(self._gen, 0, 0, unchanged, False, 0)
 
-        directory = dict(self._dir)
-        for name in removals:
-            del directory[name]
-        free_slots = sorted(
-            set(range(L.FIRST_SERVICE_SLOT, self._hdr.slot_count))
-            - set(directory.values())
-            - {self._dir[n] for n in removals}  # freed slots are reused from the next publish
-        )
+        directory = self._dir
+        free_slots: list[int] = []
+        if new_names or removals:  # only then does the directory change (copy-on-write)
+            directory = dict(self._dir)
+            for name in removals:
+                del directory[name]
+        if new_names:
+            free_slots = sorted(
+                set(range(L.FIRST_SERVICE_SLOT, self._hdr.slot_count))
+                - set(directory.values())
+                - {self._dir[n] for n in removals}  # freed slots are reused from the next publish
+            )
         if len(new_names) > len(free_slots):
             self._rebuild(pending, removals, gen)
             return WriterStats(

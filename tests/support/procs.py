@@ -9,6 +9,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,11 +33,14 @@ class Child:
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
+        # stderr goes to a file: a pipe nobody drains fills up (64 KiB of logs) and then blocks
+        # the child inside a log call, which looks exactly like a deadlock.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
             env=env or python_env(),
             start_new_session=True,
             text=True,
@@ -73,9 +77,11 @@ class Child:
                 return line
 
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()[-4000:]
+        """The tail of what the child wrote to stderr so far (kept after close)."""
+        if self._log.closed:
+            return self._stderr_tail
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         with contextlib.suppress(ProcessLookupError):
@@ -92,9 +98,11 @@ class Child:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self._sel.close()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if not self._log.closed:
+            self._stderr_tail = self.stderr()
+            self._log.close()
 
     def __enter__(self) -> Child:
         return self

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code. Do not edit: run ``scripts/gen-proto``."""

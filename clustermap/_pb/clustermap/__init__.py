@@ -1,0 +1,1 @@
+"""Generated from proto/clustermap/. Do not edit: run ``scripts/gen-proto``."""

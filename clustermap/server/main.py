@@ -1,0 +1,409 @@
+"""``cm-server``: command line, process lifecycle and the main loop.
+
+Threads and what they own:
+
+* the **main thread** parses the configuration, starts everything, then runs the main loop: it
+  dispatches recorded signals, runs the registry's expiry tick and flips health to SERVING when
+  warm-up ends. Signal handlers only append the signal number to a list (and a wakeup fd wakes
+  the loop); all acting happens in the loop (SIGTERM/SIGINT: graceful stop);
+* **gRPC worker threads** (``--max-workers``) run the servicers; Watch streams hold one each (at
+  most ``--max-watchers``, so polls always find a worker);
+* the **prober** thread and its probe pool (static clusters only) report verdicts;
+* the registry's lock is the one piece of shared state; see :mod:`clustermap.server.registry`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["Config", "ServerApp", "main", "parse_args"]
+
+log = logging.getLogger("clustermap.server")
+
+DEFAULT_LISTEN = "127.0.0.1:7700"
+SERVICE_NAMES = (
+    "clustermap.v1.Registry",
+    "clustermap.v1.Subscription",
+    "clustermap.v1.Inspection",
+)
+
+
+class ConfigError(Exception):
+    """A bad command line or configuration file; the message is shown as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything cm-server is told; built by :func:`parse_args` (or directly, from Python)."""
+
+    listen: str = DEFAULT_LISTEN
+    clusters: str | None = None
+    heartbeat_ttl: float = 10.0
+    warmup: float | None = None
+    change_log_size: int = 10_000
+    self_preservation_threshold: float = 0.5
+    self_preservation_min_nodes: int = 3
+    token: str | None = None
+    subscribe_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    max_workers: int = 8
+    max_watchers: int = 4
+    watch_keepalive: float = 15.0
+    max_recv_bytes: int = 1 << 20
+    max_send_bytes: int = 256 << 20
+    grace: float = 5.0
+    metrics_listen: str | None = None
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite, non-negative number")
+        return value
+
+    return parse
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="cm-server", description="The ClusterMap server.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    p.add_argument("--clusters", metavar="FILE.toml", help="static clusters, probed actively")
+    p.add_argument("--heartbeat-ttl", type=_positive(float), default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--warmup",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="answer polls NOT_READY this long after start (default: the heartbeat TTL)",
+    )
+    p.add_argument("--change-log-size", type=int, default=10_000, metavar="N")
+    p.add_argument("--self-preservation-threshold", type=float, default=0.5, metavar="FRACTION")
+    p.add_argument("--self-preservation-min-nodes", type=int, default=3, metavar="N")
+    p.add_argument("--token-file", help="admin bearer token (default: $CLUSTERMAP_TOKEN)")
+    p.add_argument(
+        "--subscribe-token-file",
+        help="bearer token for Subscription/Inspection (default: $CLUSTERMAP_SUBSCRIBE_TOKEN)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM")
+    p.add_argument("--tls-key", metavar="PEM")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="require client certs signed by this CA")
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=8,
+        help="gRPC worker threads (few is faster: they share one GIL; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-watchers",
+        type=int,
+        default=4,
+        help="concurrent Watch streams, each holding a worker (default %(default)s)",
+    )
+    p.add_argument("--watch-keepalive", type=_positive(float), default=15.0, metavar="SECONDS")
+    p.add_argument("--max-recv-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-send-bytes", type=int, default=256 << 20)
+    p.add_argument("--grace", type=_positive(float), default=5.0, metavar="SECONDS")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics"
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    a = p.parse_args(argv)
+    token = _read_secret(a.token_file) or os.environ.get("CLUSTERMAP_TOKEN") or None
+    sub_token = (
+        _read_secret(a.subscribe_token_file) or os.environ.get("CLUSTERMAP_SUBSCRIBE_TOKEN") or None
+    )
+    cfg = Config(
+        listen=a.listen,
+        clusters=a.clusters,
+        heartbeat_ttl=a.heartbeat_ttl,
+        warmup=a.warmup,
+        change_log_size=a.change_log_size,
+        self_preservation_threshold=a.self_preservation_threshold,
+        self_preservation_min_nodes=a.self_preservation_min_nodes,
+        token=token,
+        subscribe_token=sub_token,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_client_ca=a.tls_client_ca,
+        max_workers=a.max_workers,
+        max_watchers=a.max_watchers,
+        watch_keepalive=a.watch_keepalive,
+        max_recv_bytes=a.max_recv_bytes,
+        max_send_bytes=a.max_send_bytes,
+        grace=a.grace,
+        metrics_listen=a.metrics_listen,
+        log_format=a.log_format,
+        log_level=a.log_level,
+    )
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Reject inconsistent settings before anything starts."""
+    if cfg.heartbeat_ttl < 0.1:
+        raise ConfigError("--heartbeat-ttl must be at least 0.1 seconds")
+    if cfg.change_log_size < 1:
+        raise ConfigError("--change-log-size must be positive")
+    if not 0.0 <= cfg.self_preservation_threshold <= 1.0:
+        raise ConfigError("--self-preservation-threshold must be within 0-1 (1 disables it)")
+    if cfg.max_workers < 4 or not 0 <= cfg.max_watchers <= cfg.max_workers - 2:
+        raise ConfigError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key")
+    for flag, value in (("--listen", cfg.listen), ("--metrics-listen", cfg.metrics_listen)):
+        if value is None:
+            continue
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{flag} {value!r} is not HOST:PORT")
+
+
+class ServerApp:
+    """One cm-server process: build, :meth:`run` until a stop signal, shut down gracefully."""
+
+    def __init__(self, cfg: Config) -> None:
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from clustermap._pb.clustermap.v1 import (
+            inspection_pb2,
+            inspection_pb2_grpc,
+            registry_pb2,
+            registry_pb2_grpc,
+            subscription_pb2,
+        )
+        from clustermap.server.auth import TokenInterceptor
+        from clustermap.server.clusters import ClustersError, load_clusters
+        from clustermap.server.probes import Prober
+        from clustermap.server.registry import Registry
+        from clustermap.server.servicers import (
+            InspectionServicer,
+            RegistryServicer,
+            SubscriptionServicer,
+            add_subscription_servicer,
+        )
+        from clustermap.server.store import MemoryStore
+
+        self.cfg = cfg
+        self._health_pb2 = health_pb2
+        try:
+            clusters = load_clusters(cfg.clusters) if cfg.clusters else []
+        except ClustersError as exc:
+            raise ConfigError(str(exc)) from None
+        self.store = MemoryStore(log_size=cfg.change_log_size)
+        self.registry = Registry(
+            self.store,
+            default_ttl=cfg.heartbeat_ttl,
+            warmup=cfg.warmup,
+            self_preservation_threshold=cfg.self_preservation_threshold,
+            self_preservation_min_nodes=cfg.self_preservation_min_nodes,
+            options={c.name: c.options for c in clusters},
+        )
+        self.registry.set_static({c.name: c.nodes for c in clusters if c.nodes})
+        self.prober = Prober(self.registry, clusters)
+        self.metrics = None
+        if cfg.metrics_listen:
+            from clustermap.server.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(self.registry)
+
+        interceptors = []
+        auth = TokenInterceptor(
+            cfg.token, cfg.subscribe_token, self.metrics.on_refused if self.metrics else None
+        )
+        if auth.enabled:
+            interceptors.append(auth)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="cm-grpc")
+        self.server = grpc.server(
+            self._pool,
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_recv_bytes),
+                ("grpc.max_send_message_length", cfg.max_send_bytes),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+            maximum_concurrent_rpcs=cfg.max_workers * 64,
+        )
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            RegistryServicer(self.registry), self.server
+        )
+        add_subscription_servicer(
+            SubscriptionServicer(
+                self.registry,
+                keepalive=cfg.watch_keepalive,
+                max_watchers=cfg.max_watchers,
+                on_answer=self.metrics.on_poll if self.metrics else None,
+            ),
+            self.server,
+        )
+        inspection_pb2_grpc.add_InspectionServicer_to_server(
+            InspectionServicer(self.registry), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [
+            registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+            subscription_pb2.DESCRIPTOR.services_by_name["Subscription"].full_name,
+            inspection_pb2.DESCRIPTOR.services_by_name["Inspection"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, self.server)
+        self._set_ready(self.registry.ready())
+        try:
+            if cfg.tls_cert and cfg.tls_key:
+                creds = grpc.ssl_server_credentials(
+                    [(_read_bytes(cfg.tls_key), _read_bytes(cfg.tls_cert))],
+                    root_certificates=_read_bytes(cfg.tls_client_ca) if cfg.tls_client_ca else None,
+                    require_client_auth=bool(cfg.tls_client_ca),
+                )
+                self.port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                self.port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from None
+        if not self.port:
+            raise ConfigError(f"cannot listen on {cfg.listen}")
+        self._metrics_server = None
+        if self.metrics is not None and cfg.metrics_listen:
+            try:
+                self._metrics_server = self.metrics.serve(cfg.metrics_listen)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
+        self._signals: list[int] = []
+        self._ready_reported = self.registry.ready()
+
+    def _set_ready(self, ready: bool) -> None:
+        serving = self._health_pb2.HealthCheckResponse.SERVING
+        not_serving = self._health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", serving if ready else not_serving)
+        self.health.set("clustermap.v1.Subscription", serving if ready else not_serving)
+        self.health.set("clustermap.v1.Registry", serving)
+        self.health.set("clustermap.v1.Inspection", serving)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)  # only record it: the main loop acts
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.server.start()
+        self.prober.start()
+        cfg = self.cfg
+        host = cfg.listen.rpartition(":")[0]
+        log.info(
+            "listening",
+            extra={
+                "event": "listening",
+                "address": f"{host}:{self.port}",
+                "epoch": self.registry.epoch,
+                "heartbeat_ttl": cfg.heartbeat_ttl,
+                "warmup": cfg.heartbeat_ttl if cfg.warmup is None else cfg.warmup,
+                "tls": bool(cfg.tls_cert),
+                "mtls": bool(cfg.tls_client_ca),
+                "auth": bool(cfg.token or cfg.subscribe_token),
+                "pid": os.getpid(),
+            },
+        )
+        try:
+            while True:
+                while self._signals:
+                    signum = self._signals.pop(0)
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        return self.handle_term(signum)
+                    log.info(
+                        "signal ignored",
+                        extra={"event": "signal", "signal": signal.Signals(signum).name},
+                    )
+                expired = self.registry.expire()
+                if expired and self.metrics is not None:
+                    self.metrics.expired.inc(len(expired))
+                if not self._ready_reported and self.registry.ready():
+                    self._ready_reported = True
+                    self._set_ready(True)
+                select.select([wake_r], [], [], self.registry.tick())
+                try:
+                    while wake_r.recv(512):
+                        pass
+                except BlockingIOError:
+                    pass
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            wake_r.close()
+            wake_w.close()
+
+    def handle_term(self, signum: int) -> int:
+        name = signal.Signals(signum).name
+        log.info("stopping", extra={"event": "stopping", "signal": name, "grace": self.cfg.grace})
+        self.health.enter_graceful_shutdown()
+        self.registry.close()
+        self.prober.stop()
+        self.server.stop(self.cfg.grace).wait()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        log.info("stopped", extra={"event": "stopped"})
+        return 0
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clustermap.logs import setup_logging
+
+    try:
+        cfg = parse_args(argv)
+        setup_logging(cfg.log_format, cfg.log_level)
+        app = ServerApp(cfg)
+    except ConfigError as exc:
+        print(f"cm-server: {exc}", file=sys.stderr)
+        return 2
+    return app.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Prometheus metrics for cm-server (``--metrics-listen HOST:PORT``, off by default).
+
+State gauges are read from the registry at scrape time (the scrape thread takes the registry
+lock briefly, like any RPC); counters are incremented where things happen. Metrics live in their
+own :class:`CollectorRegistry`, so importing this module registers nothing globally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from clustermap.server.registry import Registry
+
+__all__ = ["ServerMetrics"]
+
+
+class _StateCollector(Collector):
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        st = self._registry.status()
+        for name, doc, value in (
+            ("revision", "Current map revision", st.revision),
+            ("services", "Services in the map", st.services),
+            ("nodes", "Nodes in the map", st.nodes),
+            ("leases", "Live leases", st.leases),
+            ("silent_leases", "Leases not renewed for over half their TTL", st.silent_leases),
+            ("self_preservation", "1 while lease expiry is held back", int(st.self_preservation)),
+            ("ready", "1 once warm-up is over", int(st.ready)),
+            ("uptime_seconds", "Seconds since start", st.uptime),
+        ):
+            yield GaugeMetricFamily(f"clustermap_server_{name}", doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, registry: Registry) -> None:
+        self.prom = CollectorRegistry()
+        self.prom.register(_StateCollector(registry))
+        self.polls = Counter(
+            "clustermap_server_polls", "Poll answers by kind", ["kind"], registry=self.prom
+        )
+        self.expired = Counter(
+            "clustermap_server_leases_expired", "Leases expired", registry=self.prom
+        )
+        self.refused = Counter(
+            "clustermap_server_auth_refused", "Calls refused for credentials", registry=self.prom
+        )
+
+    def on_poll(self, kind: str) -> None:
+        self.polls.labels(kind).inc()
+
+    def on_refused(self) -> None:
+        self.refused.inc()
+
+    def serve(self, listen: str) -> Any:
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(int(port), host.strip("[]"), registry=self.prom)
+        return server

@@ -1,0 +1,406 @@
+"""The gRPC servicers: validate the request, call the registry, encode the answer.
+
+Handlers run on the gRPC server's worker threads. They hold no state of their own besides
+:class:`_EncodeCache` (encoded services and recent poll answers, shared by every thread: plain dict
+operations, atomic under the GIL, and cached messages are never mutated after insertion).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Final, NoReturn, TypeVar
+
+import grpc
+from pydantic import ValidationError
+
+from clustermap._pb.clustermap.v1 import (
+    inspection_pb2,
+    inspection_pb2_grpc,
+    map_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    subscription_pb2,
+)
+from clustermap.server import registry as reg
+from clustermap.server.registry import Conflict, NotFound, PollResult, Registry, RegistryError
+from clustermap.server.store import StoredService
+from clustermap.server.validation import (
+    MAX_SERVICE_NAME,
+    NodeAddress,
+    NodeUpdate,
+    Registration,
+    reason,
+)
+from clustermap.wire import node_to_pb, service_to_pb, status_from_pb
+
+__all__ = [
+    "InspectionServicer",
+    "RegistryServicer",
+    "SubscriptionServicer",
+    "add_subscription_servicer",
+]
+
+log = logging.getLogger("clustermap.server.rpc")
+
+T = TypeVar("T")
+
+MAX_FILTER: Final = 10_000
+
+_KIND_TO_PB: Final = {
+    reg.NOT_MODIFIED: subscription_pb2.POLL_KIND_NOT_MODIFIED,
+    reg.DELTA: subscription_pb2.POLL_KIND_DELTA,
+    reg.FULL: subscription_pb2.POLL_KIND_FULL,
+    reg.NOT_READY: subscription_pb2.POLL_KIND_NOT_READY,
+}
+_ORIGIN_TO_PB: Final = {
+    reg.REGISTERED: map_pb2.NODE_ORIGIN_REGISTERED,
+    reg.STATIC: map_pb2.NODE_ORIGIN_STATIC,
+}
+
+
+def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _validated(context: Any, build: Callable[[], T]) -> T:
+    try:
+        return build()
+    except ValidationError as exc:
+        why = reason(exc)
+        log.info(
+            "invalid request", extra={"event": "invalid", "reason": why, "peer": context.peer()}
+        )
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, why)
+
+
+def _refused(context: Any, exc: RegistryError) -> NoReturn:
+    code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, Conflict):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    _abort(context, code, str(exc))
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def Register(
+        self, request: registry_pb2.RegisterRequest, context: Any
+    ) -> registry_pb2.RegisterResponse:
+        def build() -> Registration:
+            return Registration(
+                service=request.service,
+                host=request.host,
+                port=request.port,
+                weight=request.weight if request.HasField("weight") else 1,
+                meta=dict(request.meta),
+                ttl=request.ttl_seconds if request.HasField("ttl_seconds") else None,
+            )
+
+        registration = _validated(context, build)
+        try:
+            result = self._registry.register(registration)
+        except RegistryError as exc:
+            _refused(context, exc)
+        return registry_pb2.RegisterResponse(
+            lease_id=result.lease_id,
+            ttl_seconds=result.ttl,
+            revision=result.revision,
+            node=node_to_pb(result.node, map_pb2.NODE_ORIGIN_REGISTERED),
+        )
+
+    def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: Any
+    ) -> registry_pb2.HeartbeatResponse:
+        if not request.lease_id or len(request.lease_id) > 64:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id: missing or malformed")
+        try:
+            ttl = self._registry.heartbeat(request.lease_id)
+        except RegistryError as exc:
+            _refused(context, exc)
+        return registry_pb2.HeartbeatResponse(ttl_seconds=ttl)
+
+    def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: Any
+    ) -> registry_pb2.DeregisterResponse:
+        addr = _validated(
+            context,
+            lambda: NodeAddress(service=request.service, host=request.host, port=request.port),
+        )
+        try:
+            revision = self._registry.deregister(addr)
+        except RegistryError as exc:
+            _refused(context, exc)
+        return registry_pb2.DeregisterResponse(revision=revision)
+
+    def UpdateNode(
+        self, request: registry_pb2.UpdateNodeRequest, context: Any
+    ) -> registry_pb2.UpdateNodeResponse:
+        def build() -> NodeUpdate:
+            status = None
+            if request.status != map_pb2.NODE_STATUS_UNSPECIFIED:
+                try:
+                    status = status_from_pb(request.status)
+                except ValueError:
+                    status = f"#{request.status}"  # rejected with a clear reason below
+            return NodeUpdate(
+                service=request.service,
+                host=request.host,
+                port=request.port,
+                weight=request.weight if request.HasField("weight") else None,
+                status=status,
+            )
+
+        update = _validated(context, build)
+        try:
+            revision, node, origin = self._registry.update_node(update)
+        except RegistryError as exc:
+            _refused(context, exc)
+        return registry_pb2.UpdateNodeResponse(
+            revision=revision, node=node_to_pb(node, _ORIGIN_TO_PB[origin])
+        )
+
+
+_SERVICES_FIELD: Final = subscription_pb2.PollResponse.DESCRIPTOR.fields_by_name["services"].number
+_SERVICES_TAG: Final = bytes([(_SERVICES_FIELD << 3) | 2])  # length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _EncodeCache:
+    """Serialized services by (name, revision), and whole serialized answers for common cases.
+
+    A poll answer is assembled as bytes: the small header message serialized, followed by each
+    service's cached ``services`` field (protobuf allows a message's fields in any order and
+    concatenated repeated fields), so a full map is a join of cached byte strings instead of
+    copying and re-serializing every service. Many subscribers ask the same questions (the full
+    map at the current revision, the delta from the previous one, not-modified), so those whole
+    answers are cached too. Cached values are immutable bytes, safe to share across threads.
+    """
+
+    def __init__(self, answers: int = 64) -> None:
+        self._services: dict[str, tuple[int, bytes]] = {}
+        self._answers: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._max_answers = answers
+        self._lock = threading.Lock()
+
+    def service_field(self, stored: StoredService) -> bytes:
+        name, revision = stored.service.name, stored.service.revision
+        hit = self._services.get(name)
+        if hit is not None and hit[0] == revision:
+            return hit[1]
+        payload = service_to_pb(stored.service, stored.digest).SerializeToString()
+        field = _SERVICES_TAG + _varint(len(payload)) + payload
+        self._services[name] = (revision, field)
+        return field
+
+    def forget(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._services.pop(name, None)
+
+    def answer(self, key: tuple[object, ...] | None, result: PollResult) -> bytes:
+        if key is not None:
+            with self._lock:
+                hit = self._answers.get(key)
+            if hit is not None:
+                return hit
+        if result.removed:
+            self.forget(result.removed)
+        head = subscription_pb2.PollResponse(
+            kind=_KIND_TO_PB[result.kind],
+            epoch=result.epoch,
+            revision=result.revision,
+            checksum=result.checksum,
+            removed=result.removed,
+            self_preservation=result.self_preservation,
+            retry_after_seconds=result.retry_after,
+        ).SerializeToString()
+        data = b"".join([head, *(self.service_field(s) for s in result.services)])
+        if key is not None:
+            with self._lock:
+                self._answers[key] = data
+                while len(self._answers) > self._max_answers:
+                    self._answers.popitem(last=False)
+        return data
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+def add_subscription_servicer(servicer: SubscriptionServicer, server: Any) -> None:
+    """Register ``servicer`` like the generated ``add_SubscriptionServicer_to_server``, except
+    that its answers are already serialized (see :class:`_EncodeCache`)."""
+    handlers = {
+        "Poll": grpc.unary_unary_rpc_method_handler(
+            servicer.Poll,
+            request_deserializer=subscription_pb2.PollRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch,
+            request_deserializer=subscription_pb2.PollRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+    }
+    name = subscription_pb2.DESCRIPTOR.services_by_name["Subscription"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
+class SubscriptionServicer:
+    """Poll and Watch. Answers are serialized ``PollResponse`` bytes: register the servicer
+    with :func:`add_subscription_servicer`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        keepalive: float = 15.0,
+        max_watchers: int = 8,
+        on_answer: Callable[[str], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._on_answer = on_answer
+        self._cache = _EncodeCache()
+        self._keepalive = keepalive
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+
+    def _names(self, request: subscription_pb2.PollRequest, context: Any) -> frozenset[str] | None:
+        if not request.services:
+            return None
+        if len(request.services) > MAX_FILTER or any(
+            not n or len(n) > MAX_SERVICE_NAME for n in request.services
+        ):
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"services: at most {MAX_FILTER} names of 1-{MAX_SERVICE_NAME} characters",
+            )
+        return frozenset(request.services)
+
+    def _encode(
+        self,
+        request: subscription_pb2.PollRequest,
+        names: frozenset[str] | None,
+        result: PollResult,
+    ) -> bytes:
+        if self._on_answer is not None:
+            self._on_answer(result.kind)
+        key: tuple[object, ...] | None = None
+        if names is None and result.kind == reg.NOT_MODIFIED:
+            key = (reg.NOT_MODIFIED, result.epoch, result.revision, result.self_preservation)
+        elif names is None and result.kind == reg.FULL:
+            key = (reg.FULL, result.epoch, result.revision, result.self_preservation)
+        elif names is None and result.kind == reg.DELTA:
+            key = (
+                reg.DELTA,
+                result.epoch,
+                request.revision,
+                result.revision,
+                result.self_preservation,
+            )
+        return self._cache.answer(key, result)
+
+    def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
+        names = self._names(request, context)
+        result = self._registry.poll(request.epoch, request.revision, names)
+        return self._encode(request, names, result)
+
+    def Watch(self, request: subscription_pb2.PollRequest, context: Any) -> Iterator[bytes]:
+        names = self._names(request, context)
+        if not self._watch_slots.acquire(blocking=False):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many watchers; poll instead or retry later",
+            )
+        try:
+            yield from self._watch(request, names, context)
+        finally:
+            self._watch_slots.release()
+
+    def _watch(
+        self, request: subscription_pb2.PollRequest, names: frozenset[str] | None, context: Any
+    ) -> Iterator[bytes]:
+        context.add_callback(self._registry.wake)  # a cancelled watcher leaves at once
+        epoch, revision = request.epoch, request.revision
+        last_sent = float("-inf")
+        last_kind = ""
+        while context.is_active() and not self._registry.closed:
+            result = self._registry.poll(epoch, revision, names)
+            now = time.monotonic()
+            due = now - last_sent >= self._keepalive
+            if due or result.kind not in (reg.NOT_MODIFIED, last_kind):
+                probe = subscription_pb2.PollRequest(epoch=epoch, revision=revision)
+                yield self._encode(probe, names, result)
+                last_sent, last_kind = now, result.kind
+            if result.kind == reg.NOT_READY:
+                wait = min(self._keepalive, result.retry_after + 0.01)
+            else:
+                epoch, revision = result.epoch, result.revision
+                last_kind = ""
+                wait = last_sent + self._keepalive - now
+            self._registry.wait_changed(result.revision, max(0.01, wait))
+
+
+class InspectionServicer(inspection_pb2_grpc.InspectionServicer):
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def ListServices(
+        self, request: inspection_pb2.ListServicesRequest, context: Any
+    ) -> inspection_pb2.ListServicesResponse:
+        revision, services = self._registry.services()
+        return inspection_pb2.ListServicesResponse(
+            revision=revision,
+            services=[
+                inspection_pb2.ServiceSummary(
+                    name=s.name,
+                    nodes=len(s.nodes),
+                    healthy=len(s.healthy_nodes()),
+                    revision=s.revision,
+                )
+                for s in services
+            ],
+        )
+
+    def GetService(
+        self, request: inspection_pb2.GetServiceRequest, context: Any
+    ) -> inspection_pb2.GetServiceResponse:
+        try:
+            revision, stored, origins = self._registry.service(request.name)
+        except RegistryError as exc:
+            _refused(context, exc)
+        pb_origins = {k: _ORIGIN_TO_PB[v] for k, v in origins.items()}
+        return inspection_pb2.GetServiceResponse(
+            revision=revision, service=service_to_pb(stored.service, stored.digest, pb_origins)
+        )
+
+    def GetStatus(
+        self, request: inspection_pb2.GetStatusRequest, context: Any
+    ) -> inspection_pb2.GetStatusResponse:
+        st = self._registry.status()
+        return inspection_pb2.GetStatusResponse(
+            epoch=st.epoch,
+            revision=st.revision,
+            ready=st.ready,
+            self_preservation=st.self_preservation,
+            services=st.services,
+            nodes=st.nodes,
+            leases=st.leases,
+            overdue_leases=st.overdue_leases,
+            checksum=st.checksum,
+            uptime_seconds=st.uptime,
+        )

@@ -1,0 +1,167 @@
+"""The sidecar's settings: one model behind the command line, the environment and a TOML file.
+
+Precedence: command-line flags, then ``CLUSTERMAP_*`` environment variables, then the file named by
+``--config`` (or ``$CLUSTERMAP_CONFIG``), then the defaults below. ``cm-sidecar --print-config``
+prints the result, and ``docs/configuration.md`` is generated from this model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from clustermap.client import DEFAULT_REGION
+
+__all__ = ["DEFAULT_SERVER", "SidecarSettings", "parse_address"]
+
+DEFAULT_SERVER = "127.0.0.1:7700"
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ValueError with the reason."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class SidecarSettings(BaseSettings):
+    """Every setting of ``cm-sidecar``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLUSTERMAP_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    server: Annotated[list[str], NoDecode] = Field(
+        default=[DEFAULT_SERVER],
+        description="cm-server addresses in failover order (env: comma-separated)",
+    )
+    region: Path = Field(default=Path(DEFAULT_REGION), description="the region file to publish")
+    interval: float = Field(default=0.5, gt=0, le=3600, description="seconds between polls")
+    jitter: float = Field(
+        default=0.1, ge=0, lt=1, description="each interval varies randomly by this fraction"
+    )
+    timeout: float = Field(default=2.0, gt=0, description="deadline of one poll, seconds")
+    services: Annotated[list[str], NoDecode] = Field(
+        default=[], description="subscribe to these services only (default: all)"
+    )
+    snapshot: Path | None = Field(
+        default=None, description="file keeping the last good map for a warm start"
+    )
+    snapshot_every: float = Field(
+        default=5.0, ge=0, description="write the snapshot at most this often, seconds"
+    )
+    protect: bool = Field(default=True, description="hold back updates that would wipe the map")
+    protect_max_drop: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of nodes one full update may remove"
+    )
+    protect_max_hold: float = Field(
+        default=300.0, ge=0, description="publish a held update anyway after this many seconds"
+    )
+    backoff_base: float = Field(
+        default=0.5, gt=0, description="first retry delay of a failed server"
+    )
+    backoff_max: float = Field(default=30.0, gt=0, description="longest retry delay of a server")
+    stale_after: float = Field(
+        default=5.0, gt=0, description="seconds without a sync before /healthz reports unhealthy"
+    )
+    metrics: str | None = Field(
+        default=None, description="HOST:PORT serving /metrics and /healthz (off by default)"
+    )
+    standby: bool = Field(
+        default=False,
+        description="wait for another sidecar on this region to exit instead of failing",
+    )
+    token: str | None = Field(default=None, description="bearer token for the server")
+    token_file: Path | None = Field(default=None, description="file holding the bearer token")
+    tls_ca: Path | None = Field(default=None, description="CA to verify the server (enables TLS)")
+    tls_cert: Path | None = Field(default=None, description="client certificate for mutual TLS")
+    tls_key: Path | None = Field(default=None, description="client key for mutual TLS")
+    log_format: Literal["text", "json"] = Field(default="text", description="log line format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+
+    @field_validator("server", "services", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one server is needed")
+        for v in value:
+            parse_address(v)
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, value: str | None) -> str | None:
+        if value:
+            parse_address(value)
+        return value or None
+
+    def bearer_token(self) -> str | None:
+        if self.token:
+            return self.token
+        if self.token_file:
+            return self.token_file.read_text().strip() or None
+        return None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("CLUSTERMAP_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+
+def reference() -> str:
+    """``docs/configuration.md``: every setting, generated from this model (a test checks it)."""
+    lines = [
+        "# cm-sidecar configuration",
+        "",
+        "Generated from `clustermap/sidecar/config.py` by "
+        "`uv run python -m clustermap.sidecar.config > docs/configuration.md`.",
+        "",
+        "Each setting can be given as a flag where one exists (`--interval 0.5`), as an",
+        "environment variable (`CLUSTERMAP_INTERVAL=0.5`; lists comma-separated), or as a key of",
+        "the TOML file named by `--config` / `CLUSTERMAP_CONFIG` (`interval = 0.5`). Flags win",
+        "over the environment, which wins over the file. `cm-sidecar --print-config` shows the",
+        "result.",
+        "SIGHUP re-reads the environment and the file (the region path cannot change).",
+        "",
+        "| setting | environment | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in SidecarSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        lines.append(
+            f"| `{name}` | `CLUSTERMAP_{name.upper()}` | `{shown}` | {field.description or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -1,0 +1,330 @@
+"""The sidecar's main loop: poll, merge, protect, publish; signals queued and dispatched here.
+
+Threads: the main thread owns everything (the mirror, the guard, the region writer, the poller);
+the metrics thread only reads gauges. Signal handlers only queue the signal and wake the loop
+(gunicorn's arbiter pattern), so no handler ever runs inside a publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from types import FrameType
+from typing import Final
+
+from clustermap.errors import ClusterMapError
+from clustermap.model import Service
+from clustermap.region.layout import Meta
+from clustermap.region.reader import RegionReader
+from clustermap.region.writer import RegionWriter
+from clustermap.sidecar import snapshot
+from clustermap.sidecar.config import SidecarSettings, parse_address
+from clustermap.sidecar.guard import Decision, Guard, GuardPolicy
+from clustermap.sidecar.metrics import Metrics, serve
+from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
+from clustermap.sidecar.poller import Poller, PollFailed
+from clustermap.wire import FULL, NOT_READY
+
+__all__ = ["Sidecar"]
+
+log = logging.getLogger("clustermap.sidecar")
+
+_COUNTERS_EVERY: Final = 10.0  # republish counters alone at most this often (seconds)
+
+
+class Sidecar:
+    """One sidecar process: the region's only writer."""
+
+    def __init__(
+        self, settings: SidecarSettings, reload: Callable[[], SidecarSettings] | None = None
+    ) -> None:
+        self.settings = settings
+        self._reload = reload
+        self.metrics = Metrics()
+        self.mirror = Mirror()
+        self.guard = Guard(_policy(settings))
+        self.published: dict[str, Service] = {}
+        self.meta = Meta()
+        self.counters: dict[str, int] = {}
+        self._signals: list[int] = []
+        self._running = True
+        self._last_ok = 0.0  # monotonic time of the last successful sync
+        self._meta_at = 0.0
+        self._snapshot_at = 0.0
+        self._snapshot_dirty = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        wait = float("inf") if s.standby else 0.0
+        if s.standby:
+            log.info("standby: waiting to become the writer of %s", s.region)
+        self.writer = RegionWriter(s.region, wait=wait)
+        self.poller = Poller(s)
+        http = None
+        try:
+            self._install_signals()
+            self._warm_start()
+            if s.metrics:
+                host, port = parse_address(s.metrics)
+                http = serve(self.metrics, host, port, self.healthy)
+            log.info(
+                "publishing %s from %s every %.2f s", s.region, ", ".join(s.server), s.interval
+            )
+            while self._running:
+                self._dispatch_signals()
+                if not self._running:
+                    break
+                self.poll_once()
+                self._sleep(s.interval * (1 + s.jitter * (2 * random.random() - 1)))
+        finally:
+            if http is not None:
+                http.shutdown()
+            self._save_snapshot(force=True)
+            self.poller.close()
+            self.writer.close()
+            log.info("stopped; %s stays readable with revision %d", s.region, self.meta.revision)
+        return 0
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"!")
+
+    def _sleep(self, seconds: float) -> None:
+        ready, _, _ = select.select([self._wake_r], [], [], max(seconds, 0.0))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+
+    def _dispatch_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.handle_term(sig)
+            elif sig == signal.SIGHUP:
+                self.handle_hup()
+
+    def handle_term(self, sig: int) -> None:
+        log.info("%s: stopping", signal.Signals(sig).name)
+        self._running = False
+
+    def handle_hup(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except Exception as exc:  # a bad config file must not stop a running sidecar
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        if new.region != self.settings.region:
+            log.warning(
+                "SIGHUP: the region path cannot change while running; keeping %s",
+                self.settings.region,
+            )
+            new = new.model_copy(update={"region": self.settings.region})
+        self.poller.close()
+        self.settings = new
+        self.poller = Poller(new)
+        self.guard.policy = _policy(new)
+        log.info("SIGHUP: configuration reloaded (servers %s)", ", ".join(new.server))
+
+    # -- warm start -------------------------------------------------------------------------------
+
+    def _warm_start(self) -> None:
+        """Start from the map already in the region (a restarted sidecar), else the snapshot."""
+        try:
+            snap = RegionReader(self.settings.region).snapshot()
+        except ClusterMapError as exc:
+            log.warning("region unreadable at start (%s); starting empty", exc)
+            snap = None
+        if snap is not None and snap.services:
+            self.published = dict(snap.services)
+            self.meta = snap.meta
+            log.info(
+                "continuing from the region: %d services at revision %d",
+                len(self.published),
+                snap.meta.revision,
+            )
+            self._refresh_gauges()
+            return
+        path = self.settings.snapshot
+        if path is None or not path.exists():
+            return
+        try:
+            disk = snapshot.load(path)
+        except snapshot.SnapshotError as exc:
+            log.error("snapshot not loaded: %s", exc)
+            return
+        age = (time.time_ns() - disk.written_ns) / 1e9
+        meta = Meta(
+            revision=disk.revision,
+            epoch=disk.epoch,
+            source="snapshot",
+            stale=True,
+            reason=f"warm start from {path} written {age:.0f} s ago; not yet synced",
+        )
+        self.writer.replace_all(disk.services, meta=meta)
+        self.published = {s.name: s for s in disk.services}
+        self.meta = meta
+        self._refresh_gauges()
+        log.info(
+            "warm start: %d services from %s (revision %d, %.0f s old)",
+            len(disk.services),
+            path,
+            disk.revision,
+            age,
+        )
+
+    # -- one poll ---------------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        try:
+            polled = self.poller.poll(self.mirror.epoch, self.mirror.revision)
+        except PollFailed as exc:
+            self._count("poll_errors", "error")
+            self._mark_stale(f"no server answered: {exc}")
+            return
+        if polled.failovers:
+            self._count("failovers")
+            self.metrics.failovers.inc()
+        answer = polled.answer
+        if answer.kind == NOT_READY:
+            self._count("not_ready", "not_ready")
+            log.info(
+                "%s is warming up (ready in %.1f s); keeping the map",
+                polled.server,
+                answer.retry_after,
+            )
+            return
+        try:
+            change = self.mirror.apply(answer)
+        except ChecksumMismatch as exc:
+            self._count("checksum_mismatches", "checksum_mismatch")
+            log.warning("%s; resyncing with a full map", exc)
+            self.mirror.reset()
+            return
+        self._count(answer.kind, answer.kind)
+        if not change and not self.guard.holding:
+            decision = Decision()  # nothing changed and nothing is held: nothing to decide
+        else:
+            decision = self.guard.decide(
+                self.mirror.services,
+                self.published,
+                full=answer.kind == FULL,
+                changed=(*change.upserted, *change.removed),
+            )
+        if decision.protected and (decision.upserts or decision.removals or change):
+            self._count("protections")
+            self.metrics.protections.inc()
+            log.warning("protection: %s", decision.reason)
+        for name in decision.released:
+            log.error(
+                "protection released after %.0f s: %s",
+                self.guard.policy.max_hold,
+                "the whole update" if name == "*" else name,
+            )
+        meta = Meta(
+            revision=self.mirror.revision,
+            epoch=self.mirror.epoch,
+            source="server",
+            stale=False,
+            protected=decision.protected,
+            reason=decision.reason,
+            server=polled.server,
+            counters=dict(self.counters),
+        )
+        self._publish(decision.upserts, decision.removals, meta)
+
+    def _publish(self, upserts: tuple[Service, ...], removals: tuple[str, ...], meta: Meta) -> None:
+        now_ns = time.time_ns()
+        meta_due = _without_counters(meta) != _without_counters(self.meta) or (
+            time.monotonic() - self._meta_at > _COUNTERS_EVERY
+        )
+        t0 = time.perf_counter()
+        if upserts or removals or meta_due:
+            self.writer.publish(upserts, removals, meta=meta, sync_ns=now_ns)
+            self.meta = meta
+            self._meta_at = time.monotonic()
+            for s in upserts:
+                self.published[s.name] = s
+            for name in removals:
+                self.published.pop(name, None)
+            if upserts or removals:
+                self._snapshot_dirty = True
+            self.metrics.publish_seconds.observe(time.perf_counter() - t0)
+        else:
+            self.writer.touch(now_ns)
+        self._last_ok = time.monotonic()
+        self.metrics.synced(now_ns / 1e9)
+        self._refresh_gauges()
+        self._save_snapshot()
+
+    def _mark_stale(self, reason: str) -> None:
+        self.metrics.stale.set(1)
+        if self.meta.stale and self.meta.reason == reason:
+            return
+        log.warning("map is stale: %s", reason)
+        meta = replace(self.meta, stale=True, reason=reason, counters=dict(self.counters))
+        self.writer.publish(meta=meta)
+        self.meta = meta
+        self._meta_at = time.monotonic()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _count(self, counter: str, outcome: str | None = None) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        if outcome is not None:
+            self.metrics.polls.labels(outcome).inc()
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
+        m.revision.set(self.meta.revision)
+        m.services.set(len(self.published))
+        m.nodes.set(sum(len(s.nodes) for s in self.published.values()))
+        m.protected.set(1 if self.meta.protected else 0)
+        m.stale.set(1 if self.meta.stale else 0)
+
+    def _save_snapshot(self, force: bool = False) -> None:
+        path = self.settings.snapshot
+        if path is None or not self._snapshot_dirty:
+            return
+        if not force and time.monotonic() - self._snapshot_at < self.settings.snapshot_every:
+            return
+        try:
+            snapshot.save(path, self.published.values(), self.meta.epoch, self.meta.revision)
+        except OSError as exc:
+            log.error("snapshot not written to %s: %s", path, exc)
+            return
+        self._snapshot_at = time.monotonic()
+        self._snapshot_dirty = False
+
+    def healthy(self) -> tuple[bool, str]:
+        """For /healthz: fresh enough, and why not."""
+        if not self._last_ok:
+            return False, "not synced yet"
+        age = time.monotonic() - self._last_ok
+        if age > self.settings.stale_after:
+            return False, f"last sync {age:.1f} s ago: {self.meta.reason}"
+        return True, f"ok: revision {self.meta.revision}, synced {age:.1f} s ago"
+
+
+def _policy(s: SidecarSettings) -> GuardPolicy:
+    return GuardPolicy(max_drop=s.protect_max_drop, max_hold=s.protect_max_hold, enabled=s.protect)
+
+
+def _without_counters(meta: Meta) -> Meta:
+    return replace(meta, counters={})

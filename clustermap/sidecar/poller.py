@@ -1,0 +1,102 @@
+"""Polling the servers: one gRPC channel per server, failover in order, backoff per server.
+
+The only module of the sidecar that speaks gRPC. A poll round tries the servers that are not
+backing off, in the configured order, and returns the first valid answer; an error, a deadline or a
+malformed answer counts against that server and the round moves on to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
+from clustermap.sidecar.config import SidecarSettings
+from clustermap.sidecar.retry import Backoff
+from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
+
+__all__ = ["PollFailed", "Polled", "Poller"]
+
+log = logging.getLogger("clustermap.sidecar")
+
+_MAX_MESSAGE = 512 << 20  # a full map of 10 000 services x 100 nodes is ~40 MiB
+
+
+class PollFailed(Exception):
+    """No server gave a valid answer this round; the message lists each server's error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    server: str
+    answer: PollAnswer
+    failovers: int  # servers that failed before this one answered, this round
+
+
+class Poller:
+    def __init__(self, settings: SidecarSettings) -> None:
+        self.settings = settings
+        self.backoff = Backoff(list(settings.server), settings.backoff_base, settings.backoff_max)
+        token = settings.bearer_token()
+        self._metadata: Sequence[tuple[str, str]] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        credentials = _credentials(settings)
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.enable_retries", 0),  # failover and backoff are ours
+        ]
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, subscription_pb2_grpc.SubscriptionStub] = {}
+        for server in settings.server:
+            if credentials is None:
+                channel = grpc.insecure_channel(server, options=options)
+            else:
+                channel = grpc.secure_channel(server, credentials, options=options)
+            self._channels[server] = channel
+            self._stubs[server] = subscription_pb2_grpc.SubscriptionStub(channel)
+
+    def poll(self, epoch: str, revision: int) -> Polled:
+        request = poll_request(epoch, revision, self.settings.services)
+        errors: list[str] = []
+        for server in self.backoff.order():
+            try:
+                msg = self._stubs[server].Poll(
+                    request, timeout=self.settings.timeout, metadata=self._metadata
+                )
+                answer = poll_answer_from_pb(msg)
+            except grpc.RpcError as exc:
+                errors.append(f"{server}: {_rpc_error(exc)}")
+            except WireError as exc:
+                errors.append(f"{server}: malformed answer: {exc}")
+                log.error("rejected a malformed answer from %s: %s", server, exc)
+            else:
+                self.backoff.succeeded(server)
+                return Polled(server, answer, len(errors))
+            delay = self.backoff.failed(server)
+            log.debug("%s failed (%s); next try in %.2f s", server, errors[-1], delay)
+        raise PollFailed("; ".join(errors))
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+
+def _rpc_error(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "ERROR"
+    return f"{name}: {details}" if details else name
+
+
+def _credentials(settings: SidecarSettings) -> grpc.ChannelCredentials | None:
+    if settings.tls_ca is None and settings.tls_cert is None:
+        return None
+    root = settings.tls_ca.read_bytes() if settings.tls_ca else None
+    cert = settings.tls_cert.read_bytes() if settings.tls_cert else None
+    key = settings.tls_key.read_bytes() if settings.tls_key else None
+    return grpc.ssl_channel_credentials(root, key, cert)

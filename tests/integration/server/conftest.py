@@ -1,0 +1,184 @@
+"""Harness for cm-server integration tests: real processes, real gRPC, no fixed sleeps.
+
+``server(*args)`` starts ``cm-server`` on a free port in its own session (so teardown can
+``killpg`` it and anything it spawned) and returns once its health service answers. Everything
+else is awaited with :func:`wait_for` (poll a condition until a deadline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clustermap._pb.clustermap.v1 import (
+    inspection_pb2_grpc,
+    registry_pb2_grpc,
+    subscription_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+CM_SERVER = str(Path(sys.executable).with_name("cm-server"))
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except grpc.RpcError as exc:  # server not there yet, or refusing: keep polling
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last error: {last_exc})")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
+    target_name: str | None = None
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    def channel(
+        self,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> grpc.Channel:
+        creds = credentials or self.credentials
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 256 << 20)]
+        if self.target_name:
+            options.append(("grpc.ssl_target_name_override", self.target_name))
+        if creds is not None:
+            if token:
+                creds = grpc.composite_channel_credentials(
+                    creds, grpc.access_token_call_credentials(token)
+                )
+            ch = grpc.secure_channel(self.address, creds, options=options)
+        else:
+            ch = grpc.insecure_channel(self.address, options=options)
+            if token:
+                ch = grpc.intercept_channel(ch, _TokenClientInterceptor(token))
+        self.channels.append(ch)
+        return ch
+
+    def registry(self, **kw: Any) -> registry_pb2_grpc.RegistryStub:
+        return registry_pb2_grpc.RegistryStub(self.channel(**kw))
+
+    def subscription(self, **kw: Any) -> subscription_pb2_grpc.SubscriptionStub:
+        return subscription_pb2_grpc.SubscriptionStub(self.channel(**kw))
+
+    def inspection(self, **kw: Any) -> inspection_pb2_grpc.InspectionStub:
+        return inspection_pb2_grpc.InspectionStub(self.channel(**kw))
+
+    def health(self, service: str = "", **kw: Any) -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel(**kw))
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        return int(resp.status)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        for ch in self.channels:
+            ch.close()
+
+
+class _TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer`` on plaintext channels (call credentials need TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        md = [*(details.metadata or ()), self._md]
+        return details._replace(metadata=md)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: ``server("--heartbeat-ttl", "0.5", ...)`` → a running, answering cm-server."""
+    started: list[Server] = []
+
+    def start(
+        *args: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        target_name: str | None = None,
+        env: dict[str, str] | None = None,
+        wait_health: str = "clustermap.v1.Registry",
+        port: int | None = None,
+    ) -> Server:
+        fixed = port
+        for attempt in range(5):
+            port = fixed or free_port()
+            address = f"127.0.0.1:{port}"
+            log_path = tmp_path / f"server-{len(started)}-{attempt}.log"
+            cmd = [CM_SERVER, "--listen", address, *args]
+            if "--warmup" not in args:
+                cmd += ["--warmup", "0"]
+            with log_path.open("wb") as log_file:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, **(env or {})},
+                )
+            srv = Server(proc, address, log_path, credentials, target_name)
+            started.append(srv)
+            deadline = time.monotonic() + 15
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if srv.health(wait_health) == health_pb2.HealthCheckResponse.SERVING:
+                        return srv
+                except grpc.RpcError:
+                    time.sleep(0.02)
+            if proc.poll() is None:
+                raise AssertionError(f"cm-server did not become healthy:\n{srv.log()}")
+            if fixed or "cannot listen" not in srv.log():
+                raise AssertionError(f"cm-server exited with {proc.returncode}:\n{srv.log()}")
+        raise AssertionError("no free port found for cm-server")
+
+    yield start
+    for srv in started:
+        srv.kill()

@@ -1,0 +1,155 @@
+"""Real cm-server and cm-sidecar processes for integration tests.
+
+Each runs in its own session, on a free port / a fresh region, and is killed as a group on
+teardown. Readiness and every later state are awaited by condition (health answers, the region's
+revision), never by fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
+from clustermap.errors import ClusterMapError
+from clustermap.region.layout import Meta
+from clustermap.region.reader import RegionReader
+from tests.support.procs import Child, python_env, wait_for
+
+BIN = Path(sys.executable).parent
+CM_SERVER = str(BIN / "cm-server")
+CM_SIDECAR = str(BIN / "cm-sidecar")
+CMCTL = str(BIN / "cmctl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProc:
+    """A real ``cm-server`` on a free port (or a given one, to restart "the same" server)."""
+
+    def __init__(
+        self, *args: str, port: int | None = None, ttl: float = 1.0, warmup: float = 0.2
+    ) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.argv = [
+            CM_SERVER,
+            "--listen",
+            self.address,
+            "--heartbeat-ttl",
+            str(ttl),
+            "--warmup",
+            str(warmup),
+            *args,
+        ]
+        self.child = Child(self.argv, env=python_env())
+        self._channel = grpc.insecure_channel(self.address)
+        health = health_pb2_grpc.HealthStub(self._channel)
+
+        def serving() -> bool:
+            if self.child.proc.poll() is not None:
+                raise AssertionError(f"cm-server exited: {self.child.stderr()}")
+            try:
+                resp = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            except grpc.RpcError:
+                return False
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+        wait_for(serving, 15, "cm-server to serve")
+        self.registry = registry_pb2_grpc.RegistryStub(self._channel)
+
+    def register(
+        self, service: str, host: str, port: int, weight: int = 1, ttl: float = 0.0, **meta: str
+    ) -> registry_pb2.RegisterResponse:
+        return self.registry.Register(
+            registry_pb2.RegisterRequest(
+                service=service, host=host, port=port, weight=weight, meta=meta, ttl_seconds=ttl
+            ),
+            timeout=5,
+        )
+
+    def deregister(self, service: str, host: str, port: int) -> None:
+        self.registry.Deregister(
+            registry_pb2.DeregisterRequest(service=service, host=host, port=port), timeout=5
+        )
+
+    def set(self, service: str, host: str, port: int, **fields: Any) -> None:
+        self.registry.UpdateNode(
+            registry_pb2.UpdateNodeRequest(service=service, host=host, port=port, **fields),
+            timeout=5,
+        )
+
+    def kill(self) -> None:
+        self._channel.close()
+        self.child.kill()
+
+    def close(self) -> None:
+        self._channel.close()
+        self.child.close()
+
+
+class SidecarProc:
+    """A real ``cm-sidecar`` publishing ``region`` from ``servers``."""
+
+    def __init__(
+        self, region: Path, servers: Sequence[str], *args: str, interval: float = 0.1
+    ) -> None:
+        self.region = region
+        self.argv = [
+            CM_SIDECAR,
+            "--region",
+            str(region),
+            "--interval",
+            str(interval),
+            *[a for s in servers for a in ("--server", s)],
+            *args,
+        ]
+        self.child = Child(
+            self.argv, env=python_env(CLUSTERMAP_BACKOFF_BASE="0.1", CLUSTERMAP_BACKOFF_MAX="0.5")
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def meta(self) -> Meta | None:
+        with contextlib.suppress(ClusterMapError):
+            return RegionReader(self.region).meta()
+        return None
+
+    def wait_synced(self, revision: int = 1, timeout: float = 15) -> Meta:
+        """Until the region is at ``revision`` or later and fresh."""
+
+        def synced() -> Meta | None:
+            if self.child.proc.poll() is not None:
+                raise AssertionError(f"cm-sidecar exited: {self.child.stderr()}")
+            m = self.meta()
+            return m if m is not None and m.revision >= revision and not m.stale else None
+
+        return wait_for(synced, timeout, f"the sidecar to sync revision {revision}")
+
+    def kill(self) -> None:
+        self.child.kill()
+
+    def close(self) -> None:
+        self.child.close()
+
+
+@contextlib.contextmanager
+def running(*procs: ServerProc | SidecarProc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.close()
