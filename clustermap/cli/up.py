@@ -37,8 +37,12 @@ DEMO: tuple[tuple[str, str, tuple[tuple[str, int, int], ...]], ...] = (
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("up", help="run cm-server and cm-sidecar locally, in the foreground")
-    p.add_argument("--listen", default="127.0.0.1:7700", metavar="HOST:PORT",
-                   help="cm-server address (default %(default)s)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:7700",
+        metavar="HOST:PORT",
+        help="cm-server address (default %(default)s)",
+    )
     p.add_argument("--interval", type=float, default=0.5, metavar="S", help="sidecar poll period")
     p.add_argument("--demo", action="store_true", help="register a few example services")
     p.set_defaults(run=up)
@@ -72,15 +76,22 @@ def up(args: argparse.Namespace) -> int:
             if args.demo:
                 _register_demo(args.listen)
             sidecar = subprocess.Popen(
-                [_bin("cm-sidecar"), "--server", args.listen, "--region", region,
-                 "--interval", str(args.interval)],
+                [
+                    _bin("cm-sidecar"),
+                    "--server",
+                    args.listen,
+                    "--region",
+                    region,
+                    "--interval",
+                    str(args.interval),
+                ],
                 start_new_session=True,
             )
             _await_region(region, sidecar, stopping)
             print(
                 f"cmctl up: cm-server on {args.listen}, cm-sidecar publishing {region}\n"
                 f"  try: cmctl dump    |    python -c 'import clustermap; "
-                f"print(clustermap.pick(\"user-svc\"))'\n"
+                f'print(clustermap.pick("user-svc"))\'\n'
                 "  Ctrl-C stops both.",
                 flush=True,
             )
