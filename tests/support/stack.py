@@ -35,6 +35,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def dead_address() -> Iterator[str]:
+    """An address where connections are refused for as long as the block runs: the port is
+    bound (so no other process can take it) but never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
 class ServerProc:
     """A real ``cm-server`` on a free port (or a given one, to restart "the same" server)."""
 

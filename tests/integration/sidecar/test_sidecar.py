@@ -21,7 +21,7 @@ import clustermap
 from clustermap._pb.clustermap.v1 import subscription_pb2, subscription_pb2_grpc
 from clustermap.region.reader import RegionReader
 from tests.support.procs import Child, python_env, wait_for
-from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
+from tests.support.stack import CMCTL, ServerProc, SidecarProc, dead_address, free_port
 
 
 def addresses(region: Path, service: str) -> set[str]:
@@ -317,14 +317,15 @@ def test_snapshot_warm_start_with_the_server_down(region_dir: Path) -> None:
         sidecar.close()
         server.close()
     region.unlink()  # as after a reboot: tmpfs is empty, the server is down
-    sidecar = SidecarProc(region, [f"127.0.0.1:{free_port()}"], "--snapshot", str(snap))
-    try:
-        meta = wait_for(lambda: sidecar.meta(), what="warm start")
-        assert meta.source == "snapshot"
-        assert meta.stale
-        assert clustermap.open(region).pick("b").address == "10.0.0.2:81"
-    finally:
-        sidecar.close()
+    with dead_address() as down:
+        sidecar = SidecarProc(region, [down], "--snapshot", str(snap))
+        try:
+            meta = wait_for(lambda: sidecar.meta(), what="warm start")
+            assert meta.source == "snapshot"
+            assert meta.stale
+            assert clustermap.open(region).pick("b").address == "10.0.0.2:81"
+        finally:
+            sidecar.close()
 
 
 def test_sighup_reloads_the_config_file(region_dir: Path) -> None:
