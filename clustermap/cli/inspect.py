@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from clustermap.client import ClusterMap
 from clustermap.errors import UnknownService
 from clustermap.model import STRATEGIES, Node, Service
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
+from clustermap.region.election import writer_running
 
 __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
 
@@ -86,7 +86,7 @@ def status_json(
 ) -> dict[str, Any]:
     meta = snap.meta
     age = (time.time_ns() - snap.last_sync_ns) / 1e9 if snap.last_sync_ns else None
-    alive = _alive(reader.path, snap.writer_pid)
+    alive = writer_running(reader.path)
     stale = bool(meta.stale or age is None or age > stale_after or alive is False)
     reasons = []
     if meta.reason:
@@ -118,36 +118,6 @@ def status_json(
         "nodes": sum(len(s.nodes) for s in snap.services.values()),
         "counters": dict(meta.counters),
     }
-
-
-def _alive(region: str, pid: int) -> bool | None:
-    """Whether a writer holds the region's election lock.
-
-    Read from ``/proc/locks`` (which also names the holder's pid), never by taking the lock: a
-    probe that held it even briefly could refuse a sidecar starting at that instant. Falls back
-    to signalling ``pid``; None when neither can tell.
-    """
-    try:
-        st = os.stat(region + ".lock")
-        with open("/proc/locks") as proc_locks:
-            locks = proc_locks.read()
-    except OSError:
-        locks = None
-    if locks is not None:
-        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        return any(
-            len(fields := line.split()) > 5 and fields[1] == "FLOCK" and fields[5] == ident
-            for line in locks.splitlines()
-        )
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- commands ------------------------------------------------------------------------------------

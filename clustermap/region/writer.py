@@ -39,6 +39,7 @@ import xxhash
 
 from clustermap.errors import ClusterMapError, CorruptRegion, RegionFull, WriterBusy
 from clustermap.model import Service
+from clustermap.region import election
 from clustermap.region import layout as L
 from clustermap.region.alloc import Allocator
 from clustermap.region.lock import LockTimeout, RobustMutex
@@ -124,6 +125,7 @@ class RegionWriter:
                         f"{self.path}: another writer (pid {holder}) is publishing this region"
                     ) from None
                 time.sleep(0.05)
+        election.hold(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd

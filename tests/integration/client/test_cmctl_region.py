@@ -120,3 +120,30 @@ def test_watch_prints_published_changes(region: Path) -> None:
         assert watch.wait() == 0
     assert "user-svc" in change
     assert "revision 43" in change
+
+
+def test_status_sees_a_live_writer_from_another_pid_namespace(region: Path) -> None:
+    """A worker container asking about the sidecar container: /proc/locks would hide the lock."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False)
+    if probe.returncode:
+        pytest.skip("creating a PID namespace is not permitted here")
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        CMCTL,
+        "--region",
+        str(region),
+        "status",
+        "--json",
+    ]
+    with RegionWriter(region):  # a live writer, in this (the parent) namespace
+        alive = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    gone = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    assert alive["writer_alive"] is True
+    assert gone["writer_alive"] is False
