@@ -16,6 +16,7 @@ import grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
 from clustermap.sidecar.config import SidecarSettings
 from clustermap.sidecar.retry import Backoff
+from clustermap.sidecar.validate import InvalidAnswer, check_services
 from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
 
 __all__ = ["PollFailed", "Polled", "Poller"]
@@ -69,9 +70,10 @@ class Poller:
                     request, timeout=self.settings.timeout, metadata=self._metadata
                 )
                 answer = poll_answer_from_pb(msg)
+                check_services(answer.services)
             except grpc.RpcError as exc:
                 errors.append(f"{server}: {_rpc_error(exc)}")
-            except WireError as exc:
+            except (WireError, InvalidAnswer) as exc:
                 errors.append(f"{server}: malformed answer: {exc}")
                 log.error("rejected a malformed answer from %s: %s", server, exc)
             else:

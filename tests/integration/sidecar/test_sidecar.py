@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -72,31 +73,39 @@ def test_server_changes_reach_workers_by_delta(server: ServerProc, region_path: 
 
 
 class TamperingProxy(subscription_pb2_grpc.SubscriptionServicer):
-    """A real gRPC server in front of cm-server that corrupts the checksum of one delta."""
+    """A real gRPC server in front of cm-server that alters the first delta with ``tamper``."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, tamper: Callable[[subscription_pb2.PollResponse], None]):
         self.channel = grpc.insecure_channel(upstream)
         self.stub = subscription_pb2_grpc.SubscriptionStub(self.channel)
+        self.tamper = tamper
         self.tampered = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        subscription_pb2_grpc.add_SubscriptionServicer_to_server(self, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
 
     def Poll(self, request, context):  # type: ignore[no-untyped-def]
         resp = self.stub.Poll(request, timeout=5)
         if resp.kind == subscription_pb2.POLL_KIND_DELTA and not self.tampered:
-            resp.checksum ^= 0x5A5A
+            self.tamper(resp)
             self.tampered += 1
         return resp
+
+    def close(self) -> None:
+        self.server.stop(0)
+        self.channel.close()
 
 
 def test_checksum_mismatch_after_a_delta_resyncs_with_a_full(
     server: ServerProc, region_path: Path
 ) -> None:
-    proxy = TamperingProxy(server.address)
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(4))
-    subscription_pb2_grpc.add_SubscriptionServicer_to_server(proxy, grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    grpc_server.start()
+    def corrupt(resp: subscription_pb2.PollResponse) -> None:
+        resp.checksum ^= 0x5A5A
+
+    proxy = TamperingProxy(server.address, corrupt)
     server.register("a", "10.0.0.1", 80)
-    sidecar = SidecarProc(region_path, [f"127.0.0.1:{port}"])
+    sidecar = SidecarProc(region_path, [proxy.address])
     try:
         sidecar.wait_synced()
         server.register("a", "10.0.0.2", 80)  # the delta carrying this one is corrupted
@@ -107,8 +116,30 @@ def test_checksum_mismatch_after_a_delta_resyncs_with_a_full(
         assert c.get("full") == 2, c  # the first sync and the resync
     finally:
         sidecar.close()
-        grpc_server.stop(0)
-        proxy.channel.close()
+        proxy.close()
+
+
+def test_an_answer_the_registry_could_not_have_produced_is_rejected(
+    server: ServerProc, region_path: Path
+) -> None:
+    def poison(resp: subscription_pb2.PollResponse) -> None:
+        resp.services[0].nodes[0].host = "evil host; rm -rf /"
+
+    proxy = TamperingProxy(server.address, poison)
+    server.register("a", "10.0.0.1", 80)
+    sidecar = SidecarProc(region_path, [proxy.address])
+    try:
+        sidecar.wait_synced()
+        server.register("a", "10.0.0.2", 80)  # this delta is poisoned, the next poll is not
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
+        assert proxy.tampered == 1
+        assert counters(region_path).get("poll_errors") == 1
+        log = sidecar.child.stderr()
+        assert "evil host" in log
+        assert "is not valid" in log
+    finally:
+        sidecar.close()
+        proxy.close()
 
 
 def test_server_outage_keeps_the_map_stale_then_fresh_again(region_path: Path) -> None:
