@@ -195,10 +195,10 @@ def test_killing_readers_does_not_slow_the_writer(region_path: Path) -> None:
         finally:
             stop.set()
             t.join()
-    latencies.sort()
+    # Not a speed measurement (bench/ does those): a writer that a dead reader could block would
+    # sit in the lock for its whole timeout (2 s); every publish here finished far from that.
     assert len(latencies) > 100
-    p99 = latencies[int(len(latencies) * 0.99)]
-    assert p99 < 0.05, f"publish p99 {p99 * 1e3:.1f} ms while readers were being killed"
+    assert max(latencies) < 1.0, f"a publish took {max(latencies):.2f} s while readers died"
     assert w.recovered == 0  # nobody else ever held the lock
 
 
