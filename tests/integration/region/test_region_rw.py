@@ -213,7 +213,7 @@ def test_a_corrupt_record_fails_fast_after_the_first_budget(region_path: Path) -
 
     with _corruptible(region_path):
         pass
-    r = RegionReader(region_path, read_budget=0.2)
+    r = RegionReader(region_path, read_budget=1.0)
     slot, _, _ = r.lookup("svc-1")
     off = int(r.words[r.version_index(slot) + 1])
     data = bytearray(region_path.read_bytes())
@@ -224,7 +224,7 @@ def test_a_corrupt_record_fails_fast_after_the_first_budget(region_path: Path) -
     t0 = time.monotonic()
     with pytest.raises(CorruptRegion, match="invalid record"):
         r.service("svc-1")
-    assert time.monotonic() - t0 < 0.05
+    assert time.monotonic() - t0 < 0.25  # no second budget spent on the same bad version
     churn.verify(r.service("svc-2"))  # the rest of the map still reads
 
 
