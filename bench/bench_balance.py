@@ -1,6 +1,6 @@
 """Benchmark the balance layer against a bare function call measured in the same run.
 
-    uv run python bench/bench_balance.py [--quick]
+    uv run python bench/bench_balance.py [--quick] [--json PATH]
 
 DESIGN §5 bars: a warm round-robin/random/weighted pick <= 5x a bare call, a consistent-hash pick
 <= 8x. uhashring's get_node is shown for comparison (it is what users would reach for), as are
@@ -17,6 +17,7 @@ import time
 import timeit
 from collections.abc import Callable
 
+from common import write_json
 from uhashring import HashRing
 
 from clustermap.balance import ServicePicker, build_ketama, build_maglev, smooth_wrr
@@ -53,6 +54,7 @@ def nodes(n: int, weighted: bool) -> tuple[Node, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     number, repeat = (20_000, 3) if args.quick else (200_000, 9)
 
@@ -61,6 +63,7 @@ def main() -> None:
     print(f"{'baseline: bare function call':44} {base:8.1f} ns   1.00x")
 
     key = "user:12345"
+    out: dict[str, object] = {"bare_ns": base, "picks": [], "builds_ms": []}
     for n in (16, 100):
         service = Service("bench", nodes(n, weighted=True))
         picker = ServicePicker(service)
@@ -103,6 +106,9 @@ def main() -> None:
         for label, bar, stmt in rows:
             ns = per_op_ns(stmt, env, number, repeat)
             print(f"  {label:42} {ns:8.1f}   {ns / base:5.2f}x  {bar}")
+            out["picks"].append(  # type: ignore[attr-defined]
+                {"nodes": n, "label": label, "ns": ns, "x_bare": ns / base, "bar": bar}
+            )
 
     print("\nbuilds (once per service version per process), median ms")
     build_repeat = 3 if args.quick else 5
@@ -119,6 +125,16 @@ def main() -> None:
             f"  {n:5} nodes: maglev {maglev_eq:6.1f} (equal) {maglev_w:6.1f} (weights 1..5)"
             f"   ketama ring {ketama_ms:6.1f}   wrr schedule {wrr_ms:6.1f}"
         )
+        out["builds_ms"].append(  # type: ignore[attr-defined]
+            {
+                "nodes": n,
+                "maglev_equal": maglev_eq,
+                "maglev_weighted": maglev_w,
+                "ketama": ketama_ms,
+                "wrr": wrr_ms,
+            }
+        )
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Region benchmark: reader checks and decodes, writer publishes at 10 000 x 100.
 
-Run: uv run python bench/bench_region.py [--services N] [--nodes N]
+Run: uv run python bench/bench_region.py [--services N] [--nodes N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 
-from common import baseline_ns, machine, make_service, once_s, per_call_ns
+from common import baseline_ns, machine, make_service, once_s, per_call_ns, write_json
 
 from clustermap.model import Node, Service
 from clustermap.region import layout as L
@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--nodes", type=int, default=100)
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     d = tempfile.mkdtemp(dir="/dev/shm", prefix="cm-bench-")
     path = os.path.join(d, "bench.region")
@@ -70,6 +71,23 @@ def main() -> None:
             )
             meta_ns = per_call_ns(r.meta, number=20_000)
             print(f"read meta record: {meta_ns / 1e3:.2f} us")
+            write_json(
+                args.json,
+                {
+                    "services": args.services,
+                    "nodes": args.nodes,
+                    "bare_ns": base,
+                    "full_publish_s": full,
+                    "region_bytes": size,
+                    "payload_bytes": payload,
+                    "region_over_payload": size / payload,
+                    "delta_publish_ms": d_s * 1e3,
+                    "changed_check_ns": c,
+                    "changed_check_x_bare": c / base,
+                    "reread_us": lk / 1e3,
+                    "meta_us": meta_ns / 1e3,
+                },
+            )
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import run_info
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -265,7 +267,12 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2
+                {
+                    "info": run_info(),
+                    "args": vars(args) | {"json": str(args.json)},
+                    "results": results,
+                },
+                indent=2,
             )
         )
     return 0

@@ -1,6 +1,6 @@
 """Sidecar merge + publish at scale: a full map and a 1-node delta, 10 000 services x 100 nodes.
 
-Run: uv run python bench/bench_sidecar.py [--services N] [--nodes N]
+Run: uv run python bench/bench_sidecar.py [--services N] [--nodes N] [--json PATH]
 
 Measures what one poll costs the sidecar after the answer is decoded: applying it to the mirror
 (digests and checksum check included), the protection decision, and the region publish.
@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 
-from common import machine, make_service
+from common import machine, make_service, write_json
 
 from clustermap.checksum import map_checksum, service_digest, update_checksum
 from clustermap.model import Node, Service
@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--nodes", type=int, default=100)
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     d = tempfile.mkdtemp(dir="/dev/shm", prefix="cm-bench-")
     try:
@@ -47,6 +48,7 @@ def main() -> None:
             w.publish(decision.upserts, decision.removals)
             t3 = time.perf_counter()
             published = dict(mirror.services)
+            t0_full, t1_full, t2_full, t3_full = t0, t1, t2, t3
             print(
                 f"full {args.services} x {args.nodes}: merge {t1 - t0:.3f} s, protect "
                 f"{t2 - t1:.3f} s, publish {t3 - t2:.3f} s, total {t3 - t0:.3f} s"
@@ -73,6 +75,20 @@ def main() -> None:
                 f"1-node delta: merge {statistics.median(merge) * 1e3:.3f} ms, merge + protect + "
                 f"publish {statistics.median(total) * 1e3:.3f} ms median, "
                 f"{max(total) * 1e3:.3f} ms max (bar 5 ms)"
+            )
+            write_json(
+                args.json,
+                {
+                    "services": args.services,
+                    "nodes": args.nodes,
+                    "full_merge_s": t1_full - t0_full,
+                    "full_protect_s": t2_full - t1_full,
+                    "full_publish_s": t3_full - t2_full,
+                    "full_total_s": t3_full - t0_full,
+                    "delta_merge_ms": statistics.median(merge) * 1e3,
+                    "delta_total_ms": statistics.median(total) * 1e3,
+                    "delta_total_max_ms": max(total) * 1e3,
+                },
             )
     finally:
         shutil.rmtree(d, ignore_errors=True)

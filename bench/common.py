@@ -62,3 +62,44 @@ def make_service(i: int, nodes: int, revision: int = 1) -> Service:
         ),
         revision=revision,
     )
+
+
+def rss_kib(pid: int | str = "self") -> dict[str, int]:
+    """Resident memory of a process in KiB, from /proc (Linux): total, anonymous, file, shmem."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+def run_info() -> dict[str, str]:
+    """Who produced a result: the machine, the Python, the command line and when."""
+    import os
+    import shlex
+
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"
+    command = "uv run python " + shlex.join([script, *sys.argv[1:]])
+    suite = os.environ.get("CLUSTERMAP_BENCH_SUITE")
+    if suite:  # a step of bench/run.py
+        command += f"  (in: uv run --group bench python {suite})"
+    return {
+        "machine": machine(),
+        "python": sys.version.split()[0],
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_json(path: str | None, results: dict[str, object]) -> None:
+    """Save ``results`` (with :func:`run_info`) to ``path`` as JSON, when a path is given."""
+    if not path:
+        return
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"info": run_info(), "results": results}, indent=2) + "\n")

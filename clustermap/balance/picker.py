@@ -63,6 +63,10 @@ def _uniform_params(n: int) -> tuple[int, int]:
     return bits, ((1 << bits) // n * n) if n else 0
 
 
+def _rank(node: Node) -> tuple[int, str, list[tuple[str, str]]]:
+    return (-node.weight, node.status, sorted(node.meta.items()))
+
+
 def _eligible(service: Service) -> tuple[tuple[Node, ...], bool, str]:
     """The nodes picks may go to, in canonical order; whether panic mode applies; why if none."""
     nodes = service.nodes
@@ -75,15 +79,16 @@ def _eligible(service: Service) -> tuple[tuple[Node, ...], bool, str]:
         panic = True
         chosen = [n for n in nodes if n.weight > 0 and n.status in (UP, DOWN)]
     # Two entries with one address are one node (model.Node.key); keep the heaviest, then a
-    # fixed order of the remaining fields, so the choice does not depend on map order.
-    chosen.sort(key=lambda n: (canonical_name(n), -n.weight, n.status, sorted(n.meta.items())))
-    unique: list[Node] = []
-    last = None
+    # fixed order of the remaining fields, so the choice does not depend on map order. The
+    # tie-break key is built only on such a collision: this runs once per service version in
+    # every worker, on the path of the first pick after a change.
+    by_name: dict[str, Node] = {}
     for node in chosen:
         name = canonical_name(node)
-        if name != last:
-            unique.append(node)
-            last = name
+        other = by_name.get(name)
+        if other is None or _rank(node) < _rank(other):
+            by_name[name] = node
+    unique = [by_name[name] for name in sorted(by_name)]
     why = ""
     if not unique:
         if not total:

@@ -26,6 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clustermap.server.etcd_store import EtcdStore
+    from clustermap.server.registry import Registry
 
 __all__ = ["Config", "ServerApp", "main", "parse_args"]
 
@@ -48,6 +53,7 @@ class Config:
     """Everything cm-server is told; built by :func:`parse_args` (or directly, from Python)."""
 
     listen: str = DEFAULT_LISTEN
+    store: str = "memory"
     clusters: str | None = None
     heartbeat_ttl: float = 10.0
     warmup: float | None = None
@@ -95,6 +101,12 @@ def _read_secret(path: str | None) -> str | None:
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="cm-server", description="The ClusterMap server.")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    p.add_argument(
+        "--store",
+        default="memory",
+        metavar="memory|etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+        help="where the registry lives (default: memory, this process only)",
+    )
     p.add_argument("--clusters", metavar="FILE.toml", help="static clusters, probed actively")
     p.add_argument("--heartbeat-ttl", type=_positive(float), default=10.0, metavar="SECONDS")
     p.add_argument(
@@ -143,6 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     cfg = Config(
         listen=a.listen,
+        store=a.store,
         clusters=a.clusters,
         heartbeat_ttl=a.heartbeat_ttl,
         warmup=a.warmup,
@@ -170,6 +183,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 def check(cfg: Config) -> None:
     """Reject inconsistent settings before anything starts."""
+    if cfg.store != "memory":
+        from clustermap.server.etcd_store import parse_etcd_url
+
+        try:
+            parse_etcd_url(cfg.store)
+        except ValueError as exc:
+            raise ConfigError(f"--store: {exc}") from None
+        if cfg.clusters:
+            raise ConfigError("--clusters is not supported with the etcd store yet")
     if cfg.heartbeat_ttl < 0.1:
         raise ConfigError("--heartbeat-ttl must be at least 0.1 seconds")
     if cfg.change_log_size < 1:
@@ -215,7 +237,7 @@ class ServerApp:
             SubscriptionServicer,
             add_subscription_servicer,
         )
-        from clustermap.server.store import MemoryStore
+        from clustermap.server.store import MapStore, MemoryStore
 
         self.cfg = cfg
         self._health_pb2 = health_pb2
@@ -223,15 +245,34 @@ class ServerApp:
             clusters = load_clusters(cfg.clusters) if cfg.clusters else []
         except ClustersError as exc:
             raise ConfigError(str(exc)) from None
-        self.store = MemoryStore(log_size=cfg.change_log_size)
-        self.registry = Registry(
-            self.store,
-            default_ttl=cfg.heartbeat_ttl,
-            warmup=cfg.warmup,
-            self_preservation_threshold=cfg.self_preservation_threshold,
-            self_preservation_min_nodes=cfg.self_preservation_min_nodes,
-            options={c.name: c.options for c in clusters},
-        )
+        self.store: MapStore
+        self.registry: Registry
+        self._etcd: EtcdStore | None = None
+        if cfg.store == "memory":
+            self.store = MemoryStore(log_size=cfg.change_log_size)
+            self.registry = Registry(
+                self.store,
+                default_ttl=cfg.heartbeat_ttl,
+                warmup=cfg.warmup,
+                self_preservation_threshold=cfg.self_preservation_threshold,
+                self_preservation_min_nodes=cfg.self_preservation_min_nodes,
+                options={c.name: c.options for c in clusters},
+            )
+        else:
+            from clustermap.server.etcd_registry import EtcdRegistry
+            from clustermap.server.etcd_store import EtcdError, EtcdStore
+
+            try:
+                self._etcd = EtcdStore.from_url(cfg.store, log_size=cfg.change_log_size)
+                self.store = self._etcd
+                # the map outlives this process: no warm-up needed unless asked for
+                self.registry = EtcdRegistry(
+                    self._etcd,
+                    default_ttl=cfg.heartbeat_ttl,
+                    warmup=cfg.warmup or 0.0,
+                )
+            except EtcdError as exc:
+                raise ConfigError(str(exc)) from None
         self.registry.set_static({c.name: c.nodes for c in clusters if c.nodes})
         self.prober = Prober(self.registry, clusters)
         self.metrics = None
@@ -336,6 +377,7 @@ class ServerApp:
                 "event": "listening",
                 "address": f"{host}:{self.port}",
                 "epoch": self.registry.epoch,
+                "store": "memory" if self._etcd is None else self._etcd.prefix,
                 "heartbeat_ttl": cfg.heartbeat_ttl,
                 "warmup": cfg.heartbeat_ttl if cfg.warmup is None else cfg.warmup,
                 "tls": bool(cfg.tls_cert),
@@ -379,6 +421,8 @@ class ServerApp:
         self.prober.stop()
         self.server.stop(self.cfg.grace).wait()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._etcd is not None:
+            self._etcd.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("stopped", extra={"event": "stopped"})

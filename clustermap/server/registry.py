@@ -50,6 +50,7 @@ __all__ = [
     "RegistryError",
     "StaticNode",
     "Status",
+    "Unavailable",
 ]
 
 log = logging.getLogger("clustermap.server.registry")
@@ -75,6 +76,10 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     """The request contradicts the node's origin (e.g. deregistering a static node)."""
+
+
+class Unavailable(RegistryError):
+    """The registry cannot answer now (its store is unreachable): retry, or another server."""
 
 
 @dataclass(slots=True)

@@ -26,7 +26,14 @@ from clustermap._pb.clustermap.v1 import (
     subscription_pb2,
 )
 from clustermap.server import registry as reg
-from clustermap.server.registry import Conflict, NotFound, PollResult, Registry, RegistryError
+from clustermap.server.registry import (
+    Conflict,
+    NotFound,
+    PollResult,
+    Registry,
+    RegistryError,
+    Unavailable,
+)
 from clustermap.server.store import StoredService
 from clustermap.server.validation import (
     MAX_SERVICE_NAME,
@@ -82,6 +89,8 @@ def _refused(context: Any, exc: RegistryError) -> NoReturn:
     code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else grpc.StatusCode.UNKNOWN
     if isinstance(exc, Conflict):
         code = grpc.StatusCode.FAILED_PRECONDITION
+    elif isinstance(exc, Unavailable):
+        code = grpc.StatusCode.UNAVAILABLE
     _abort(context, code, str(exc))
 
 
@@ -191,19 +200,21 @@ class _EncodeCache:
     """
 
     def __init__(self, answers: int = 64) -> None:
-        self._services: dict[str, tuple[int, bytes]] = {}
+        self._services: dict[str, tuple[tuple[int, int], bytes]] = {}
         self._answers: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self._max_answers = answers
         self._lock = threading.Lock()
 
     def service_field(self, stored: StoredService) -> bytes:
-        name, revision = stored.service.name, stored.service.revision
+        # keyed by revision *and* digest: with the etcd store a service's revision is its keys'
+        # newest mod_revision, which a node's removal need not change
+        name, version = stored.service.name, (stored.service.revision, stored.digest)
         hit = self._services.get(name)
-        if hit is not None and hit[0] == revision:
+        if hit is not None and hit[0] == version:
             return hit[1]
         payload = service_to_pb(stored.service, stored.digest).SerializeToString()
         field = _SERVICES_TAG + _varint(len(payload)) + payload
-        self._services[name] = (revision, field)
+        self._services[name] = (version, field)
         return field
 
     def forget(self, names: tuple[str, ...]) -> None:
@@ -315,7 +326,10 @@ class SubscriptionServicer:
 
     def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
         names = self._names(request, context)
-        result = self._registry.poll(request.epoch, request.revision, names)
+        try:
+            result = self._registry.poll(request.epoch, request.revision, names)
+        except Unavailable as exc:
+            _refused(context, exc)
         return self._encode(request, names, result)
 
     def Watch(self, request: subscription_pb2.PollRequest, context: Any) -> Iterator[bytes]:
@@ -339,7 +353,10 @@ class SubscriptionServicer:
         last_sent = float("-inf")
         last_kind = ""
         while context.is_active() and not self._registry.closed:
-            result = self._registry.poll(epoch, revision, names)
+            try:
+                result = self._registry.poll(epoch, revision, names)
+            except Unavailable as exc:
+                _refused(context, exc)
             now = time.monotonic()
             due = now - last_sent >= self._keepalive
             if due or result.kind not in (reg.NOT_MODIFIED, last_kind):

@@ -4,15 +4,16 @@ The store holds whole services (the unit of change, of delta and of checksum) un
 revision, and remembers which services changed at which revision in a bounded change log. It knows
 nothing of leases, probes or policy: that is :mod:`clustermap.server.registry`'s job.
 
-The interface is shaped for an etcd-backed store to follow:
+Two implementations pass the same contract tests (``tests/unit/test_store_contract.py``):
+:class:`MemoryStore` here, and :class:`~clustermap.server.etcd_store.EtcdStore`, where:
 
 * ``epoch`` names the history revisions belong to. In memory it is a random id per store
-  incarnation; with etcd it becomes the cluster id (plus a key-prefix id), so a subscriber's
-  revision is only ever compared with revisions of the same history.
-* ``apply`` is one atomic transaction over whole services and returns the new revision: with etcd,
-  one ``Txn`` putting/deleting one key per service, and the response header's revision.
-* ``changes_since`` answers from the log or says it cannot (``None``): with etcd, a watch from
-  ``revision + 1`` that reports ``compacted`` maps onto ``None``.
+  incarnation; with etcd, the cluster id plus a hash of the key prefix, so a subscriber's
+  revision is only ever compared with revisions of the same history;
+* ``apply`` is one atomic transaction over whole services and returns the new revision: with
+  etcd, one ``Txn`` over the services' node keys, and the response header's revision;
+* ``changes_since`` answers from the log or says it cannot (``None``): with etcd, from the local
+  log of watched events or etcd's history, ``None`` once compacted.
 
 Thread safety: a store is *not* synchronised; its one owner (the registry, under its lock)
 serialises every call.

@@ -49,7 +49,7 @@ def test_node_and_meta_order_do_not_matter_revision_does_not_count() -> None:
         revision=99,
     )
     node = BASE.nodes[0]
-    reordered_meta = replace(node, meta=MappingProxyType({"az": "1", "zone": "b"}))
+    reordered_meta = node._replace(meta=MappingProxyType({"az": "1", "zone": "b"}))
     shuffled = replace(shuffled, nodes=(BASE.nodes[1], reordered_meta))
     assert service_digest(shuffled) == service_digest(BASE)
 
@@ -62,11 +62,11 @@ def test_every_observable_field_changes_the_digest() -> None:
         replace(BASE, panic_threshold=0.25),
         replace(BASE, meta=MappingProxyType({"team": "x"})),
         replace(BASE, nodes=(n0,)),
-        replace(BASE, nodes=(replace(n0, host="10.0.0.3"), n1)),
-        replace(BASE, nodes=(replace(n0, port=81), n1)),
-        replace(BASE, nodes=(replace(n0, weight=3), n1)),
-        replace(BASE, nodes=(replace(n0, status="down"), n1)),
-        replace(BASE, nodes=(replace(n0, meta=MappingProxyType({"zone": "c"})), n1)),
+        replace(BASE, nodes=(n0._replace(host="10.0.0.3"), n1)),
+        replace(BASE, nodes=(n0._replace(port=81), n1)),
+        replace(BASE, nodes=(n0._replace(weight=3), n1)),
+        replace(BASE, nodes=(n0._replace(status="down"), n1)),
+        replace(BASE, nodes=(n0._replace(meta=MappingProxyType({"zone": "c"})), n1)),
     ]
     digests = {service_digest(v) for v in variants}
     assert len(digests) == len(variants)

@@ -351,7 +351,10 @@ def test_snapshot_warm_start_with_the_server_down(region_dir: Path) -> None:
     with dead_address() as down:
         sidecar = SidecarProc(region, [down], "--snapshot", str(snap))
         try:
-            meta = wait_for(lambda: sidecar.meta(), what="warm start")
+            # The region exists (empty) as soon as the sidecar opens it: await the map itself.
+            wait_for(lambda: addresses(region, "b"), what="warm start")
+            meta = sidecar.meta()
+            assert meta is not None
             assert meta.source == "snapshot"
             assert meta.stale
             assert clustermap.open(region).pick("b").address == "10.0.0.2:81"

@@ -1,0 +1,1 @@
+"""Generated from proto/etcd/ (vendored etcd v3 API). Do not edit: run ``scripts/gen-proto``."""

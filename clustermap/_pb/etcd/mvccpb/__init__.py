@@ -1,0 +1,1 @@
+"""Generated from proto/etcd/mvccpb/. Do not edit: run ``scripts/gen-proto``."""
