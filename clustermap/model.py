@@ -20,6 +20,7 @@ __all__ = [
     "UP",
     "Node",
     "Service",
+    "parse_address",
 ]
 
 UP: Final = "up"
@@ -87,3 +88,11 @@ class Service:
     def healthy_nodes(self) -> tuple[Node, ...]:
         """The nodes that may receive traffic outside panic mode, in map order."""
         return tuple(n for n in self.nodes if n.healthy)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)

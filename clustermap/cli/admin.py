@@ -23,9 +23,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+from clustermap import model
 from clustermap.errors import ClusterMapError
 
-__all__ = ["AdminError", "add_commands", "main", "parse_address"]
+__all__ = ["AdminError", "add_commands", "parse_address"]
 
 T = TypeVar("T")
 
@@ -43,13 +44,11 @@ class AdminError(ClusterMapError):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as an argparse type."""
+    try:
+        return model.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _meta(text: str) -> tuple[str, str]:
@@ -383,27 +382,3 @@ def _services(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m clustermap.cli.admin``: the admin commands alone (same options as cmctl)."""
-    parser = argparse.ArgumentParser(prog="cmctl", description="cmctl admin commands")
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("CLUSTERMAP_SERVER", "127.0.0.1:7700"),
-        help="cm-server address (default: $CLUSTERMAP_SERVER or %(default)s)",
-    )
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except ClusterMapError as exc:
-        print(f"cmctl: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,18 +21,11 @@ from pydantic_settings import (
 )
 
 from clustermap.client import DEFAULT_REGION
+from clustermap.model import parse_address
 
-__all__ = ["DEFAULT_SERVER", "SidecarSettings", "parse_address"]
+__all__ = ["DEFAULT_SERVER", "SidecarSettings"]
 
 DEFAULT_SERVER = "127.0.0.1:7700"
-
-
-def parse_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ValueError with the reason."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class SidecarSettings(BaseSettings):

@@ -20,12 +20,12 @@ from types import FrameType
 from typing import Final
 
 from clustermap.errors import ClusterMapError
-from clustermap.model import Service
+from clustermap.model import Service, parse_address
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar import snapshot
-from clustermap.sidecar.config import SidecarSettings, parse_address
+from clustermap.sidecar.config import SidecarSettings
 from clustermap.sidecar.guard import Decision, Guard, GuardPolicy
 from clustermap.sidecar.metrics import Metrics, serve
 from clustermap.sidecar.mirror import ChecksumMismatch, Mirror

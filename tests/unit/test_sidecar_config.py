@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clustermap.sidecar.config import SidecarSettings, parse_address, reference
+from clustermap.model import parse_address
+from clustermap.sidecar.config import SidecarSettings, reference
 
 
 def test_configuration_reference_is_current() -> None:
