@@ -90,9 +90,15 @@ class Service:
         return tuple(n for n in self.nodes if n.healthy)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong."""
+def parse_address(text: str, *, check_port: bool = True) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong.
+
+    ``check_port=False`` checks the syntax only, for callers that leave the rules to the
+    authority they forward the address to (cmctl's registrations: cm-server validates them).
+    """
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit():
         raise ValueError(f"{text!r} is not HOST:PORT")
+    if check_port and not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: port outside 1-65535")
     return host.removeprefix("[").removesuffix("]"), int(port)

@@ -44,9 +44,10 @@ class AdminError(ClusterMapError):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as an argparse type."""
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as an argparse type (syntax only: the
+    server validates what it registers and says why it refuses)."""
     try:
-        return model.parse_address(text)
+        return model.parse_address(text, check_port=False)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
