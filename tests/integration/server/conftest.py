@@ -3,11 +3,21 @@
 ``server(*args)`` starts ``cm-server`` on a free port in its own session (so teardown can
 ``killpg`` it and anything it spawned) and returns once its health service answers. Everything
 else is awaited with :func:`wait_for` (poll a condition until a deadline).
+
+Every test using ``server`` runs against both stores (ids ``[memory]`` and ``[etcd]``): the
+etcd variant starts its servers with ``--store etcd://.../<prefix>`` on one single-member etcd
+shared by the whole session (started on first use with :mod:`tests.integration.etcd.harness`),
+with a key prefix of its own per test, so tests never see each other's data; all servers of one
+test share that prefix (a restart keeps the map, as replicas do). Behaviour that is by design
+specific to the in-memory store (docs/server.md, "etcd store") is marked
+``@pytest.mark.memory_only("reason")``: those tests run on ``memory`` only. Without the ``etcd``
+binary the etcd variants are skipped with that reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -28,10 +38,46 @@ from clustermap._pb.clustermap.v1 import (
     registry_pb2_grpc,
     subscription_pb2_grpc,
 )
+from tests.integration.etcd.harness import EtcdCluster, start_cluster
 
 T = TypeVar("T")
 
 CM_SERVER = str(Path(sys.executable).with_name("cm-server"))
+
+STORES = ("memory", "etcd")
+_prefixes = itertools.count()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that uses ``server`` on each store, ``memory_only`` ones on memory."""
+    if "store" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("memory_only")
+    if marker is not None and not (
+        len(marker.args) == 1 and isinstance(marker.args[0], str) and marker.args[0].strip()
+    ):
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: memory_only needs one reason, e.g. "
+            '@pytest.mark.memory_only("self-preservation does not apply to etcd")'
+        )
+    stores = ["memory"] if marker is not None else list(STORES)
+    metafunc.parametrize("store", stores, indirect=True)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str:
+    """The store the test's servers use: ``memory`` or ``etcd`` (parametrized above)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """One single-member etcd for the whole session (skips without the ``etcd`` binary)."""
+    cluster = start_cluster(1)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
@@ -61,6 +107,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    store: str = "memory"
     credentials: grpc.ChannelCredentials | None = None
     target_name: str | None = None
     channels: list[grpc.Channel] = field(default_factory=list)
@@ -136,9 +183,17 @@ class _TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStream
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Factory: ``server("--heartbeat-ttl", "0.5", ...)`` → a running, answering cm-server."""
+def server(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Server]]:
+    """Factory: ``server("--heartbeat-ttl", "0.5", ...)`` → a running, answering cm-server on
+    the test's store (``--store`` added unless given)."""
     started: list[Server] = []
+    store_args: list[str] = []
+    if store == "etcd":
+        cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
+        prefix = f"cm-test/{os.getpid()}-{next(_prefixes)}"
+        store_args = ["--store", cluster.url(prefix)]
 
     def start(
         *args: str,
@@ -154,6 +209,8 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             address = f"127.0.0.1:{port}"
             log_path = tmp_path / f"server-{len(started)}-{attempt}.log"
             cmd = [CM_SERVER, "--listen", address, *args]
+            if "--store" not in args:
+                cmd += store_args
             if "--warmup" not in args:
                 cmd += ["--warmup", "0"]
             with log_path.open("wb") as log_file:
@@ -164,7 +221,7 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                     start_new_session=True,
                     env={**os.environ, **(env or {})},
                 )
-            srv = Server(proc, address, log_path, credentials, target_name)
+            srv = Server(proc, address, log_path, store, credentials, target_name)
             started.append(srv)
             deadline = time.monotonic() + 15
             while proc.poll() is None and time.monotonic() < deadline:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import threading
 
+import pytest
+
 from clustermap._pb.clustermap.v1 import (
     inspection_pb2,
     registry_pb2,
@@ -20,6 +22,7 @@ def status(srv):
     return srv.inspection().GetStatus(inspection_pb2.GetStatusRequest(), timeout=5)
 
 
+@pytest.mark.memory_only("self-preservation does not apply to etcd (etcd's leases expire)")
 def test_self_preservation_holds_leases_when_most_heartbeats_stop(server):
     srv = server("--heartbeat-ttl", "0.5")
     reg = srv.registry()
@@ -65,6 +68,7 @@ def test_self_preservation_holds_leases_when_most_heartbeats_stop(server):
         t.join()
 
 
+@pytest.mark.memory_only("self-preservation does not apply to etcd (etcd's leases expire)")
 def test_self_preservation_can_be_disabled(server):
     srv = server("--heartbeat-ttl", "0.3", "--self-preservation-threshold", "1")
     reg = srv.registry()
