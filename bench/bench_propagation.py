@@ -223,21 +223,44 @@ def main() -> None:
     ap.add_argument("--workers", type=int, help="default 4 processes or 8 gunicorn workers")
     ap.add_argument("--clients", type=int, default=8, help="HTTP client threads (gunicorn)")
     ap.add_argument("--json", help="also write the figures (and every latency) to this file")
+    ap.add_argument(
+        "--etcd-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N cm-server replicas on a 3-member etcd (needs the etcd binary): changes are made "
+        "through the first replica, the sidecar polls the second",
+    )
     args = ap.parse_args()
     workers = args.workers or (8 if args.mode == "gunicorn" else 4)
     tmp = Path(tempfile.mkdtemp(prefix="cm-bench-", dir="/dev/shm"))
     region = tmp / "r.region"
     bin_ = Path(sys.executable).parent
-    address = f"127.0.0.1:{_free_port()}"
     procs: list[subprocess.Popen[str]] = []
+    etcd = None
     try:
-        server = subprocess.Popen(
-            [str(bin_ / "cm-server"), "--listen", address, "--warmup", "0.1"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            text=True,
-        )
-        procs.append(server)
+        store: list[str] = []
+        if args.etcd_replicas:
+            sys.path.insert(0, str(HERE.parent))
+            from tests.integration.etcd.harness import start_cluster
+
+            etcd = start_cluster(3)
+            store = ["--store", etcd.url("bench-propagation")]
+        addresses = [f"127.0.0.1:{_free_port()}" for _ in range(max(args.etcd_replicas, 1))]
+        for a in addresses:
+            procs.append(
+                subprocess.Popen(
+                    [str(bin_ / "cm-server"), "--listen", a, "--warmup", "0.1", *store],
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    text=True,
+                )
+            )
+        address = addresses[0]  # changes go here; the sidecar polls the last replica
+        polled = addresses[-1]
+        for a in addresses[1:]:
+            with grpc.insecure_channel(a) as other:
+                grpc.channel_ready_future(other).result(timeout=15)
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=15)
         reg = registry_pb2_grpc.RegistryStub(channel)
@@ -262,7 +285,7 @@ def main() -> None:
                 [
                     str(bin_ / "cm-sidecar"),
                     "--server",
-                    address,
+                    polled,
                     "--region",
                     str(region),
                     "--interval",
@@ -300,8 +323,13 @@ def main() -> None:
         gap = fleet.gaps_ms()
         bar = args.interval * 1e3 + 100
         print(f"machine: {machine()}")
+        where = (
+            f"{len(addresses)} replicas on a 3-member etcd, change via one, sidecar on another; "
+            if args.etcd_replicas
+            else ""
+        )
         print(
-            f"{args.mode}: poll interval {args.interval * 1e3:.0f} ms, {workers} workers, "
+            f"{where}{args.mode}: poll interval {args.interval * 1e3:.0f} ms, {workers} workers, "
             f"{len(latencies)} observations of {len(sent)} changes: "
             f"p50 {q[49]:.0f} ms, p90 {q[89]:.0f} ms, p99 {q[98]:.0f} ms, "
             f"max {latencies[-1]:.0f} ms (bar p99 <= {bar:.0f} ms); "
@@ -311,6 +339,7 @@ def main() -> None:
             args.json,
             {
                 "mode": args.mode,
+                "etcd_replicas": args.etcd_replicas,
                 "workers": workers,
                 "interval_ms": args.interval * 1e3,
                 "changes": len(sent),
@@ -327,6 +356,8 @@ def main() -> None:
     finally:
         for p in reversed(procs):
             _stop(p)
+        if etcd is not None:
+            etcd.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
