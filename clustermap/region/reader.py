@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import stat
 import time
 from typing import Final
 
 from clustermap.errors import CorruptRegion, RegionUnavailable, UnknownService
 from clustermap.model import Service
 from clustermap.region import layout as L
+from clustermap.region import trust
 
 __all__ = ["READ_BUDGET_S", "RegionReader", "Snapshot"]
 
@@ -86,10 +86,9 @@ class RegionReader:
             raise RegionUnavailable(f"{self.path}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise RegionUnavailable(f"{self.path}: not a regular file")
-            if st.st_mode & stat.S_IWOTH:
-                raise RegionUnavailable(f"{self.path}: is world-writable; refusing to trust it")
+            owners = trust.reader_owners()
+            trust.check_file(self.path, st, owners)
+            trust.check_directory(self.path, owners)
             size = st.st_size
             if size < L.HEADER_SIZE or size % 8:
                 raise CorruptRegion(f"{self.path}: truncated or not a region ({size} bytes)")

@@ -37,10 +37,17 @@ from typing import Final, NamedTuple
 
 import xxhash
 
-from clustermap.errors import ClusterMapError, CorruptRegion, RegionFull, WriterBusy
+from clustermap.errors import (
+    ClusterMapError,
+    CorruptRegion,
+    RegionFull,
+    RegionUnavailable,
+    WriterBusy,
+)
 from clustermap.model import Service
 from clustermap.region import election
 from clustermap.region import layout as L
+from clustermap.region import trust
 from clustermap.region.alloc import Allocator
 from clustermap.region.lock import LockTimeout, RobustMutex
 
@@ -107,28 +114,50 @@ class RegionWriter:
     # -- election and file handling -------------------------------------------------------------
 
     def _elect(self, wait: float) -> int:
-        parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        _make_directory(self.path)
         lock_path = self.path + ".lock"
         _refuse_untrusted(lock_path)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise WriterBusy(
-                        f"{self.path}: another writer (pid {holder}) is publishing this region"
-                    ) from None
-                time.sleep(0.05)
-        election.hold(fd)
+        # Private (0600): anyone who can open the lock file can lock it, even read-only, and so
+        # keep this sidecar from ever becoming the writer.
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RegionUnavailable(f"{lock_path}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)  # a lock file left by an older version was 0644
+            self._take(fd, wait)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    def _take(self, fd: int, wait: float) -> None:
+        """Both election locks on ``fd`` within ``wait`` seconds, or :class:`WriterBusy`."""
+        deadline = time.monotonic() + wait
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    election.hold(fd)
+                except OSError as exc:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise BlockingIOError from None
+                return
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                holder = text if text.isdigit() else "?"  # the file may hold anything
+                busy = f"{self.path}: busy: another writer (pid {holder}) holds {self.path}.lock"
+                if time.monotonic() >= deadline:
+                    raise WriterBusy(busy) from None
+                if not logged:
+                    log.info("%s; waiting to take over", busy)
+                    logged = True
+                time.sleep(0.05)
 
     def _open_or_create(self) -> None:
         for leftover in _leftovers(self.path):
@@ -723,6 +752,27 @@ def _refuse_untrusted(path: str) -> None:
         raise ClusterMapError(
             f"{path}: owned by uid {st.st_uid}, not by this writer (uid {os.geteuid()})"
         )
+
+
+def _make_directory(path: str) -> None:
+    """Create the region's directory (0755: workers of other users read the region) unless it
+    exists, then refuse it unless only this writer or root can change what it holds."""
+    parent = os.path.dirname(os.path.abspath(path))
+    missing: list[str] = []
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+            os.chmod(d, 0o755)  # whatever the umask: 0755, not 0777 and not 0700
+        except FileExistsError:
+            pass  # another writer of a neighbouring region made it: judged below
+        except OSError as exc:
+            raise RegionUnavailable(
+                f"{path}: cannot create the region's directory {d}: {exc.strerror}"
+            ) from None
+    trust.check_directory(path, trust.writer_owners(), reader=False)
 
 
 def _leftovers(path: str) -> list[str]:

@@ -138,12 +138,23 @@ def test_region_is_created_0644_and_symlinks_are_refused(region_path: Path) -> N
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
-def test_a_region_owned_by_another_user_is_refused_by_the_writer(region_path: Path) -> None:
+def test_a_region_owned_by_another_user_is_refused_by_the_writer(
+    region_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     RegionWriter(region_path).close()
     os.chown(region_path, 65534, 65534)
     with pytest.raises(ClusterMapError, match="owned by uid 65534"):
         RegionWriter(region_path)
-    RegionReader(region_path)  # workers often run as another user than the sidecar: fine
+    # Readers trust root, themselves, and the owners named in CLUSTERMAP_REGION_OWNER.
+    monkeypatch.delenv("CLUSTERMAP_REGION_OWNER", raising=False)
+    with pytest.raises(RegionUnavailable, match="set CLUSTERMAP_REGION_OWNER=nobody"):
+        RegionReader(region_path)
+    for owner in ("nobody", "65534", "daemon, nobody"):
+        monkeypatch.setenv("CLUSTERMAP_REGION_OWNER", owner)
+        RegionReader(region_path)
+    monkeypatch.setenv("CLUSTERMAP_REGION_OWNER", "no-such-user-here")
+    with pytest.raises(RegionUnavailable, match="no user named"):
+        RegionReader(region_path)
 
 
 def test_world_writable_region_is_not_trusted(region_path: Path) -> None:
