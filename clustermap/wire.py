@@ -2,9 +2,10 @@
 
 Shared by the server (model → pb) and the sidecar (pb → model). Decoding validates what a
 malformed or hostile server could send (unknown status or strategy, out-of-range port or weight,
-duplicate nodes) and raises :class:`WireError` naming the offending field, so a subscriber can
-reject the whole answer and keep its last good map. Encoding trusts its input (it comes from the
-server's validated registry).
+duplicate nodes) and raises :class:`WireError` naming the offending field. A poll answer whose
+fault lies in one service decodes with that service set aside as :class:`Rejected`, so a
+subscriber keeps that service's last good nodes and takes the rest of the answer. Encoding
+trusts its input (it comes from the server's validated registry).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "NOT_MODIFIED",
     "NOT_READY",
     "PollAnswer",
+    "Rejected",
     "WireError",
     "node_from_pb",
     "node_to_pb",
@@ -159,6 +161,16 @@ def service_from_pb(msg: map_pb2.Service, check_digest: bool = False) -> Service
 
 
 @dataclass(frozen=True, slots=True)
+class Rejected:
+    """A service of an answer that the subscriber cannot accept (see docs/sidecar.md): kept out
+    of the map, but its ``digest`` (as the server sent it) keeps the map checksum verifiable."""
+
+    name: str
+    digest: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PollAnswer:
     """A decoded, validated :class:`PollResponse`.
 
@@ -175,6 +187,8 @@ class PollAnswer:
     removed: tuple[str, ...] = ()
     self_preservation: bool = False
     retry_after: float = 0.0
+    #: Services left out of ``services`` because one of their records is invalid.
+    rejected: tuple[Rejected, ...] = ()
 
 
 def poll_request(
@@ -191,12 +205,21 @@ def poll_answer_from_pb(msg: subscription_pb2.PollResponse) -> PollAnswer:
         raise WireError(f"unknown poll answer kind {msg.kind}")
     if kind != NOT_READY and not msg.epoch:
         raise WireError(f"{kind} answer without an epoch")
-    services = tuple(service_from_pb(s) for s in msg.services)
-    names = [s.name for s in services]
+    decoded: list[Service] = []
+    rejected: list[Rejected] = []
+    for s in msg.services:
+        try:
+            decoded.append(service_from_pb(s))
+        except WireError as exc:
+            if not s.name:
+                raise  # not attributable to one service: the whole answer is refused
+            rejected.append(Rejected(s.name, s.digest, str(exc)))
+    services = tuple(decoded)
+    names = [s.name for s in services] + [r.name for r in rejected]
     if len(set(names)) != len(names):
         raise WireError("the same service appears twice in one answer")
     removed = tuple(msg.removed)
-    if kind in (NOT_MODIFIED, NOT_READY) and (services or removed):
+    if kind in (NOT_MODIFIED, NOT_READY) and (names or removed):
         raise WireError(f"{kind} answer carries services")
     if kind == FULL and removed:
         raise WireError("full answer carries removals")
@@ -211,4 +234,5 @@ def poll_answer_from_pb(msg: subscription_pb2.PollResponse) -> PollAnswer:
         removed=removed,
         self_preservation=msg.self_preservation,
         retry_after=msg.retry_after_seconds,
+        rejected=tuple(rejected),
     )

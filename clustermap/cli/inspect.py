@@ -25,6 +25,9 @@ __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
 #: be dead). Ten poll intervals at the default 0.5 s.
 STALE_AFTER_S = 5.0
 
+#: A last sync further in the future than this is not believed: the map is reported stale.
+FUTURE_SLACK_S = 1.0
+
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="print the map as workers see it")
@@ -88,11 +91,15 @@ def status_json(
     age = (time.time_ns() - snap.last_sync_ns) / 1e9 if snap.last_sync_ns else None
     alive = writer_running(reader.path)
     stale = bool(meta.stale or age is None or age > stale_after or alive is False)
+    future = age is not None and age < -FUTURE_SLACK_S
+    stale = stale or future
     reasons = []
     if meta.reason:
         reasons.append(meta.reason)
     if age is None:
         reasons.append("never synced with a server")
+    elif future:
+        reasons.append(f"last sync is {-age:.1f} s in the future (clock step, or a forged region)")
     elif age > stale_after and not meta.stale:
         reasons.append(f"no sync for {age:.1f} s")
     if alive is False:
@@ -117,6 +124,9 @@ def status_json(
         "services": len(snap.services),
         "nodes": sum(len(s.nodes) for s in snap.services.values()),
         "counters": dict(meta.counters),
+        "quarantined": [
+            {"service": name, "reason": why} for name, why in sorted(meta.quarantined.items())
+        ],
     }
 
 
@@ -162,6 +172,8 @@ def _status_line(st: dict[str, Any]) -> str:
     )
     if flags:
         line += f"  [{', '.join(flags).upper()}: {st['reason']}]"
+    if st["quarantined"]:
+        line += f"  [QUARANTINED: {', '.join(q['service'] for q in st['quarantined'])}]"
     return line
 
 
@@ -182,7 +194,9 @@ def status(args: argparse.Namespace) -> int:
         ("reason", st["reason"] or "-"),
         ("writer", f"pid {st['writer_pid']} ({_alive_word(st['writer_alive'])})"),
         ("map", f"{st['services']} services, {st['nodes']} nodes"),
+        ("quarantined", str(len(st["quarantined"])) if st["quarantined"] else "-"),
     ]
+    rows += [(f"  {q['service']}", q["reason"]) for q in st["quarantined"]]
     rows += [(f"  {k}", str(v)) for k, v in sorted(st["counters"].items())]
     for k, v in rows:
         print(f"{k:<12} {v}")

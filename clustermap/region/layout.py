@@ -225,6 +225,9 @@ class Meta:
     reason: str = ""
     server: str = ""
     counters: Mapping[str, int] = field(default_factory=dict)
+    #: Services whose latest version from the server the sidecar could not accept (name ->
+    #: reason): they keep their last good nodes. Absent from records of older writers.
+    quarantined: Mapping[str, str] = field(default_factory=dict)
 
 
 def encode_meta(m: Meta) -> bytes:
@@ -238,6 +241,7 @@ def encode_meta(m: Meta) -> bytes:
             "reason": m.reason,
             "server": m.server,
             "counters": dict(m.counters),
+            "quarantined": dict(m.quarantined),
         }
     )
 
@@ -255,6 +259,9 @@ def decode_meta(payload: bytes | memoryview) -> Meta:
         counters = d.get("counters", {})
         if not all(isinstance(k, str) and type(v) is int for k, v in counters.items()):
             raise TypeError("counters must map names to integers")
+        quarantined = d.get("quarantined", {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in quarantined.items()):
+            raise TypeError("quarantined must map names to reasons")
         return Meta(
             revision=_int(d["revision"]),
             epoch=_str(d["epoch"]),
@@ -264,6 +271,7 @@ def decode_meta(payload: bytes | memoryview) -> Meta:
             reason=_str(d["reason"]),
             server=_str(d.get("server", "")),
             counters=counters,
+            quarantined=quarantined,
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CorruptRegion(f"malformed meta record: {exc}") from None

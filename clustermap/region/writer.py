@@ -45,9 +45,8 @@ from clustermap.errors import (
     WriterBusy,
 )
 from clustermap.model import Service
-from clustermap.region import election
+from clustermap.region import election, trust
 from clustermap.region import layout as L
-from clustermap.region import trust
 from clustermap.region.alloc import Allocator
 from clustermap.region.lock import LockTimeout, RobustMutex
 

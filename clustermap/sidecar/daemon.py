@@ -30,6 +30,7 @@ from clustermap.sidecar.guard import Decision, Guard, GuardPolicy
 from clustermap.sidecar.metrics import Metrics, serve
 from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
 from clustermap.sidecar.poller import Poller, PollFailed
+from clustermap.sidecar.validate import shown_name
 from clustermap.wire import FULL, NOT_READY
 
 __all__ = ["Sidecar"]
@@ -76,7 +77,13 @@ class Sidecar:
             self._warm_start()
             if s.metrics:
                 host, port = parse_address(s.metrics)
-                http = serve(self.metrics, host, port, self.healthy)
+                try:
+                    http = serve(self.metrics, host, port, self.healthy)
+                except OSError as exc:
+                    raise ClusterMapError(
+                        f"metrics on {s.metrics}: {exc.strerror or exc} "
+                        "(give each sidecar on a machine its own metrics port)"
+                    ) from None
             log.info(
                 "publishing %s from %s every %.2f s", s.region, ", ".join(s.server), s.interval
             )
@@ -211,7 +218,7 @@ class Sidecar:
             )
             return
         try:
-            change = self.mirror.apply(answer)
+            change = self.mirror.apply(answer, self.published)
         except ChecksumMismatch as exc:
             self._count("checksum_mismatches", "checksum_mismatch")
             log.warning("%s; resyncing with a full map", exc)
@@ -237,6 +244,7 @@ class Sidecar:
                 self.guard.policy.max_hold,
                 "the whole update" if name == "*" else name,
             )
+        quarantined = self._quarantined()
         meta = Meta(
             revision=self.mirror.revision,
             epoch=self.mirror.epoch,
@@ -246,8 +254,24 @@ class Sidecar:
             reason=decision.reason,
             server=polled.server,
             counters=dict(self.counters),
+            quarantined=quarantined,
         )
         self._publish(decision.upserts, decision.removals, meta)
+
+    def _quarantined(self) -> dict[str, str]:
+        """The mirror's quarantined services, named safely for operators' terminals; logged
+        when they change."""
+        shown = {shown_name(n): why for n, why in sorted(self.mirror.quarantined.items())}
+        if shown != self.meta.quarantined:
+            for name, why in shown.items():
+                if self.meta.quarantined.get(name) != why:
+                    self._count("quarantines")
+                    log.error("quarantined %s, keeping its last good nodes: %s", name, why)
+            for name in self.meta.quarantined:
+                if name not in shown:
+                    log.warning("%s: the server's version is valid again; quarantine lifted", name)
+            self.metrics.set_quarantined(shown)
+        return shown
 
     def _publish(self, upserts: tuple[Service, ...], removals: tuple[str, ...], meta: Meta) -> None:
         now_ns = time.time_ns()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-__all__ = ["Metrics", "serve"]
+__all__ = ["CONNECTION_TIMEOUT", "MAX_CONNECTIONS", "Metrics", "serve"]
 
 
 class Metrics:
@@ -57,8 +58,25 @@ class Metrics:
             "Seconds since the last successful sync",
             registry=r,
         )
+        self.quarantined = Gauge(
+            "clustermap_sidecar_quarantined",
+            "1 for each service whose latest version from the server was refused (it keeps its "
+            "last good nodes), with the reason",
+            ["service", "reason"],
+            registry=r,
+        )
+        self.quarantined_services = Gauge(
+            "clustermap_sidecar_quarantined_services", "Services in quarantine", registry=r
+        )
         self._last_sync_wall = 0.0
         self.last_sync_age.set_function(self.age)
+
+    def set_quarantined(self, services: Mapping[str, str]) -> None:
+        """Replace the quarantine series with ``services`` (name -> reason)."""
+        self.quarantined.clear()
+        for name, reason in services.items():
+            self.quarantined.labels(name, reason[:200]).set(1)
+        self.quarantined_services.set(len(services))
 
     def synced(self, wall: float) -> None:
         self._last_sync_wall = wall
@@ -68,27 +86,74 @@ class Metrics:
         return time.time() - self._last_sync_wall if self._last_sync_wall else float("inf")
 
 
+#: Seconds a metrics connection may sit without sending its request (or reading the answer).
+CONNECTION_TIMEOUT: Final = 5.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT  # per connection: an idle client gives up its thread
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+#: Connections served at once; more are closed at once rather than queued behind idle ones.
+MAX_CONNECTIONS: Final = 32
+
+
+class _ThreadedServer(ThreadingMixIn, WSGIServer):
+    """One thread per connection (at most :data:`MAX_CONNECTIONS`), each with a timeout: an idle
+    or slow client cannot hold up a liveness probe."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report, no traceback
 
 
 def serve(
     metrics: Metrics, host: str, port: int, healthy: Callable[[], tuple[bool, str]]
 ) -> WSGIServer:
-    """Serve /metrics and /healthz from a daemon thread; returns the server (call shutdown())."""
+    """Serve /metrics and /healthz from a daemon thread; returns the server (call shutdown()).
+
+    Raises ``OSError`` when the address cannot be bound (the caller says so in one line)."""
     prom = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
+        path = environ.get("PATH_INFO")
+        if path == "/healthz":
             ok, why = healthy()
             start_response(
                 "200 OK" if ok else "503 Service Unavailable",
                 [("Content-Type", "text/plain; charset=utf-8")],
             )
             return [(why or "ok").encode() + b"\n"]
-        return prom(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/metrics":
+            return prom(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics or /healthz\n"]
 
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -38,15 +38,23 @@ class Change:
 
 @dataclass(slots=True)
 class Mirror:
-    """The map at (epoch, revision) as the server has it, with per-service digests."""
+    """The map at (epoch, revision) as the server has it, with per-service digests.
+
+    A service the answer set aside as invalid (``PollAnswer.rejected``) is *quarantined*: its
+    digest (as the server sent it) goes into the checksum, so the rest of the answer is still
+    verified and no resync is needed, while ``services`` keeps its last good version (ours, or
+    the one in ``last_good`` after a resync; none if it never had one). ``quarantined`` names
+    those services with the reason; a valid version or a removal from the server clears it.
+    """
 
     epoch: str = ""
     revision: int = 0
     services: dict[str, Service] = field(default_factory=dict)
     digests: dict[str, int] = field(default_factory=dict)
     checksum: int = 0
+    quarantined: dict[str, str] = field(default_factory=dict)
 
-    def apply(self, answer: PollAnswer) -> Change:
+    def apply(self, answer: PollAnswer, last_good: Mapping[str, Service] | None = None) -> Change:
         """Apply one answer, or raise :class:`ChecksumMismatch` leaving the mirror as it was."""
         if answer.kind == NOT_READY:
             return Change(NOT_READY)
@@ -59,23 +67,36 @@ class Mirror:
             self.revision = answer.revision
             return Change(NOT_MODIFIED)
         if answer.kind == FULL:
-            return self._full(answer)
+            return self._full(answer, last_good or {})
         if answer.kind == DELTA:
-            return self._delta(answer)
+            return self._delta(answer, last_good or {})
         raise ValueError(f"unknown answer kind {answer.kind!r}")
 
-    def _full(self, answer: PollAnswer) -> Change:
+    def _keep(self, name: str, last_good: Mapping[str, Service]) -> Service | None:
+        return self.services.get(name) or last_good.get(name)
+
+    def _full(self, answer: PollAnswer, last_good: Mapping[str, Service]) -> Change:
         services = {s.name: s for s in answer.services}
         digests = {name: service_digest(s) for name, s in services.items()}
+        for r in answer.rejected:
+            digests[r.name] = r.digest
         checksum = map_checksum(digests.values())
         self._check(answer, checksum)
-        upserted = tuple(n for n, d in digests.items() if self.digests.get(n) != d)
+        quarantined = {r.name: r.reason for r in answer.rejected}
+        for name in quarantined:
+            kept = self._keep(name, last_good)
+            if kept is not None:
+                services[name] = kept
+        upserted = tuple(
+            n for n, d in digests.items() if self.digests.get(n) != d and n not in quarantined
+        )
         removed = tuple(n for n in self.services if n not in services)
         self.epoch, self.revision = answer.epoch, answer.revision
         self.services, self.digests, self.checksum = services, digests, checksum
+        self.quarantined = quarantined
         return Change(FULL, upserted, removed)
 
-    def _delta(self, answer: PollAnswer) -> Change:
+    def _delta(self, answer: PollAnswer, last_good: Mapping[str, Service]) -> Change:
         if answer.epoch != self.epoch:
             raise ChecksumMismatch(f"delta for epoch {answer.epoch!r}, ours is {self.epoch!r}")
         checksum = self.checksum
@@ -84,16 +105,27 @@ class Mirror:
             d = service_digest(s)
             checksum = update_checksum(checksum, self.digests.get(s.name), d)
             new_digests[s.name] = d
-        removed = tuple(n for n in answer.removed if n in self.services)
-        for name in removed:
+        for r in answer.rejected:
+            checksum = update_checksum(checksum, self.digests.get(r.name), r.digest)
+        gone = tuple(n for n in answer.removed if n in self.digests)
+        for name in gone:
             checksum = update_checksum(checksum, self.digests[name], None)
         self._check(answer, checksum)
         upserted = tuple(n for n, d in new_digests.items() if self.digests.get(n) != d)
         for s in answer.services:
             self.services[s.name] = s
+            self.quarantined.pop(s.name, None)
         self.digests.update(new_digests)
-        for name in removed:
-            del self.services[name]
+        for r in answer.rejected:
+            self.digests[r.name] = r.digest
+            self.quarantined[r.name] = r.reason
+            kept = self._keep(r.name, last_good)
+            if kept is not None:
+                self.services[r.name] = kept
+        removed = tuple(n for n in gone if n in self.services)
+        for name in gone:
+            self.services.pop(name, None)
+            self.quarantined.pop(name, None)
             del self.digests[name]
         self.revision, self.checksum = answer.revision, checksum
         return Change(DELTA, upserted, removed)
@@ -108,7 +140,7 @@ class Mirror:
     def reset(self) -> None:
         """Forget everything, so the next poll asks for a full map."""
         self.epoch, self.revision, self.checksum = "", 0, 0
-        self.services, self.digests = {}, {}
+        self.services, self.digests, self.quarantined = {}, {}, {}
 
     @property
     def view(self) -> Mapping[str, Service]:

@@ -2,22 +2,25 @@
 
 The only module of the sidecar that speaks gRPC. A poll round tries the servers that are not
 backing off, in the configured order, and returns the first valid answer; an error, a deadline or a
-malformed answer counts against that server and the round moves on to the next.
+malformed answer counts against that server and the round moves on to the next. A service the
+sidecar cannot accept is set aside in the answer (``PollAnswer.rejected``), not held against the
+server: the rest of the answer is good.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
+from clustermap.checksum import service_digest
 from clustermap.sidecar.config import SidecarSettings
 from clustermap.sidecar.retry import Backoff
-from clustermap.sidecar.validate import InvalidAnswer, check_services
-from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
+from clustermap.sidecar.validate import invalid_services
+from clustermap.wire import PollAnswer, Rejected, WireError, poll_answer_from_pb, poll_request
 
 __all__ = ["PollFailed", "Polled", "Poller"]
 
@@ -69,11 +72,10 @@ class Poller:
                 msg = self._stubs[server].Poll(
                     request, timeout=self.settings.timeout, metadata=self._metadata
                 )
-                answer = poll_answer_from_pb(msg)
-                check_services(answer.services)
+                answer = _set_aside_invalid(poll_answer_from_pb(msg))
             except grpc.RpcError as exc:
                 errors.append(f"{server}: {_rpc_error(exc)}")
-            except (WireError, InvalidAnswer) as exc:
+            except WireError as exc:
                 errors.append(f"{server}: malformed answer: {exc}")
                 log.error("rejected a malformed answer from %s: %s", server, exc)
             else:
@@ -86,6 +88,26 @@ class Poller:
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
+
+
+def _set_aside_invalid(answer: PollAnswer) -> PollAnswer:
+    """Move the services the registry could never have accepted to ``answer.rejected``: the
+    sidecar keeps their last good nodes and takes the rest of the answer."""
+    bad = invalid_services(answer.services)
+    if not bad:
+        return answer
+    return replace(
+        answer,
+        services=tuple(s for s in answer.services if s.name not in bad),
+        rejected=(
+            *answer.rejected,
+            *(
+                Rejected(s.name, service_digest(s), bad[s.name])
+                for s in answer.services
+                if s.name in bad
+            ),
+        ),
+    )
 
 
 def _rpc_error(exc: grpc.RpcError) -> str:

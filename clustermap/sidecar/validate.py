@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from clustermap.model import Service
 from clustermap.server.validation import MAX_META_ENTRIES, MAX_META_KEY, MAX_META_VALUE
 
-__all__ = ["InvalidAnswer", "check_services"]
+__all__ = ["InvalidAnswer", "check_services", "invalid_services", "shown_name"]
 
 _META = Annotated[
     dict[
@@ -80,6 +80,35 @@ def check_services(services: Sequence[Service]) -> None:
                 if items not in seen:
                     _check_meta(s.name, n.address, n.meta)
                     seen.add(items)
+
+
+def invalid_services(services: Sequence[Service]) -> dict[str, str]:
+    """Every service that :func:`check_services` would refuse, with its reason (one line).
+
+    The whole answer is checked at once first; only when that fails is each service checked on
+    its own, so the common case costs no more than before."""
+    try:
+        check_services(services)
+    except InvalidAnswer:
+        pass
+    else:
+        return {}
+    bad: dict[str, str] = {}
+    for s in services:
+        try:
+            check_services((s,))
+        except InvalidAnswer as exc:
+            bad[s.name] = str(exc)
+    return bad
+
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def shown_name(name: str) -> str:
+    """``name`` as it may be printed to an operator: itself when valid, else quoted and escaped
+    (a hostile name must not rewrite a terminal)."""
+    return name if _NAME.fullmatch(name) else ascii(name[:80])
 
 
 def _find_bad_host(services: Sequence[Service]) -> None:
