@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
@@ -189,6 +189,9 @@ class PollAnswer:
     retry_after: float = 0.0
     #: Services left out of ``services`` because one of their records is invalid.
     rejected: tuple[Rejected, ...] = ()
+    #: Each service's digest as the server sent it (the checksum of a rejected one is the
+    #: server's word: what it holds, not what reached us).
+    digests: Mapping[str, int] = field(default_factory=dict)
 
 
 def poll_request(
@@ -235,4 +238,5 @@ def poll_answer_from_pb(msg: subscription_pb2.PollResponse) -> PollAnswer:
         self_preservation=msg.self_preservation,
         retry_after=msg.retry_after_seconds,
         rejected=tuple(rejected),
+        digests={s.name: s.digest for s in msg.services},
     )

@@ -102,7 +102,7 @@ def _set_aside_invalid(answer: PollAnswer) -> PollAnswer:
         rejected=(
             *answer.rejected,
             *(
-                Rejected(s.name, service_digest(s), bad[s.name])
+                Rejected(s.name, answer.digests.get(s.name, service_digest(s)), bad[s.name])
                 for s in answer.services
                 if s.name in bad
             ),
