@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clustermap.model import Node, Service
-from clustermap.sidecar.validate import InvalidAnswer, check_services
+from clustermap.sidecar.validate import InvalidAnswer, check_services, invalid_services, shown_name
 
 
 def test_valid_services_pass() -> None:
@@ -42,3 +42,23 @@ def test_valid_services_pass() -> None:
 def test_invalid_services_are_refused_with_the_reason(service: Service, message: str) -> None:
     with pytest.raises(InvalidAnswer, match=message):
         check_services([Service("ok", ()), service])
+
+
+def test_each_invalid_service_is_named_and_the_valid_ones_are_not() -> None:
+    services = [
+        Service("ok", (Node("10.0.0.1", 80),)),
+        Service("a", (Node("evil host", 1),)),
+        Service("b", (Node("h", 1, meta={"k": "v" * 600}),)),
+        Service("also-ok", (Node("::1", 81),)),
+    ]
+    bad = invalid_services(services)
+    assert set(bad) == {"a", "b"}
+    assert "host 'evil host'" in bad["a"]
+    assert "meta k" in bad["b"]
+    assert invalid_services(services[:1] + services[3:]) == {}
+
+
+def test_names_shown_to_operators_are_escaped_when_invalid() -> None:
+    assert shown_name("user-svc") == "user-svc"
+    assert shown_name("a\x1b[2Jb") == "'a\\x1b[2Jb'"
+    assert shown_name("\u202eevil") == "'\\u202eevil'"

@@ -163,3 +163,20 @@ def test_poll_answers() -> None:
 def test_malformed_poll_answers_are_rejected(msg: subscription_pb2.PollResponse, why: str) -> None:
     with pytest.raises(WireError, match=why):
         poll_answer_from_pb(msg)
+
+
+def test_a_malformed_service_is_set_aside_and_the_rest_decodes() -> None:
+    bad = service_to_pb(Service("bad", (Node("10.0.0.9", 80),)))
+    bad.nodes[0].port = 70000
+    msg = subscription_pb2.PollResponse(
+        kind=subscription_pb2.POLL_KIND_DELTA, epoch="e", services=[service_to_pb(SVC), bad]
+    )
+    ans = poll_answer_from_pb(msg)
+    assert [s.name for s in ans.services] == ["s"]
+    [rejected] = ans.rejected
+    assert (rejected.name, rejected.digest) == ("bad", bad.digest)  # the server's digest
+    assert "port 70000" in rejected.reason
+    assert ans.digests == {"s": service_digest(SVC), "bad": bad.digest}
+    msg.services[1].name = ""  # not attributable to one service: the whole answer is refused
+    with pytest.raises(WireError, match="empty name"):
+        poll_answer_from_pb(msg)
