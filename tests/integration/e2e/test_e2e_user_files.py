@@ -268,6 +268,10 @@ def test_kubernetes_pod_shares_a_memory_emptydir_with_its_sidecar() -> None:
     assert volume["emptyDir"]["sizeLimit"]
     sidecar = next(c for c in pod["initContainers"] if c["name"] == "cm-sidecar")
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar
+    # The emptyDir (0777) is made sticky before the sidecar starts, or it refuses the directory.
+    first = pod["initContainers"][0]
+    assert first["command"][:2] == ["chmod", "1777"], first
+    assert first["volumeMounts"][0]["mountPath"] == sidecar["volumeMounts"][0]["mountPath"]
     app = next(c for c in pod["containers"] if c["name"] == "app")
     env = {c["name"]: {e["name"]: e["value"] for e in c["env"]} for c in (sidecar, app)}
     for container in (sidecar, app):
