@@ -6,6 +6,10 @@ nothing but a read-only mapping. Each record read is copied out of the mapping, 
 or not yet complete fails the check and the read is retried. After :data:`READ_BUDGET_S` of
 failures the region is declared corrupt rather than guessed at.
 
+Opening (and following a replacement) first checks who could have written the file:
+:mod:`clustermap.region.trust` refuses a region, or a directory above it, that a user the reader
+does not trust could have replaced. Never on the hot path.
+
 The hot path for workers is :meth:`RegionReader.slot_version`: one aligned 8-byte load that says
 whether a service changed since it was decoded.
 """

@@ -60,6 +60,7 @@ class Sidecar:
         self._meta_at = 0.0
         self._snapshot_at = 0.0
         self._snapshot_dirty = False
+        self._quarantine_shown: dict[str, str] | None = None  # as last set in the metrics
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -262,6 +263,9 @@ class Sidecar:
         """The mirror's quarantined services, named safely for operators' terminals; logged
         when they change."""
         shown = {shown_name(n): why for n, why in sorted(self.mirror.quarantined.items())}
+        if shown != self._quarantine_shown:
+            self._quarantine_shown = shown
+            self.metrics.set_quarantined(shown)
         if shown != self.meta.quarantined:
             for name, why in shown.items():
                 if self.meta.quarantined.get(name) != why:
@@ -270,7 +274,6 @@ class Sidecar:
             for name in self.meta.quarantined:
                 if name not in shown:
                     log.warning("%s: the server's version is valid again; quarantine lifted", name)
-            self.metrics.set_quarantined(shown)
         return shown
 
     def _publish(self, upserts: tuple[Service, ...], removals: tuple[str, ...], meta: Meta) -> None:
