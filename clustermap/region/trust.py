@@ -20,6 +20,7 @@ one ``lstat`` per path component.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
@@ -113,7 +114,20 @@ def check_directory(path: str, owners: frozenset[int], *, reader: bool = True) -
         raise RegionUnavailable(f"{parent}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
         raise RegionUnavailable(f"{parent}: the region's directory is a symlink; refusing it")
-    # Above the region's own directory a symlink is only a name: judge the real directories.
+    # Above the region's own directory a symlink is a name its owner can re-point at will: it
+    # must be a trusted owner's. Then judge the real directories it leads to.
+    prefix = "/"
+    for part in parent.split("/"):
+        if not part:
+            continue
+        prefix = os.path.join(prefix, part)
+        with contextlib.suppress(OSError):
+            link = os.lstat(prefix)
+            if stat.S_ISLNK(link.st_mode) and link.st_uid not in owners:
+                raise RegionUnavailable(
+                    f"{prefix}: symlink owned by {owner_name(link.st_uid)}, who could re-point "
+                    f"it; refusing it ({_hint(link.st_uid, owners, reader)})"
+                )
     current = os.path.realpath(parent)
     while True:
         try:

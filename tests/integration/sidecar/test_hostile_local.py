@@ -304,6 +304,11 @@ def test_the_sidecar_refuses_a_directory_others_can_change(
             env=python_env(CLUSTERMAP_REGION_OWNER=other_user),
         )
         assert out.returncode == 0, out.stderr
+        # A path through a symlink the other user owns (and could re-point) is refused too.
+        assert as_user(other_user, "ln", "-s", str(sticky), str(sticky / "via")).returncode == 0
+        via = sticky / "via" / "clustermap" / "r.region"
+        out = run(CMCTL, "--region", str(via), "dump")
+        assert "symlink owned by" in one_line_error(out, "cmctl: ")
     finally:
         sidecar.close()
 
