@@ -98,7 +98,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 #: Connections served at once; more are closed at once rather than queued behind idle ones.
-MAX_CONNECTIONS: Final = 32
+MAX_CONNECTIONS: Final = 128
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
