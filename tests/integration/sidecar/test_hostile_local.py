@@ -132,9 +132,9 @@ def test_one_bad_service_keeps_its_last_nodes_while_the_rest_flows(
         sidecar.wait_synced()
         proxy.poisoning = True
         server.register("a", "10.0.0.2", 80)  # this version of a is refused
-        wait_for(lambda: status(region)["quarantined"], what="a quarantined")
+        wait_for(lambda: status(region)["quarantined"], 30, "a quarantined")
         server.register("b", "10.0.1.2", 80)  # ...and b's change still arrives
-        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80", "10.0.1.2:80"}, what="b")
+        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80", "10.0.1.2:80"}, 30, "b")
         assert addresses(region, "a") == {"10.0.0.1:80"}  # a's last good nodes
         st = status(region)
         assert st["stale"] is False, st
@@ -166,9 +166,9 @@ def test_one_bad_service_keeps_its_last_nodes_while_the_rest_flows(
         proxy.poisoning = False
         server.register("a", "10.0.0.3", 80)
         want = {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}
-        wait_for(lambda: addresses(region, "a") == want, what="a fixed")
-        wait_for(lambda: status(region)["quarantined"] == [], what="flag cleared")
-        wait_for(lambda: addresses(region_dir / "fresh.region", "a") == want, what="a fresh")
+        wait_for(lambda: addresses(region, "a") == want, 30, "a fixed")
+        wait_for(lambda: status(region)["quarantined"] == [], 30, "flag cleared")
+        wait_for(lambda: addresses(region_dir / "fresh.region", "a") == want, 30, "a fresh")
         _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
         assert "clustermap_sidecar_quarantined_services 0.0" in metrics
         assert status(region)["counters"].get("full") == 1
@@ -191,7 +191,7 @@ def test_an_idle_connection_does_not_stall_healthz_and_unknown_paths_are_404(
     try:
         sidecar.wait_synced()
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _get(base + "/healthz")[0] == 200, what="healthz")
+        wait_for(lambda: _get(base + "/healthz")[0] == 200, 30, "healthz")
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         idle[1].sendall(b"GET /metr")  # a request that never ends
         try:
@@ -383,12 +383,12 @@ def test_a_busy_lock_is_one_line_even_for_a_standby(server: ServerProc, region_p
         assert "busy" in one_line_error(out, "cm-sidecar: ")
         standby = SidecarProc(region_path, [server.address], "--standby")
         try:
-            wait_for(lambda: "busy" in standby.child.stderr(), what="standby says busy")
+            wait_for(lambda: "busy" in standby.child.stderr(), 30, "standby says busy")
             assert standby.child.proc.poll() is None, standby.child.stderr()
             before = RegionReader(region_path).last_sync_ns
             os.close(fd)
             fd = -1
-            wait_for(lambda: RegionReader(region_path).last_sync_ns > before, 15, "takeover")
+            wait_for(lambda: RegionReader(region_path).last_sync_ns > before, 30, "takeover")
             assert RegionReader(region_path).writer_pid == standby.pid
             assert "Traceback" not in standby.child.stderr()
         finally:
@@ -427,7 +427,7 @@ def test_garbage_in_the_region_files_never_crashes_anyone(
             assert out.returncode in (0, 1), out
             assert "Traceback" not in out.stderr, out
         server.register("b", "10.0.1.1", 80)  # the sidecar still publishes
-        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80"}, what="b published")
+        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80"}, 30, "b published")
     finally:
         sidecar.close()
     # Garbage in the snapshot and the region while no sidecar runs: the next one starts,
@@ -438,8 +438,8 @@ def test_garbage_in_the_region_files_never_crashes_anyone(
         f.write(os.urandom(4096))
     sidecar = SidecarProc(region, [server.address], "--snapshot", str(snap))
     try:
-        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80"}, 20, "republished")
-        wait_for(lambda: addresses(region, "a") == {"10.0.0.1:80"}, 20, "republished a")
+        wait_for(lambda: addresses(region, "b") == {"10.0.1.1:80"}, 30, "republished")
+        wait_for(lambda: addresses(region, "a") == {"10.0.0.1:80"}, 30, "republished a")
         out = run(CMCTL, "--region", str(region), "dump", "--json")
         assert out.returncode == 0, out.stderr
     finally:
