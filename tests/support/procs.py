@@ -58,7 +58,7 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def readline(self, timeout: float = 10.0) -> str:
+    def readline(self, timeout: float = 30.0) -> str:
         """The next stdout line; fails the test on timeout or EOF, showing stderr."""
         assert self.proc.stdout is not None
         if not self._sel.select(timeout):
@@ -69,7 +69,7 @@ class Child:
         self.lines.append(line.rstrip("\n"))
         return self.lines[-1]
 
-    def expect(self, prefix: str, timeout: float = 10.0) -> str:
+    def expect(self, prefix: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             line = self.readline(max(deadline - time.monotonic(), 0.01))
@@ -88,7 +88,7 @@ class Child:
             os.killpg(self.proc.pid, sig)
         return self.wait()
 
-    def wait(self, timeout: float = 10.0) -> int:
+    def wait(self, timeout: float = 30.0) -> int:
         rc = self.proc.wait(timeout)
         self.close()
         return rc
@@ -111,7 +111,7 @@ class Child:
         self.close()
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     delay = 0.001
