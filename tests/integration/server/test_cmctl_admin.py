@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from functools import cache
 from pathlib import Path
 
 from clustermap._pb.clustermap.v1 import inspection_pb2, registry_pb2
@@ -16,13 +15,8 @@ from tests.integration.server.conftest import wait_for
 from tests.support.procs import Child
 
 
-@cache
 def cmctl_argv() -> tuple[str, ...]:
-    exe = str(Path(sys.executable).with_name("cmctl"))
-    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
-    if "register" in help_text:
-        return (exe,)
-    return (sys.executable, "-m", "clustermap.cli.admin")  # cmctl without the admin hook
+    return (str(Path(sys.executable).with_name("cmctl")),)
 
 
 def cmctl(srv_address: str, *args: str, env=None) -> subprocess.CompletedProcess[str]:
