@@ -52,9 +52,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--listen",
         type=server_address,
-        default=DEFAULT_SERVER,
+        default=os.environ.get("CLUSTERMAP_SERVER", DEFAULT_SERVER),
         metavar="HOST:PORT",
-        help="cm-server address (default %(default)s)",
+        help=f"cm-server address (default: $CLUSTERMAP_SERVER or {DEFAULT_SERVER})",
     )
     p.add_argument("--interval", type=float, default=0.5, metavar="S", help="sidecar poll period")
     p.add_argument("--demo", action="store_true", help="register a few example services")
@@ -182,7 +182,7 @@ def _banner(listen: str, region: str) -> str:
     else:
         cmctl, python = shlex.quote(_bin("cmctl")), shlex.quote(sys.executable)
     env = "" if region == DEFAULT_REGION else f"CLUSTERMAP_REGION={shlex.quote(region)} "
-    pick = 'import clustermap; print(clustermap.pick("user-svc"))'
+    pick = 'import clustermap; print(clustermap.pick("user-svc").address)'
     where = " (from this directory)" if uv else ""
     return (
         f"cmctl up: cm-server on {listen}, cm-sidecar publishing {region}\n"

@@ -49,6 +49,7 @@ class Child:
         assert self.proc.stdout is not None
         self._sel.register(self.proc.stdout, selectors.EVENT_READ)
         self.lines: list[str] = []
+        self._buf = ""
 
     @classmethod
     def python(cls, *args: str, env: dict[str, str] | None = None) -> Child:
@@ -59,15 +60,22 @@ class Child:
         return self.proc.pid
 
     def readline(self, timeout: float = 30.0) -> str:
-        """The next stdout line; fails the test on timeout or EOF, showing stderr."""
+        """The next stdout line; fails the test on timeout or EOF, showing stderr.
+
+        Reads the pipe itself (no buffered file object): lines written together must not sit in
+        a buffer that select() cannot see."""
         assert self.proc.stdout is not None
-        if not self._sel.select(timeout):
-            raise AssertionError(f"no output from {self.argv} within {timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"{self.argv} exited ({self.proc.wait()}): {self.stderr()}")
-        self.lines.append(line.rstrip("\n"))
-        return self.lines[-1]
+        deadline = time.monotonic() + timeout
+        while "\n" not in self._buf:
+            if not self._sel.select(max(deadline - time.monotonic(), 0)):
+                raise AssertionError(f"no output from {self.argv} within {timeout} s")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"{self.argv} exited ({self.proc.wait()}): {self.stderr()}")
+            self._buf += chunk.decode(errors="replace")
+        line, self._buf = self._buf.split("\n", 1)
+        self.lines.append(line)
+        return line
 
     def expect(self, prefix: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout

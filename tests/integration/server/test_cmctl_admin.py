@@ -53,10 +53,11 @@ def test_register_set_services_deregister(server):
     )
     assert r.returncode == 0, r.stderr
     assert "registered user-svc 10.0.0.7:8080 (no expiry)" in r.stdout
-    r = cmctl(srv.address, "register", "user-svc", "[::1]:9000", "--ttl", "30")
+    # a lease that outlives the test however slow the machine (six cmctl runs follow)
+    r = cmctl(srv.address, "register", "user-svc", "[::1]:9000", "--ttl", "3600")
     assert r.returncode == 0, r.stderr
     assert "lease=" in r.stdout
-    assert "ttl=30s" in r.stdout
+    assert "ttl=3600s" in r.stdout
 
     r = cmctl(srv.address, "set", "user-svc", "10.0.0.7:8080", "--status", "drain", "--weight", "0")
     assert r.returncode == 0, r.stderr
@@ -168,7 +169,9 @@ def test_token_is_sent_from_env_or_file(server, tmp_path):
 def test_registry_requests_from_python(server):
     """The same server answers the raw stub (sanity check that cmctl did not cache anything)."""
     srv = server()
-    srv.registry().Register(registry_pb2.RegisterRequest(service="x", host="h", port=1))
+    srv.registry().Register(
+        registry_pb2.RegisterRequest(service="x", host="h", port=1, ttl_seconds=0)
+    )
     assert (
         json.loads(cmctl(srv.address, "services", "--json").stdout)["services"]["x"]["nodes"] == 1
     )
