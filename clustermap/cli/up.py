@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,6 +66,21 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when ``cmctl up`` dies, even by SIGKILL (the
+    children run in their own sessions, so nothing else would stop them). libc is loaded here,
+    before the fork, so the child only makes the call."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+    return preexec
+
+
 class _Child:
     """A child in its own session whose stderr is held back until :meth:`show` (so a failed
     start is reported in one line of ours), then passed through to our stderr."""
@@ -72,7 +88,11 @@ class _Child:
     def __init__(self, name: str, argv: list[str]) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         self.lines: list[str] = []
         self._shown = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clustermap.region.reader import RegionReader
-from tests.support.procs import Child, python_env
+from tests.support.procs import Child, python_env, wait_for
 from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
 
 
@@ -140,3 +141,27 @@ def test_the_banner_names_uv_run_when_started_by_it(
     (tmp_path / "uv").chmod(0o755)
     text = _banner("127.0.0.1:7700", "/dev/shm/r.region")
     assert "    CLUSTERMAP_REGION=/dev/shm/r.region uv run cmctl dump\n" in text
+
+
+def test_up_killed_outright_takes_its_server_and_sidecar_with_it(region_path: Path) -> None:
+    from clustermap.region.election import writer_running
+
+    port = free_port()
+    env = python_env(CLUSTERMAP_REGION=str(region_path))
+    with Child([CMCTL, "up", "--listen", f"127.0.0.1:{port}"], env=env) as up:
+        up.expect("cmctl up:", timeout=120)
+        assert writer_running(str(region_path)) is True
+        up.proc.kill()  # SIGKILL: no chance to stop its children itself
+        up.proc.wait()
+    wait_for(lambda: writer_running(str(region_path)) is False, what="the sidecar to exit")
+
+    def port_free() -> bool:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only a listener blocks it
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    wait_for(port_free, what="the server to exit")
