@@ -7,7 +7,7 @@ Each step is one of the scripts next to this file (each also runs on its own), s
 own session with a time limit; its output goes to the terminal and to ``bench/results/NAME.txt``,
 its figures to ``bench/results/NAME.json``. Then ``bench/plots.py`` draws ``docs/img/*.png``
 from those files. The full run takes about 4 minutes on the 2-core reference machine, ``--quick``
-about 2. A failed step is reported at the end (exit status 1); the others still run.
+about 2 minutes. A failed step is reported at the end (exit status 1); the others still run.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sweeps (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="smaller sweeps (about 2 minutes)")
     ap.add_argument("--only", help=f"comma-separated steps among: {', '.join(STEPS)}")
     ap.add_argument("--no-plots", action="store_true", help="do not redraw docs/img/*.png")
     ap.add_argument("--results", type=Path, default=RESULTS, help="default: bench/results")

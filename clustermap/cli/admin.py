@@ -234,6 +234,9 @@ def _keepalive(
     old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     interval = max(ttl / 3, 0.05)
+    # A call may take up to the TTL: on a busy machine an answer slower than the heartbeat
+    # interval still renews the lease, and giving up on it early would let the lease lapse.
+    deadline = min(conn.timeout, max(ttl, interval))
     try:
         while not stop:
             select.select([wake_r], [], [], interval)
@@ -243,7 +246,7 @@ def _keepalive(
                 if lease:
                     stub.Heartbeat(
                         registry_pb2.HeartbeatRequest(lease_id=lease),
-                        timeout=min(conn.timeout, interval),
+                        timeout=deadline,
                         metadata=conn.metadata,
                     )
                     continue
@@ -253,9 +256,7 @@ def _keepalive(
                     continue
                 print("cmctl: lease lost; registering again", file=sys.stderr, flush=True)
             try:
-                resp = stub.Register(
-                    req, timeout=min(conn.timeout, interval), metadata=conn.metadata
-                )
+                resp = stub.Register(req, timeout=deadline, metadata=conn.metadata)
                 lease = resp.lease_id
                 _say_registered(args, resp)
             except grpc.RpcError as exc:

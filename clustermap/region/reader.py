@@ -22,10 +22,11 @@ import os
 import time
 from typing import Final
 
-from clustermap.errors import CorruptRegion, RegionUnavailable, UnknownService
+from clustermap.errors import ClusterMapError, CorruptRegion, RegionUnavailable, UnknownService
 from clustermap.model import Service
 from clustermap.region import layout as L
 from clustermap.region import trust
+from clustermap.region.election import writer_running
 
 __all__ = ["READ_BUDGET_S", "RegionReader", "Snapshot"]
 
@@ -246,7 +247,19 @@ class RegionReader:
                 self._dir_version = -1  # the directory is behind the slots: re-read it
             except _Switched:
                 continue
-        raise UnknownService(f"unknown service {name!r}")
+        raise self._missing(name)
+
+    def _missing(self, name: str) -> ClusterMapError:
+        """UnknownService, unless the region never held a map (neither from a server nor from a
+        snapshot): then no service is known *yet*, and :class:`RegionUnavailable` says why, as
+        ``cmctl status`` does (a wrong server address, a server still warming up, no sidecar)."""
+        meta = self.meta()
+        if self.last_sync_ns or self.directory() or meta.source == "snapshot":
+            return UnknownService(f"unknown service {name!r}")
+        why = [meta.reason or "no answer from a server yet"]
+        if writer_running(self.path) is False:
+            why.append(f"no sidecar is running (last was pid {self.writer_pid})")
+        return RegionUnavailable(f"{self.path}: the sidecar has not synced yet ({'; '.join(why)})")
 
     def service(self, name: str) -> Service:
         return self.lookup(name)[2]

@@ -326,6 +326,7 @@ class ServerApp:
         ]
         reflection.enable_server_reflection(names, self.server)
         self._set_ready(self.registry.ready())
+        _check_bindable(cfg.listen)
         try:
             if cfg.tls_cert and cfg.tls_key:
                 creds = grpc.ssl_server_credentials(
@@ -427,6 +428,29 @@ class ServerApp:
             self._metrics_server.shutdown()
         log.info("stopped", extra={"event": "stopped"})
         return 0
+
+
+def _check_bindable(listen: str) -> None:
+    """Refuse an address we cannot bind (in use, not local, privileged) in one plain line, before
+    gRPC tries and logs its own internal error line first."""
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise ConfigError(f"cannot listen on {listen}: {reason}") from None
 
 
 def _read_bytes(path: str) -> bytes:

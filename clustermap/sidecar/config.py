@@ -125,6 +125,11 @@ class SidecarSettings(BaseSettings):
         config = os.environ.get("CLUSTERMAP_CONFIG")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config:
+            # a file that was named must exist: a typo in the path must not run on defaults
+            try:
+                Path(config).open("rb").close()
+            except OSError as exc:
+                raise ValueError(f"cannot read config file {config}: {exc.strerror}") from None
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
 

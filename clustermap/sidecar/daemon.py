@@ -217,6 +217,8 @@ class Sidecar:
                 polled.server,
                 answer.retry_after,
             )
+            if not self._last_ok and not self.published:  # no map yet: say why in the region
+                self._mark_stale(f"{polled.server} is warming up; no map from it yet")
             return
         try:
             change = self.mirror.apply(answer, self.published)

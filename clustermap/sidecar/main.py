@@ -116,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cm-sidecar: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+        shown = settings.model_dump(mode="json")
+        if shown.get("token"):
+            shown["token"] = "***"  # a secret: shown as set, never in clear
+        print(json.dumps(shown, indent=2, sort_keys=True))
         return 0
     _setup_logging(settings)
     from clustermap.sidecar.daemon import Sidecar

@@ -49,6 +49,7 @@ class Child:
         assert self.proc.stdout is not None
         self._sel.register(self.proc.stdout, selectors.EVENT_READ)
         self.lines: list[str] = []
+        self._buf = ""
 
     @classmethod
     def python(cls, *args: str, env: dict[str, str] | None = None) -> Child:
@@ -58,18 +59,25 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def readline(self, timeout: float = 10.0) -> str:
-        """The next stdout line; fails the test on timeout or EOF, showing stderr."""
-        assert self.proc.stdout is not None
-        if not self._sel.select(timeout):
-            raise AssertionError(f"no output from {self.argv} within {timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"{self.argv} exited ({self.proc.wait()}): {self.stderr()}")
-        self.lines.append(line.rstrip("\n"))
-        return self.lines[-1]
+    def readline(self, timeout: float = 30.0) -> str:
+        """The next stdout line; fails the test on timeout or EOF, showing stderr.
 
-    def expect(self, prefix: str, timeout: float = 10.0) -> str:
+        Reads the pipe itself (no buffered file object): lines written together must not sit in
+        a buffer that select() cannot see."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while "\n" not in self._buf:
+            if not self._sel.select(max(deadline - time.monotonic(), 0)):
+                raise AssertionError(f"no output from {self.argv} within {timeout} s")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"{self.argv} exited ({self.proc.wait()}): {self.stderr()}")
+            self._buf += chunk.decode(errors="replace")
+        line, self._buf = self._buf.split("\n", 1)
+        self.lines.append(line)
+        return line
+
+    def expect(self, prefix: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             line = self.readline(max(deadline - time.monotonic(), 0.01))
@@ -88,7 +96,7 @@ class Child:
             os.killpg(self.proc.pid, sig)
         return self.wait()
 
-    def wait(self, timeout: float = 10.0) -> int:
+    def wait(self, timeout: float = 30.0) -> int:
         rc = self.proc.wait(timeout)
         self.close()
         return rc
@@ -111,7 +119,7 @@ class Child:
         self.close()
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     delay = 0.001

@@ -75,7 +75,7 @@ class ServerProc:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
 
-        wait_for(serving, 15, "cm-server to serve")
+        wait_for(serving, 30, "cm-server to serve")
         self.registry = registry_pb2_grpc.RegistryStub(self._channel)
 
     def register(
@@ -137,7 +137,7 @@ class SidecarProc:
             return RegionReader(self.region).meta()
         return None
 
-    def wait_synced(self, revision: int = 1, timeout: float = 15) -> Meta:
+    def wait_synced(self, revision: int = 1, timeout: float = 30) -> Meta:
         """Until the region is at ``revision`` or later and fresh."""
 
         def synced() -> Meta | None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +22,8 @@ NODES = tuple(Node(f"10.0.0.{i}", 8080, weight=1 + i % 3) for i in range(16))
 
 
 def publish(path: Path, *services: Service, removals: tuple[str, ...] = ()) -> None:
-    with RegionWriter(path, wait=5.0) as w:
-        w.publish(services, removals)
+    with RegionWriter(path, wait=5.0) as w:  # as a sidecar does: a map synced from a server
+        w.publish(services, removals, sync_ns=time.time_ns())
 
 
 def test_pick_follows_the_map_without_reopening(region_path: Path) -> None:

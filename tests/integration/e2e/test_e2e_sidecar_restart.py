@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tests.integration.e2e.web import USER_SVC, Answer, Gunicorn, first_seen, get
+from tests.support.procs import wait_for
 from tests.support.stack import ServerProc, SidecarProc
 
 
@@ -56,7 +57,8 @@ def test_sidecar_restarts_fail_no_request(server: ServerProc, region_path: Path)
             sidecar = SidecarProc(region_path, [server.address])
             sidecar.wait_synced(revision)
             first_seen(web, time.monotonic(), lambda a, b=backend: f"127.0.0.1:{b}" in a.nodes)
-            assert stream.count() > served, "the stream stalled"
+            wait_for(lambda s=served: stream.count() > s, what="the stream to go on")
+        wait_for(lambda: stream.count() >= 20, what="20 answers in the stream")
         answers = stream.stop()
         stream = None
         failed = [a for a in answers if not a.ok]

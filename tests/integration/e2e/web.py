@@ -60,7 +60,7 @@ class Answer:
         return frozenset(self.body["nodes"])
 
 
-def get(port: int, timeout: float = 5.0, **params: str | int) -> Answer:
+def get(port: int, timeout: float = 30.0, **params: str | int) -> Answer:
     """One GET on a fresh connection (so the kernel may hand it to any worker)."""
     started = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -234,7 +234,7 @@ def first_seen(
     server: WebServer,
     since: float,
     condition: Callable[[Answer], bool],
-    timeout: float = 5.0,
+    timeout: float = 30.0,
     **params: str | int,
 ) -> dict[int, float]:
     """Seconds from ``since`` until each worker's first answer meeting ``condition`` completed.

@@ -109,15 +109,15 @@ def test_replicas_share_registrations_epoch_and_revisions(replicas: list[Replica
 
 def test_leases_live_in_etcd_and_expire_without_heartbeats(replicas: list[Replica]) -> None:
     a, b = replicas
-    lease = a.register("pay-svc", "10.0.1.1", 443, ttl=1.0).lease_id
+    lease = a.register("pay-svc", "10.0.1.1", 443, ttl=3.0).lease_id
     keep = a.register("pay-svc", "10.0.1.2", 443, ttl=0).lease_id
     assert lease
     assert not keep
     # any replica renews it: the lease is etcd's
     ttl = b.registry.Heartbeat(registry_pb2.HeartbeatRequest(lease_id=lease), timeout=5)
     assert ttl.ttl_seconds >= 1
-    wait_for(lambda: a.nodes("pay-svc") == {"10.0.1.2:443"}, 15, "the lease to expire")
-    wait_for(lambda: b.nodes("pay-svc") == {"10.0.1.2:443"}, 5, "b to see the expiry")
+    wait_for(lambda: a.nodes("pay-svc") == {"10.0.1.2:443"}, 30, "the lease to expire")
+    wait_for(lambda: b.nodes("pay-svc") == {"10.0.1.2:443"}, 30, "b to see the expiry")
     with pytest.raises(grpc.RpcError) as err:
         b.registry.Heartbeat(registry_pb2.HeartbeatRequest(lease_id=lease), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -208,17 +208,17 @@ def test_etcd_member_failure_keeps_service_running(tmp_path: Path, region_path: 
             a.register("user-svc", "10.0.0.1", 80)
             sidecar.wait_synced()
             wait_for(lambda: addresses(region_path, "user-svc") == {"10.0.0.1:80"})
-            lease = b.register("user-svc", "10.0.0.9", 80, ttl=5).lease_id
+            lease = b.register("user-svc", "10.0.0.9", 80, ttl=30).lease_id
             cluster.kill(leader)  # a new election; a's only member is gone
             b.register("user-svc", "10.0.0.2", 80)
             b.registry.Heartbeat(registry_pb2.HeartbeatRequest(lease_id=lease), timeout=10)
             want = {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.9:80"}
-            wait_for(lambda: b.nodes("user-svc") == want, 15, "b to see every registration")
+            wait_for(lambda: b.nodes("user-svc") == want, 30, "b to see every registration")
             # a cannot follow etcd any more: it sends the sidecar to b instead of a stale map
             with pytest.raises(grpc.RpcError) as err:
-                wait_for(lambda: a.poll() is None, 15, "a to give up")
+                wait_for(lambda: a.poll() is None, 30, "a to give up")
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            wait_for(lambda: addresses(region_path, "user-svc") == want, 15, "the sidecar")
+            wait_for(lambda: addresses(region_path, "user-svc") == want, 30, "the sidecar")
             assert dict(sidecar.wait_synced().counters).get("checksum_mismatches", 0) == 0
         finally:
             sidecar.close()

@@ -101,7 +101,7 @@ def test_a_watch_cancelled_by_compaction_reloads_the_prefix(stores: list[EtcdSto
         a.apply({"x": svc("x", 1, 2), "y": svc("y", 1)})
         a.apply({"x": None})
         a.compact()
-    wait_for(lambda: b.reloads == 1, 10, "b to reload after compaction")
+    wait_for(lambda: b.reloads == 1, 30, "b to reload after compaction")
     assert b.catch_up(a.revision)
     assert list(b.items()) == list(a.items())
     assert b.floor > before

@@ -18,7 +18,7 @@ import pytest
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
-from tests.support.procs import Child
+from tests.support.procs import Child, wait_for
 
 CHURN = str(Path(churn.__file__))
 
@@ -50,10 +50,11 @@ def _after_update(before: dict[str, int]) -> dict[str, int]:
     return after
 
 
-def test_sigkill_at_every_point_of_an_update_loses_and_mixes_nothing(region_path: Path) -> None:
+def test_sigkill_at_every_point_of_an_update_loses_and_mixes_nothing(
+    region_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     points = DISCARDED + COMPLETED
     kills = 0
-    recoveries = []
     for round_ in range(9):
         for point in points:
             before = _seed(region_path)
@@ -67,22 +68,21 @@ def test_sigkill_at_every_point_of_an_update_loses_and_mixes_nothing(region_path
             seen = _state(region_path)
             assert seen == before or (point in COMPLETED and set(seen) <= set(before) | {"svc-new"})
 
-            t0 = time.monotonic()
             with RegionWriter(region_path) as w:
                 w.publish([churn.service("probe", 100 + round_)])
-                recoveries.append(time.monotonic() - t0)
                 assert w.recovered == 1, f"no repair after a death at {point}"
             state = _state(region_path)
             assert state.pop("probe") == 100 + round_
             expected = before if point in DISCARDED else _after_update(before)
             assert state == expected, f"after a death at {point}"
     assert kills >= 50
-    assert max(recoveries) < 1.0, f"slowest recovery {max(recoveries):.3f} s"
+    # every repair came from the robust mutex reporting the dead owner, none from a lock timeout
+    assert "reinitialising" not in caplog.text
 
 
 @pytest.mark.parametrize("how", ["exit", "raise", "sigterm"])
 def test_next_writer_gets_the_lock_when_the_holder_exits_normally(
-    region_path: Path, how: str
+    region_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """sys.exit / uncaught exception / SIGTERM unmap Python's mmaps; the lock page survives."""
     _seed(region_path)
@@ -90,11 +90,11 @@ def test_next_writer_gets_the_lock_when_the_holder_exits_normally(
     child.expect("locked")
     rc = child.wait()
     assert rc != 0
-    t0 = time.monotonic()
     with RegionWriter(region_path, lock_timeout=5.0) as w:
         w.publish([churn.service("after", 5)])
         assert w.recovered == 1
-    assert time.monotonic() - t0 < 1.0
+    # repaired because the mutex reported its dead owner, not after waiting out the lock timeout
+    assert "reinitialising" not in caplog.text
     state = _state(region_path)
     assert state["after"] == 5
     assert "held" not in state  # the holder's update never committed
@@ -170,21 +170,26 @@ def test_readers_never_see_torn_maps_while_the_writer_is_killed_and_restarted(
     assert min(reads) > 1000, reads
 
 
-def test_killing_readers_does_not_slow_the_writer(region_path: Path) -> None:
+def test_killing_readers_does_not_slow_the_writer(
+    region_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Readers hold no lock, so SIGKILLing them mid-read cannot block a publish."""
     with RegionWriter(region_path) as w:
         w.replace_all([churn.service(f"svc-{i}", 1) for i in range(6)])
         here = str(Path(__file__).parent)
-        latencies: list[float] = []
+        publishes: list[int] = []
+        errors: list[BaseException] = []
         stop = threading.Event()
 
         def publish_loop() -> None:
             rev = 1
-            while not stop.is_set():
-                rev += 1
-                t0 = time.perf_counter()
-                w.publish([churn.service(f"svc-{rev % 6}", rev)])
-                latencies.append(time.perf_counter() - t0)
+            try:
+                while not stop.is_set():
+                    rev += 1
+                    w.publish([churn.service(f"svc-{rev % 6}", rev)])
+                    publishes.append(rev)
+            except BaseException as exc:
+                errors.append(exc)
 
         t = threading.Thread(target=publish_loop)
         t.start()
@@ -192,13 +197,14 @@ def test_killing_readers_does_not_slow_the_writer(region_path: Path) -> None:
             for _ in range(30):
                 reader = Child.python("-c", READER_SCRIPT, str(region_path), "30", here)
                 reader.kill()
+            wait_for(lambda: len(publishes) > 100 or errors, what="publishes among dead readers")
         finally:
             stop.set()
             t.join()
     # Not a speed measurement (bench/ does those): a writer that a dead reader could block would
-    # sit in the lock for its whole timeout (2 s); every publish here finished far from that.
-    assert len(latencies) > 100
-    assert max(latencies) < 1.0, f"a publish took {max(latencies):.2f} s while readers died"
+    # wait out its lock timeout, then reinitialise the mutex and repair (logged); none of that.
+    assert not errors, errors[0]
+    assert "reinitialising" not in caplog.text
     assert w.recovered == 0  # nobody else ever held the lock
 
 

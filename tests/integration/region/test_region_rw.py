@@ -220,8 +220,6 @@ def test_fuzzed_regions_give_valid_content_or_a_clustermap_error(
 
 
 def test_a_corrupt_record_fails_fast_after_the_first_budget(region_path: Path) -> None:
-    import time
-
     with _corruptible(region_path):
         pass
     r = RegionReader(region_path, read_budget=1.0)
@@ -232,10 +230,10 @@ def test_a_corrupt_record_fails_fast_after_the_first_budget(region_path: Path) -
     region_path.write_bytes(bytes(data))  # same inode: the mapping sees the damage
     with pytest.raises(CorruptRegion, match="no valid record"):
         r.service("svc-1")
-    t0 = time.monotonic()
-    with pytest.raises(CorruptRegion, match="invalid record"):
+    # "holds an invalid record" (not "no valid record after 1 s"): the version already known to
+    # be bad is refused at once, without spending a second budget on it
+    with pytest.raises(CorruptRegion, match="holds an invalid record"):
         r.service("svc-1")
-    assert time.monotonic() - t0 < 0.25  # no second budget spent on the same bad version
     churn.verify(r.service("svc-2"))  # the rest of the map still reads
 
 

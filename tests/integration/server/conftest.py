@@ -80,7 +80,7 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
         cluster.close()
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -223,7 +223,7 @@ def server(
                 )
             srv = Server(proc, address, log_path, store, credentials, target_name)
             started.append(srv)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 30
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     if srv.health(wait_health) == health_pb2.HealthCheckResponse.SERVING:

@@ -24,7 +24,9 @@ def status(srv):
 
 @pytest.mark.memory_only("self-preservation does not apply to etcd (etcd's leases expire)")
 def test_self_preservation_holds_leases_when_most_heartbeats_stop(server):
-    srv = server("--heartbeat-ttl", "0.5")
+    # The four registrations must land within one TTL of each other to count as one mass death
+    # (and the resumed heartbeats, every 0.1 s, must beat the TTL): 2 s leaves a busy machine room.
+    srv = server("--heartbeat-ttl", "2")
     reg = srv.registry()
     leases = [
         reg.Register(registry_pb2.RegisterRequest(service="a", host="h", port=p)).lease_id
@@ -106,15 +108,15 @@ def test_port_in_use_is_a_clear_error(server):
         [CM_SERVER, "--listen", srv.address], capture_output=True, text=True, timeout=30
     )
     assert r.returncode == 2
-    assert "cannot listen" in r.stderr
-    assert "Traceback" not in r.stderr
+    # one plain line, without gRPC's internal log line before it
+    assert r.stderr == f"cm-server: cannot listen on {srv.address}: address already in use\n"
 
 
 def test_json_logs(server):
     srv = server("--log-format", "json")
     srv.registry().Register(registry_pb2.RegisterRequest(service="a", host="h", port=1))
     os.killpg(srv.proc.pid, signal.SIGTERM)
-    srv.proc.wait(10)
+    srv.proc.wait(60)
     events = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
     kinds = [e.get("event") for e in events]
     assert {"listening", "register", "stopping", "stopped"} <= set(kinds)
@@ -124,16 +126,14 @@ def test_json_logs(server):
 
 
 def test_sigterm_ends_watch_streams_promptly(server):
-    import time
-
     import grpc
 
-    srv = server("--grace", "5")
-    stream = srv.subscription().Watch(subscription_pb2.PollRequest(), timeout=30)
+    # A grace far longer than the wait below: a watcher that was not woken would hold the
+    # server for the whole grace, and terminate() would time out.
+    srv = server("--grace", "300")
+    stream = srv.subscription().Watch(subscription_pb2.PollRequest(), timeout=600)
     assert next(stream).kind == subscription_pb2.POLL_KIND_FULL
-    t0 = time.monotonic()
-    assert srv.terminate() == 0
-    assert time.monotonic() - t0 < 4  # the watcher was woken, not waited out
+    assert srv.terminate(timeout=60) == 0
     ended = False
     try:
         for _ in stream:

@@ -53,21 +53,23 @@ def test_register_returns_lease_and_publishes_node(server):
 
 
 def test_heartbeat_keeps_a_lease_alive_and_silence_expires_it(server):
-    srv = server("--heartbeat-ttl", "0.4")
+    # A TTL far above the heartbeat period (0.1 s plus a call): only missing heartbeats, not a
+    # busy machine delaying one, can let the lease lapse.
+    srv = server("--heartbeat-ttl", "1.5")
     reg = srv.registry()
     first = reg.Register(registry_pb2.RegisterRequest(service="a", host="h1", port=1))
     lease, ttl = first.lease_id, first.ttl_seconds
     if srv.store == "memory":
-        assert ttl == 0.4
+        assert ttl == 1.5
     else:  # etcd rounds TTLs up to whole seconds and its minimum
-        assert ttl >= 0.4
+        assert ttl >= 1.5
         assert ttl == int(ttl)
     start = time.monotonic()
-    while time.monotonic() - start < 3 * ttl:  # three TTLs of heartbeats at (at most) TTL/4
+    while time.monotonic() - start < 2 * ttl:  # two TTLs: the first grant alone would be gone
         assert reg.Heartbeat(registry_pb2.HeartbeatRequest(lease_id=lease)).ttl_seconds == ttl
         assert names(srv) == ["a"]
         time.sleep(0.1)
-    wait_for(lambda: names(srv) == [], timeout=5, what="lease expiry")
+    wait_for(lambda: names(srv) == [], timeout=30, what="lease expiry")
     with pytest.raises(grpc.RpcError) as err:
         reg.Heartbeat(registry_pb2.HeartbeatRequest(lease_id=lease))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -90,7 +92,7 @@ def test_ttl_zero_never_expires_and_explicit_ttl_overrides_default(server):
         assert short.ttl_seconds == pytest.approx(0.3)
     else:  # etcd rounds TTLs up to whole seconds and its minimum
         assert short.ttl_seconds >= 1
-    wait_for(lambda: names(srv) == ["perm"], timeout=5, what="short lease to expire")
+    wait_for(lambda: names(srv) == ["perm"], timeout=30, what="short lease to expire")
 
 
 def test_reregister_replaces_node_and_lease(server):

@@ -121,7 +121,8 @@ def _code(call) -> grpc.StatusCode | None:
     return None
 
 
-REG = registry_pb2.RegisterRequest(service="a", host="h", port=1)
+# no expiry: a node that outlives the test however slow the machine
+REG = registry_pb2.RegisterRequest(service="a", host="h", port=1, ttl_seconds=0)
 
 
 def test_tokens_guard_registry_and_subscription(server, tmp_path):
