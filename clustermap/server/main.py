@@ -229,6 +229,7 @@ class ServerApp:
         )
         from clustermap.server.auth import TokenInterceptor
         from clustermap.server.clusters import ClustersError, load_clusters
+        from clustermap.server.health import HealthServicer
         from clustermap.server.probes import Prober
         from clustermap.server.registry import Registry
         from clustermap.server.servicers import (
@@ -315,7 +316,7 @@ class ServerApp:
         inspection_pb2_grpc.add_InspectionServicer_to_server(
             InspectionServicer(self.registry), self.server
         )
-        self.health = health.HealthServicer()
+        self.health = HealthServicer()  # ours: grpc_health's can be wedged (issue 17)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
             registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
