@@ -89,13 +89,21 @@ def _positive(kind: type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _read_secret(path: str | None) -> str | None:
+def _read_secret(flag: str, path: str | None, env: str) -> str | None:
+    """The token named by ``flag`` (a file) or ``$env``; one that is named but empty is an
+    error: it would otherwise switch authentication off without a word."""
     if path is None:
-        return None
+        raw = os.environ.get(env, "")
+        if raw and not raw.strip():
+            raise ConfigError(f"${env} is blank; unset it or put the token in it")
+        return raw.strip() or None
     try:
-        return Path(path).read_text(encoding="utf-8").strip() or None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"{flag} {path} is empty; write the token in it")
+    return token
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -149,9 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     a = p.parse_args(argv)
-    token = _read_secret(a.token_file) or os.environ.get("CLUSTERMAP_TOKEN") or None
-    sub_token = (
-        _read_secret(a.subscribe_token_file) or os.environ.get("CLUSTERMAP_SUBSCRIBE_TOKEN") or None
+    token = _read_secret("--token-file", a.token_file, "CLUSTERMAP_TOKEN")
+    sub_token = _read_secret(
+        "--subscribe-token-file", a.subscribe_token_file, "CLUSTERMAP_SUBSCRIBE_TOKEN"
     )
     cfg = Config(
         listen=a.listen,

@@ -8,14 +8,17 @@ shared), and SIGTERM still stops the process. The 100 ms answer target is measur
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clustermap._pb.clustermap.v1 import registry_pb2, subscription_pb2
-from tests.integration.server.conftest import Server
+from tests.integration.server.conftest import CM_SERVER, Server
 
 CYCLES = 2_000  # the wedge of issue 17 took about 2 000 health Watch open/cancel cycles
 
@@ -86,3 +89,54 @@ def test_concurrent_health_churn_from_threads(server: Callable[..., Server]) -> 
         t.join(120)
     assert not errors
     _healthy_after(srv)
+
+
+# -- authentication can never be silently off or half on -------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+@pytest.mark.parametrize("flag", ["--token-file", "--subscribe-token-file"])
+def test_an_empty_token_file_is_an_error(tmp_path: Path, flag: str, content: str) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+    r = subprocess.run(
+        [CM_SERVER, "--listen", "127.0.0.1:0", flag, str(token)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "is empty" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_subscribe_token_alone_closes_writes(
+    server: Callable[..., Server], tmp_path: Path
+) -> None:
+    sub = tmp_path / "sub.token"
+    sub.write_text("sub-secret\n")
+    srv = server("--subscribe-token-file", str(sub))
+    req = registry_pb2.RegisterRequest(service="a", host="10.0.0.1", port=1)
+    for token, code in (
+        (None, grpc.StatusCode.PERMISSION_DENIED),
+        ("sub-secret", grpc.StatusCode.PERMISSION_DENIED),
+        ("guess", grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        reg = srv.registry(token=token)
+        with pytest.raises(grpc.RpcError) as exc:
+            reg.Register(req, timeout=30)
+        assert exc.value.code() == code
+        with pytest.raises(grpc.RpcError) as exc:
+            reg.Deregister(
+                registry_pb2.DeregisterRequest(service="a", host="10.0.0.1", port=1), timeout=30
+            )
+        assert exc.value.code() == code
+        with pytest.raises(grpc.RpcError) as exc:
+            reg.UpdateNode(
+                registry_pb2.UpdateNodeRequest(service="a", host="10.0.0.1", port=1, weight=0),
+                timeout=30,
+            )
+        assert exc.value.code() == code
+    poll = srv.subscription(token="sub-secret").Poll(subscription_pb2.PollRequest(), timeout=30)
+    assert list(poll.services) == []
