@@ -67,6 +67,7 @@ class Config:
     tls_client_ca: str | None = None
     max_workers: int = 8
     max_watchers: int = 4
+    max_reflection: int = 1
     watch_keepalive: float = 15.0
     max_recv_bytes: int = 1 << 20
     max_send_bytes: int = 256 << 20
@@ -147,6 +148,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=4,
         help="concurrent Watch streams, each holding a worker (default %(default)s)",
     )
+    p.add_argument(
+        "--max-reflection-streams",
+        type=int,
+        default=1,
+        help="concurrent reflection streams, each holding a worker; 0: no reflection "
+        "(default %(default)s)",
+    )
     p.add_argument("--watch-keepalive", type=_positive(float), default=15.0, metavar="SECONDS")
     p.add_argument("--max-recv-bytes", type=int, default=1 << 20)
     p.add_argument("--max-send-bytes", type=int, default=256 << 20)
@@ -177,6 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=a.tls_client_ca,
         max_workers=a.max_workers,
         max_watchers=a.max_watchers,
+        max_reflection=a.max_reflection_streams,
         watch_keepalive=a.watch_keepalive,
         max_recv_bytes=a.max_recv_bytes,
         max_send_bytes=a.max_send_bytes,
@@ -208,6 +217,11 @@ def check(cfg: Config) -> None:
         raise ConfigError("--self-preservation-threshold must be within 0-1 (1 disables it)")
     if cfg.max_workers < 4 or not 0 <= cfg.max_watchers <= cfg.max_workers - 2:
         raise ConfigError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
+    if not 0 <= cfg.max_reflection <= cfg.max_workers - 2 - cfg.max_watchers:
+        raise ConfigError(
+            "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
+            "(streams hold workers; two stay free for other calls)"
+        )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca and not cfg.tls_cert:
@@ -226,7 +240,6 @@ class ServerApp:
     def __init__(self, cfg: Config) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
 
         from clustermap._pb.clustermap.v1 import (
             inspection_pb2,
@@ -235,6 +248,7 @@ class ServerApp:
             registry_pb2_grpc,
             subscription_pb2,
         )
+        from clustermap.server import reflection
         from clustermap.server.auth import TokenInterceptor
         from clustermap.server.clusters import ClustersError, load_clusters
         from clustermap.server.health import HealthServicer
@@ -333,7 +347,7 @@ class ServerApp:
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, self.server)
+        reflection.enable_reflection(names, self.server, cfg.max_reflection)
         self._set_ready(self.registry.ready())
         try:
             if cfg.tls_cert and cfg.tls_key:

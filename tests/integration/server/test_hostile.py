@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -140,3 +140,50 @@ def test_a_subscribe_token_alone_closes_writes(
         assert exc.value.code() == code
     poll = srv.subscription(token="sub-secret").Poll(subscription_pb2.PollRequest(), timeout=30)
     assert list(poll.services) == []
+
+
+# -- reflection streams are capped -------------------------------------------------------------
+
+
+def test_held_reflection_streams_do_not_starve_the_server(server: Callable[..., Server]) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    srv = server()
+    stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel())
+    release = threading.Event()
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(120)  # hold the stream open, as an idle grpcurl or an attacker would
+
+    calls = [stub.ServerReflectionInfo(requests(), timeout=60) for _ in range(10)]
+    outcomes: list[str] = []
+    try:
+        for call in calls:
+            try:
+                next(call)
+                outcomes.append("held")
+            except grpc.RpcError as exc:
+                outcomes.append(f"{exc.code().name}: {exc.details()}")
+        assert outcomes.count("held") == 1
+        refused = [o for o in outcomes if o != "held"]
+        assert all(o.startswith("RESOURCE_EXHAUSTED") for o in refused), refused
+        assert all("--max-reflection-streams" in o for o in refused)
+        _healthy_after(srv)
+    finally:
+        release.set()
+        for call in calls:
+            call.cancel()
+
+
+def test_reflection_can_be_turned_off(server: Callable[..., Server]) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    srv = server("--max-reflection-streams", "0")
+    stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel())
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        next(call)
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
