@@ -50,6 +50,7 @@ __all__ = [
     "check_ttl",
     "clip",
     "first_bad_host",
+    "meta_bytes",
     "unsafe_char",
 ]
 
@@ -165,11 +166,15 @@ def first_bad_host(hosts: Iterable[str]) -> tuple[str, str] | None:
     return None  # pragma: no cover - the bulk pass and this loop agree
 
 
+def meta_bytes(meta: Mapping[str, str]) -> int:
+    """The size that :data:`MAX_META_BYTES` bounds: keys plus values, UTF-8 encoded."""
+    return sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in meta.items())
+
+
 def check_meta(value: Mapping[str, str], max_bytes: int = MAX_META_BYTES) -> dict[str, str]:
     """Metadata → a dict in key order; ValueError naming the first bad entry."""
     if len(value) > MAX_META_ENTRIES:
         raise ValueError(f"more than {MAX_META_ENTRIES} meta entries")
-    total = 0
     for key, val in value.items():
         if not isinstance(key, str) or not isinstance(val, str):
             raise ValueError("meta keys and values must be strings")
@@ -182,8 +187,7 @@ def check_meta(value: Mapping[str, str], max_bytes: int = MAX_META_BYTES) -> dic
         bad = unsafe_char(val)
         if bad is not None:
             raise ValueError(f"meta value of {key!r} contains the control character {bad}")
-        total += len(key) + len(val.encode("utf-8"))
-    if total > max_bytes:
+    if meta_bytes(value) > max_bytes:
         raise ValueError(f"meta larger than {max_bytes} bytes")
     return dict(sorted(value.items()))
 

@@ -95,6 +95,9 @@ class EtcdRegistry(Registry):
         ttl = self._default_ttl if reg.ttl is None else reg.ttl
         key = (reg.host, reg.port)
         for _ in range(_ATTEMPTS):
+            with self._lock:  # bounds as this replica sees the map (other replicas may race)
+                nodes = self._etcd.node_entries(reg.service)
+                self._check_bounds(reg.service, key, nodes or None, len(self._etcd))
             entry = self._entry(reg.service, *key)
             if entry is not None and entry.origin == STATIC:
                 raise Conflict(

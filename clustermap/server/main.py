@@ -28,6 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from clustermap.rules import MAX_META_BYTES
+
 if TYPE_CHECKING:
     from clustermap.server.etcd_store import EtcdStore
     from clustermap.server.registry import Registry
@@ -68,6 +70,9 @@ class Config:
     max_workers: int = 8
     max_watchers: int = 4
     max_reflection: int = 1
+    max_services: int = 20_000
+    max_nodes_per_service: int = 5_000
+    max_meta_bytes: int = MAX_META_BYTES
     watch_keepalive: float = 15.0
     max_recv_bytes: int = 1 << 20
     max_send_bytes: int = 256 << 20
@@ -155,6 +160,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="concurrent reflection streams, each holding a worker; 0: no reflection "
         "(default %(default)s)",
     )
+    p.add_argument("--max-services", type=int, default=20_000, metavar="N")
+    p.add_argument("--max-nodes-per-service", type=int, default=5_000, metavar="N")
+    p.add_argument(
+        "--max-meta-bytes",
+        type=int,
+        default=MAX_META_BYTES,
+        metavar="N",
+        help="meta of one node, keys plus values (default and maximum %(default)s)",
+    )
     p.add_argument("--watch-keepalive", type=_positive(float), default=15.0, metavar="SECONDS")
     p.add_argument("--max-recv-bytes", type=int, default=1 << 20)
     p.add_argument("--max-send-bytes", type=int, default=256 << 20)
@@ -186,6 +200,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_workers=a.max_workers,
         max_watchers=a.max_watchers,
         max_reflection=a.max_reflection_streams,
+        max_services=a.max_services,
+        max_nodes_per_service=a.max_nodes_per_service,
+        max_meta_bytes=a.max_meta_bytes,
         watch_keepalive=a.watch_keepalive,
         max_recv_bytes=a.max_recv_bytes,
         max_send_bytes=a.max_send_bytes,
@@ -221,6 +238,12 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
             "(streams hold workers; two stay free for other calls)"
+        )
+    if cfg.max_services < 1 or cfg.max_nodes_per_service < 1:
+        raise ConfigError("--max-services and --max-nodes-per-service must be positive")
+    if not 0 <= cfg.max_meta_bytes <= MAX_META_BYTES:
+        raise ConfigError(
+            f"--max-meta-bytes must be within 0-{MAX_META_BYTES} (sidecars refuse more)"
         )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
@@ -280,6 +303,8 @@ class ServerApp:
                 self_preservation_threshold=cfg.self_preservation_threshold,
                 self_preservation_min_nodes=cfg.self_preservation_min_nodes,
                 options={c.name: c.options for c in clusters},
+                max_services=cfg.max_services,
+                max_nodes=cfg.max_nodes_per_service,
             )
         else:
             from clustermap.server.etcd_registry import EtcdRegistry
@@ -293,6 +318,8 @@ class ServerApp:
                     self._etcd,
                     default_ttl=cfg.heartbeat_ttl,
                     warmup=cfg.warmup or 0.0,
+                    max_services=cfg.max_services,
+                    max_nodes=cfg.max_nodes_per_service,
                 )
             except EtcdError as exc:
                 raise ConfigError(str(exc)) from None
@@ -324,7 +351,7 @@ class ServerApp:
             maximum_concurrent_rpcs=cfg.max_workers * 64,
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.registry), self.server
+            RegistryServicer(self.registry, max_meta_bytes=cfg.max_meta_bytes), self.server
         )
         add_subscription_servicer(
             SubscriptionServicer(

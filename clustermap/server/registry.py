@@ -16,6 +16,12 @@ Self-preservation: a lease is *silent* when it has not been renewed for more tha
 so nothing expires until the silent fraction drops again; entering and leaving the mode is
 logged and exposed in poll answers and ``GetStatus``.
 
+Bounds: at most ``max_services`` services and ``max_nodes`` nodes per service (None: no bound);
+a registration beyond them is refused with :class:`Exhausted` naming the limit. Nothing under the
+lock sorts, or walks the whole map for, one caller: a filtered poll costs what it names, the
+whole map is copied (references, at C speed) at most once per revision for full answers, and
+answers are put in name order after the lock is released.
+
 Warm-up: until ``warmup`` seconds after start the registry is not *ready*: polls are answered
 NOT_READY (never an empty or partial map from a freshly started server) while nodes re-register.
 """
@@ -27,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -43,6 +49,7 @@ __all__ = [
     "REGISTERED",
     "STATIC",
     "Conflict",
+    "Exhausted",
     "NotFound",
     "PollResult",
     "RegisterResult",
@@ -76,6 +83,10 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     """The request contradicts the node's origin (e.g. deregistering a static node)."""
+
+
+class Exhausted(RegistryError):
+    """A configured bound (services, nodes per service) would be exceeded."""
 
 
 class Unavailable(RegistryError):
@@ -176,8 +187,13 @@ class Registry:
         self_preservation_threshold: float = 0.5,
         self_preservation_min_nodes: int = 3,
         options: Mapping[str, ServiceOptions] | None = None,
+        max_services: int | None = None,
+        max_nodes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._max_services = max_services
+        self._max_nodes = max_nodes
+        self._full: tuple[str, int, tuple[StoredService, ...]] | None = None
         self._store = store
         self._default_ttl = default_ttl
         self._clock = clock
@@ -243,6 +259,7 @@ class Registry:
         ttl = self._default_ttl if reg.ttl is None else reg.ttl
         key = (reg.host, reg.port)
         with self._lock:
+            self._check_bounds(reg.service, key, self._records.get(reg.service), len(self._records))
             records = self._records.setdefault(reg.service, {})
             rec = records.get(key)
             if rec is not None and rec.origin == STATIC:
@@ -429,22 +446,36 @@ class Registry:
             if epoch == store.epoch and revision == current:
                 return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
             changed = store.changes_since(revision) if epoch == store.epoch else None
-            if changed is None:
-                services = tuple(s for n, s in store.items() if names is None or n in names)
-                return PollResult(FULL, store.epoch, current, checksum, services, (), sp)
-            if names is not None:
-                changed = changed & names
-            if not changed:
-                return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
-            upserts: list[StoredService] = []
+            found: list[StoredService] = []
             removed: list[str] = []
-            for name in sorted(changed):
-                stored = store.get(name)
-                if stored is None:
-                    removed.append(name)
+            if changed is None:
+                kind, epoch = FULL, store.epoch
+                if names is None:
+                    full = self._full
+                    if full is not None and full[:2] == (epoch, current):
+                        return PollResult(FULL, epoch, current, checksum, full[2], (), sp)
+                    found = store.snapshot()
                 else:
-                    upserts.append(stored)
-            return PollResult(DELTA, epoch, current, checksum, tuple(upserts), tuple(removed), sp)
+                    found = [s for s in map(store.get, names) if s is not None]
+            else:
+                kind = DELTA
+                if names is not None:
+                    changed = changed & names
+                if not changed:
+                    return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
+                for name in changed:
+                    stored = store.get(name)
+                    if stored is None:
+                        removed.append(name)
+                    else:
+                        found.append(stored)
+        # in name order, sorted outside the lock (StoredService values are immutable)
+        found.sort(key=_service_name)
+        removed.sort()
+        services = tuple(found)
+        if kind == FULL and names is None:
+            self._full = (epoch, current, services)
+        return PollResult(kind, epoch, current, checksum, services, tuple(removed), sp)
 
     def wait_changed(self, revision: int, timeout: float) -> bool:
         """Block until the revision differs from ``revision`` (True), timeout or close (False)."""
@@ -460,7 +491,9 @@ class Registry:
 
     def services(self) -> tuple[int, list[Service]]:
         with self._lock:
-            return self._store.revision, [s.service for _, s in self._store.items()]
+            revision, snapshot = self._store.revision, self._store.snapshot()
+        snapshot.sort(key=_service_name)
+        return revision, [s.service for s in snapshot]
 
     def service(self, name: str) -> tuple[int, StoredService, dict[tuple[str, int], str]]:
         with self._lock:
@@ -473,21 +506,42 @@ class Registry:
     def status(self) -> Status:
         ready = self.ready()
         with self._lock:
-            return Status(
+            snapshot = self._store.snapshot()
+            st = Status(
                 epoch=self._store.epoch,
                 revision=self._store.revision,
                 ready=ready,
                 self_preservation=self._preserving,
-                services=sum(1 for _ in self._store.items()),
-                nodes=sum(len(s.service.nodes) for _, s in self._store.items()),
+                services=len(snapshot),
+                nodes=0,
                 leases=len(self._leases),
                 silent_leases=self._silent,
                 overdue_leases=self._overdue if self._preserving else 0,
                 checksum=self._store.checksum,
                 uptime=self._clock() - self._started,
             )
+        return replace(st, nodes=sum(len(s.service.nodes) for s in snapshot))
 
     # -- internals (call with the lock held) ----------------------------------------------
+
+    def _check_bounds(
+        self,
+        service: str,
+        key: tuple[str, int],
+        nodes: Mapping[tuple[str, int], object] | None,
+        services: int,
+    ) -> None:
+        """Refuse a node beyond ``max_services`` or ``max_nodes`` (:class:`Exhausted`)."""
+        if nodes is None:
+            if self._max_services is not None and services >= self._max_services:
+                raise Exhausted(
+                    f"this server holds at most {self._max_services} services (--max-services)"
+                )
+        elif self._max_nodes is not None and key not in nodes and len(nodes) >= self._max_nodes:
+            raise Exhausted(
+                f"service {service!r} holds at most {self._max_nodes} nodes "
+                "(--max-nodes-per-service)"
+            )
 
     def _checksum(self, names: frozenset[str] | None) -> int:
         if names is None:
@@ -528,6 +582,10 @@ class Registry:
         if revision != before:
             self._changed.notify_all()
         return revision
+
+
+def _service_name(stored: StoredService) -> str:
+    return stored.service.name
 
 
 def _addr(key: tuple[str, int]) -> str:

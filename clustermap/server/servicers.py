@@ -25,9 +25,11 @@ from clustermap._pb.clustermap.v1 import (
     registry_pb2_grpc,
     subscription_pb2,
 )
+from clustermap.rules import MAX_META_BYTES, meta_bytes
 from clustermap.server import registry as reg
 from clustermap.server.registry import (
     Conflict,
+    Exhausted,
     NotFound,
     PollResult,
     Registry,
@@ -91,12 +93,15 @@ def _refused(context: Any, exc: RegistryError) -> NoReturn:
         code = grpc.StatusCode.FAILED_PRECONDITION
     elif isinstance(exc, Unavailable):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(exc, Exhausted):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
     _abort(context, code, str(exc))
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, max_meta_bytes: int = MAX_META_BYTES) -> None:
         self._registry = registry
+        self._max_meta_bytes = max_meta_bytes
 
     def Register(
         self, request: registry_pb2.RegisterRequest, context: Any
@@ -112,6 +117,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             )
 
         registration = _validated(context, build)
+        size = meta_bytes(registration.meta)
+        if size > self._max_meta_bytes:
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"meta is {size} bytes; this server takes at most {self._max_meta_bytes} "
+                "(--max-meta-bytes)",
+            )
         try:
             result = self._registry.register(registration)
         except RegistryError as exc:

@@ -187,3 +187,41 @@ def test_reflection_can_be_turned_off(server: Callable[..., Server]) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         next(call)
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# -- bounds on the registry ------------------------------------------------------------------------
+
+
+def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as exc:
+        call()
+    return exc.value.code(), str(exc.value.details())
+
+
+def test_registry_caps_answer_resource_exhausted_naming_the_limit(
+    server: Callable[..., Server],
+) -> None:
+    srv = server("--max-services", "2", "--max-nodes-per-service", "2", "--max-meta-bytes", "100")
+    reg = srv.registry()
+
+    def register(service: str, port: int, **kw: object) -> object:
+        req = registry_pb2.RegisterRequest(service=service, host="10.0.0.1", port=port, **kw)
+        return reg.Register(req, timeout=30)
+
+    register("a", 1)
+    register("a", 2)
+    register("b", 1)
+    code, details = _refusal(lambda: register("a", 3))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-nodes-per-service" in details
+    assert "2 nodes" in details
+    code, details = _refusal(lambda: register("c", 1))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-services" in details
+    assert "2 services" in details
+    code, details = _refusal(lambda: register("a", 1, meta={"k": "v" * 200}))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-meta-bytes" in details
+    register("a", 1, meta={"k": "v" * 50})  # within the bounds: still fine
+    poll = srv.subscription().Poll(subscription_pb2.PollRequest(), timeout=30)
+    assert sorted(s.name for s in poll.services) == ["a", "b"]
