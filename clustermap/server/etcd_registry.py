@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 
 from clustermap.model import UP, Node
+from clustermap.rules import clip
 from clustermap.server.etcd_store import EtcdError, EtcdStore, NodeEntry, node_from_record
 from clustermap.server.registry import (
     REGISTERED,
@@ -234,7 +235,7 @@ class EtcdRegistry(Registry):
         with self._lock:
             stored = self._store.get(name)
             if stored is None:
-                raise NotFound(f"unknown service {name!r}")
+                raise NotFound(f"unknown service {clip(name)}")
             origins = {k: e.origin for k, e in self._etcd.node_entries(name).items()}
             return self._store.revision, stored, origins
 

@@ -275,6 +275,7 @@ class ServerApp:
         from clustermap.server.auth import TokenInterceptor
         from clustermap.server.clusters import ClustersError, load_clusters
         from clustermap.server.health import HealthServicer
+        from clustermap.server.malformed import MalformedRequestInterceptor
         from clustermap.server.probes import Prober
         from clustermap.server.registry import Registry
         from clustermap.server.servicers import (
@@ -337,6 +338,7 @@ class ServerApp:
         )
         if auth.enabled:
             interceptors.append(auth)
+        interceptors.append(MalformedRequestInterceptor())
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="cm-grpc")
         self.server = grpc.server(
             self._pool,

@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Final
 
 from clustermap.model import UP, Node, Service
+from clustermap.rules import clip
 from clustermap.server.store import MapStore, StoredService
 from clustermap.server.validation import NodeAddress, NodeUpdate, Registration, ServiceOptions
 
@@ -499,7 +500,7 @@ class Registry:
         with self._lock:
             stored = self._store.get(name)
             if stored is None:
-                raise NotFound(f"unknown service {name!r}")
+                raise NotFound(f"unknown service {clip(name)}")
             origins = {k: r.origin for k, r in self._records.get(name, {}).items()}
             return self._store.revision, stored, origins
 

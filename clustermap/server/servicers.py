@@ -409,6 +409,12 @@ class InspectionServicer(inspection_pb2_grpc.InspectionServicer):
     def GetService(
         self, request: inspection_pb2.GetServiceRequest, context: Any
     ) -> inspection_pb2.GetServiceResponse:
+        if not request.name or len(request.name) > MAX_SERVICE_NAME:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"name: 1-{MAX_SERVICE_NAME} characters (got {len(request.name)})",
+            )
         try:
             revision, stored, origins = self._registry.service(request.name)
         except RegistryError as exc:

@@ -36,7 +36,8 @@ def _healthy_after(srv: Server) -> None:
 
 
 def _churn(open_call: Callable[[], grpc.Call], cycles: int = CYCLES) -> None:
-    """Open a stream and cancel it, ``cycles`` times; every other one reads a message first."""
+    """Open a stream and cancel it, ``cycles`` times; every other one reads a message first
+    (RESOURCE_EXHAUSTED, a capped stream kind refusing, is fine)."""
     for i in range(cycles):
         call = open_call()
         if i % 2:
@@ -225,3 +226,148 @@ def test_registry_caps_answer_resource_exhausted_naming_the_limit(
     register("a", 1, meta={"k": "v" * 50})  # within the bounds: still fine
     poll = srv.subscription().Poll(subscription_pb2.PollRequest(), timeout=30)
     assert sorted(s.name for s in poll.services) == ["a", "b"]
+
+
+# -- malformed, oversized and hostile requests ---------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _raw(srv: Server, method: str, body: bytes, stream: bool = False) -> tuple[str, str]:
+    """Send ``body`` as is; return (status code name, details)."""
+    ch = srv.channel()
+    try:
+        if stream:
+            for _ in ch.unary_stream(method)(body, timeout=30):
+                pass
+        else:
+            ch.unary_unary(method)(body, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code().name, str(exc.details())
+    return "OK", ""
+
+
+REGISTER = "/clustermap.v1.Registry/Register"
+BAD_UTF8 = _field(1, b"\xff\xfesvc") + _field(2, b"10.0.0.1") + b"\x18\x50"  # port 80
+HUGE_PORT = _field(1, b"svc") + _field(2, b"10.0.0.1") + b"\x18" + _varint((1 << 32) + 80)
+MALFORMED: list[tuple[str, bytes, bool]] = [
+    (REGISTER, BAD_UTF8, False),
+    (REGISTER, HUGE_PORT, False),
+    (REGISTER, b"\x0a\x10abc", False),  # truncated
+    ("/clustermap.v1.Subscription/Poll", _field(3, b"\xc3\x28"), False),
+    ("/clustermap.v1.Subscription/Watch", b"\xff\xff\xff", True),
+    ("/clustermap.v1.Inspection/GetService", _field(1, b"\xed\xa0\x80"), False),
+    ("/grpc.health.v1.Health/Check", _field(1, b"\xff"), False),
+    ("/grpc.health.v1.Health/Watch", _field(1, b"\xff"), True),
+]
+
+
+def test_malformed_requests_are_invalid_argument(server: Callable[..., Server]) -> None:
+    srv = server()
+    for method, body, stream in MALFORMED:
+        code, details = _raw(srv, method, body, stream)
+        assert code == "INVALID_ARGUMENT", (method, body, details)
+    poll = srv.subscription().Poll(subscription_pb2.PollRequest(), timeout=30)
+    assert list(poll.services) == []  # nothing registered, not even a truncated port
+
+
+def _register(srv: Server, **kw: object) -> tuple[str, str]:
+    fields = {"service": "svc", "host": "10.0.0.1", "port": 80, **kw}
+    try:
+        srv.registry().Register(registry_pb2.RegisterRequest(**fields), timeout=30)  # type: ignore[arg-type]
+    except grpc.RpcError as exc:
+        return exc.code().name, str(exc.details())
+    return "OK", ""
+
+
+HOSTILE_FIELDS: list[dict[str, object]] = [
+    {"ttl_seconds": -0.0},
+    {"ttl_seconds": float("nan")},
+    {"ttl_seconds": float("inf")},
+    {"meta": {"zone": "a\x1b]0;pwned\x07"}},
+    {"meta": {"note": "line\nbreak"}},
+    {"meta": {"note": "nul\x00"}},
+    {"meta": {"note": "\u202eevil"}},
+    {"meta": {"note": "\u2066evil"}},
+    {"host": "fe80::1%x\x1by"},
+    {"host": "fe80::1%x y"},
+    {"host": "fe80::1%" + "a" * 16},
+    {"port": 70_000},
+]
+
+
+def test_hostile_registrations_are_refused(server: Callable[..., Server]) -> None:
+    srv = server()
+    for fields in HOSTILE_FIELDS:
+        code, details = _register(srv, **fields)
+        assert code == "INVALID_ARGUMENT", (fields, details)
+        assert "\x1b" not in details
+    poll = srv.subscription().Poll(subscription_pb2.PollRequest(), timeout=30)
+    assert list(poll.services) == []
+
+
+def test_zone_ids_the_rule_allows_are_registered(server: Callable[..., Server]) -> None:
+    srv = server()
+    assert _register(srv, host="fe80::1%x_y") == ("OK", "")
+    assert _register(srv, host="FE80::2%eth0.100") == ("OK", "")
+    poll = srv.subscription().Poll(subscription_pb2.PollRequest(), timeout=30)
+    assert sorted(n.host for n in poll.services[0].nodes) == ["fe80::1%x_y", "fe80::2%eth0.100"]
+
+
+def test_get_service_does_not_echo_a_huge_name(server: Callable[..., Server]) -> None:
+    from clustermap._pb.clustermap.v1 import inspection_pb2
+
+    srv = server()
+    for name in ("x" * 500_000, "unknown-" + "y" * 100):
+        with pytest.raises(grpc.RpcError) as exc:
+            srv.inspection().GetService(inspection_pb2.GetServiceRequest(name=name), timeout=30)
+        assert exc.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        assert len(str(exc.value.details())) < 200
+
+
+def test_oversized_requests_are_refused(server: Callable[..., Server]) -> None:
+    srv = server()
+    code, _ = _raw(srv, REGISTER, _field(1, b"s" * (2 << 20)))
+    assert code == "RESOURCE_EXHAUSTED"
+    _healthy_after(srv)
+
+
+# -- the standing hostile client ---------------------------------------------------------------
+
+
+def test_standing_hostile_client(server: Callable[..., Server]) -> None:
+    """Open/cancel every streaming RPC in a loop, interleaved with malformed and oversized
+    requests; afterwards the server still registers, answers polls and stops on SIGTERM."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    srv = server()
+    ch = srv.channel()
+    health = health_pb2_grpc.HealthStub(ch)
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    sub = srv.subscription()
+    openers: list[Callable[[], grpc.Call]] = [
+        lambda: health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30),
+        lambda: refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30
+        ),
+        lambda: sub.Watch(subscription_pb2.PollRequest(), timeout=30),
+    ]
+    for round_ in range(5):
+        for opener in openers:
+            _churn(opener, 100)
+        for method, body, stream in MALFORMED:
+            assert _raw(srv, method, body, stream)[0] == "INVALID_ARGUMENT"
+        assert _raw(srv, REGISTER, _field(1, b"s" * (2 << 20)))[0] == "RESOURCE_EXHAUSTED"
+        assert _register(srv, port=1000 + round_) == ("OK", "")
+    _healthy_after(srv)
