@@ -51,6 +51,7 @@ __all__ = [
     "clip",
     "first_bad_host",
     "meta_bytes",
+    "printable",
     "unsafe_char",
 ]
 
@@ -101,6 +102,17 @@ def unsafe_char(text: str) -> str | None:
     """The first control, bidi or separator character in ``text`` (``U+XXXX``), or None."""
     m = _UNSAFE_RE.search(text)
     return None if m is None else f"U+{ord(m.group()):04X}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: every non-printable, control or bidi character is
+    shown as a ``\\x..``/``\\u....`` escape (what cmctl prints from a region it did not write)."""
+    if text.isprintable() and _UNSAFE_RE.search(text) is None:
+        return text
+    return "".join(
+        c if c.isprintable() and not _UNSAFE_RE.match(c) else c.encode("unicode_escape").decode()
+        for c in text
+    )
 
 
 def check_service_name(value: str) -> str:
