@@ -19,8 +19,9 @@ logged and exposed in poll answers and ``GetStatus``.
 Bounds: at most ``max_services`` services and ``max_nodes`` nodes per service (None: no bound);
 a registration beyond them is refused with :class:`Exhausted` naming the limit. Nothing under the
 lock sorts, or walks the whole map for, one caller: a filtered poll costs what it names, the
-whole map is copied (references, at C speed) at most once per revision for full answers, and
-answers are put in name order after the lock is released.
+whole map is copied (references, at C speed) at most once per revision for full answers,
+answers are put in name order after the lock is released, and the expiry tick walks a copy of
+the lease table outside the lock.
 
 Warm-up: until ``warmup`` seconds after start the registry is not *ready*: polls are answered
 NOT_READY (never an empty or partial map from a freshly started server) while nodes re-register.
@@ -392,15 +393,14 @@ class Registry:
     def expire(self) -> list[tuple[str, str]]:
         """Expire overdue leases unless self-preservation holds them; return what expired."""
         now = self._clock()
+        with self._lock:  # one reference copy; the walks below run outside the lock
+            leases = list(self._leases.values())
+        total = len(leases)
+        min_ttl = min((lease.ttl for lease in leases), default=self._default_ttl)
+        overdue = [lease for lease in leases if lease.deadline() <= now]
+        silent = sum(1 for lease in leases if now - lease.renewed > lease.ttl / 2)
         with self._lock:
-            total = len(self._leases)
-            self._min_ttl = min(
-                (lease.ttl for lease in self._leases.values()), default=self._default_ttl
-            )
-            overdue = [lease for lease in self._leases.values() if lease.deadline() <= now]
-            silent = sum(
-                1 for lease in self._leases.values() if now - lease.renewed > lease.ttl / 2
-            )
+            self._min_ttl = min_ttl
             self._silent, self._overdue = silent, len(overdue)
             protect = (
                 self._sp_threshold < 1.0
@@ -424,9 +424,12 @@ class Registry:
                 return []
             touched = []
             for lease in overdue:
+                if self._leases.get(lease.id) is not lease or lease.deadline() > now:
+                    continue  # renewed or replaced since the walk
                 self._drop(lease.service, lease.key)
                 touched.append((lease.service, _addr(lease.key)))
-            self._publish(sorted({s for s, _ in touched}))
+            if touched:
+                self._publish(sorted({s for s, _ in touched}))
         for service, node in touched:
             log.info("lease expired", extra={"event": "expire", "service": service, "node": node})
         return touched
