@@ -30,6 +30,7 @@ NOT_READY (never an empty or partial map from a freshly started server) while no
 from __future__ import annotations
 
 import logging
+import operator
 import secrets
 import threading
 import time
@@ -73,6 +74,8 @@ FULL: Final = "full"
 NOT_READY: Final = "not_ready"
 
 _DEFAULT_OPTIONS: Final = ServiceOptions()
+_MASK64: Final = (1 << 64) - 1
+_SERVICE_NAME: Final = operator.attrgetter("service.name")
 
 
 class RegistryError(Exception):
@@ -439,47 +442,54 @@ class Registry:
     def poll(self, epoch: str, revision: int, names: frozenset[str] | None = None) -> PollResult:
         """Answer a subscriber at (``epoch``, ``revision``), optionally for ``names`` only."""
         ready = self.ready()
+        named: list[StoredService] = []  # with a filter: the named services that exist
+        found: list[StoredService] = []
+        removed: list[str] = []
+        full: tuple[StoredService, ...] | None = None
         with self._lock:
             store = self._store
             current = store.revision
             if not ready:
                 remaining = max(0.0, self._warmup - (self._clock() - self._started))
                 return PollResult(NOT_READY, store.epoch, current, 0, retry_after=remaining)
-            checksum = self._checksum(names)
+            checksum = store.checksum
             sp = self._preserving
+            if names is not None:
+                named = list(filter(None, map(store.get, names)))
             if epoch == store.epoch and revision == current:
-                return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
-            changed = store.changes_since(revision) if epoch == store.epoch else None
-            found: list[StoredService] = []
-            removed: list[str] = []
-            if changed is None:
-                kind, epoch = FULL, store.epoch
-                if names is None:
-                    full = self._full
-                    if full is not None and full[:2] == (epoch, current):
-                        return PollResult(FULL, epoch, current, checksum, full[2], (), sp)
-                    found = store.snapshot()
-                else:
-                    found = [s for s in map(store.get, names) if s is not None]
+                kind = NOT_MODIFIED
             else:
-                kind = DELTA
-                if names is not None:
-                    changed = changed & names
-                if not changed:
-                    return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
-                for name in changed:
-                    stored = store.get(name)
-                    if stored is None:
-                        removed.append(name)
+                changed = store.changes_since(revision) if epoch == store.epoch else None
+                if changed is None:
+                    kind, epoch = FULL, store.epoch
+                    if names is not None:
+                        found = named
+                    elif self._full is not None and self._full[:2] == (epoch, current):
+                        full = self._full[2]
                     else:
-                        found.append(stored)
-        # in name order, sorted outside the lock (StoredService values are immutable)
-        found.sort(key=_service_name)
-        removed.sort()
-        services = tuple(found)
-        if kind == FULL and names is None:
-            self._full = (epoch, current, services)
-        return PollResult(kind, epoch, current, checksum, services, tuple(removed), sp)
+                        found = store.snapshot()
+                else:
+                    if names is not None:
+                        changed = changed & names
+                    kind = DELTA if changed else NOT_MODIFIED
+                    for name in changed:
+                        stored = store.get(name)
+                        if stored is None:
+                            removed.append(name)
+                        else:
+                            found.append(stored)
+        # outside the lock (stored values are immutable): the filter's checksum, name order
+        if names is not None:
+            checksum = sum(s.digest for s in named) & _MASK64
+        if kind == NOT_MODIFIED:
+            return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
+        if full is None:
+            found.sort(key=_SERVICE_NAME)
+            removed.sort()
+            full = tuple(found)
+            if kind == FULL and names is None:
+                self._full = (epoch, current, full)
+        return PollResult(kind, epoch, current, checksum, full, tuple(removed), sp)
 
     def wait_changed(self, revision: int, timeout: float) -> bool:
         """Block until the revision differs from ``revision`` (True), timeout or close (False)."""
@@ -496,7 +506,7 @@ class Registry:
     def services(self) -> tuple[int, list[Service]]:
         with self._lock:
             revision, snapshot = self._store.revision, self._store.snapshot()
-        snapshot.sort(key=_service_name)
+        snapshot.sort(key=_SERVICE_NAME)
         return revision, [s.service for s in snapshot]
 
     def service(self, name: str) -> tuple[int, StoredService, dict[tuple[str, int], str]]:
@@ -547,16 +557,6 @@ class Registry:
                 "(--max-nodes-per-service)"
             )
 
-    def _checksum(self, names: frozenset[str] | None) -> int:
-        if names is None:
-            return self._store.checksum
-        total = 0
-        for name in names:
-            stored = self._store.get(name)
-            if stored is not None:
-                total += stored.digest
-        return total & ((1 << 64) - 1)
-
     def _drop(self, service: str, key: tuple[str, int]) -> None:
         records = self._records.get(service, {})
         rec = records.pop(key, None)
@@ -586,10 +586,6 @@ class Registry:
         if revision != before:
             self._changed.notify_all()
         return revision
-
-
-def _service_name(stored: StoredService) -> str:
-    return stored.service.name
 
 
 def _addr(key: tuple[str, int]) -> str:
