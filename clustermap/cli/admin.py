@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from clustermap import model
+from clustermap import model, rules
 from clustermap.errors import ClusterMapError
 
 __all__ = ["AdminError", "add_commands", "parse_address"]
@@ -44,10 +44,12 @@ class AdminError(ClusterMapError):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as an argparse type (syntax only: the
-    server validates what it registers and says why it refuses)."""
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as an argparse type. The host must pass
+    the registry's host rule (:func:`clustermap.rules.check_host`, the server's and sidecars'
+    rule too); the server validates the rest and says why it refuses."""
     try:
-        return model.parse_address(text, check_port=False)
+        host, port = model.parse_address(text, check_port=False)
+        return rules.check_host(host), port
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -18,6 +18,7 @@ from clustermap.errors import UnknownService
 from clustermap.model import STRATEGIES, Node, Service
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
+from clustermap.rules import printable
 
 __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
 
@@ -152,14 +153,20 @@ def dump(args: argparse.Namespace) -> int:
         return 0
     st = status_json(reader, snap)
     print(_status_line(st))
-    for name in names:
+    for name in names:  # the region is untrusted: nothing reaches the terminal unescaped
         s = snap.services[name]
         healthy = sum(n.healthy for n in s.nodes)
-        print(f"\n{name}  {s.strategy}, {len(s.nodes)} nodes, {healthy} healthy, rev {s.revision}")
+        print(
+            f"\n{printable(name)}  {printable(s.strategy)}, {len(s.nodes)} nodes, "
+            f"{healthy} healthy, rev {s.revision}"
+        )
         width = max((len(n.address) for n in s.nodes), default=0)
         for n in s.nodes:
-            meta = " ".join(f"{k}={v}" for k, v in sorted(n.meta.items()))
-            print(f"  {n.address:<{width}}  weight {n.weight:<4} {n.status:<5} {meta}".rstrip())
+            meta = " ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(n.meta.items()))
+            line = (
+                f"  {printable(n.address):<{width}}  weight {n.weight:<4} {printable(n.status):<5}"
+            )
+            print(f"{line} {meta}".rstrip())
     return 0
 
 

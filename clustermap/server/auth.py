@@ -2,7 +2,9 @@
 
 Tokens travel in the ``authorization: Bearer <token>`` metadata. Which token a method needs:
 
-* ``clustermap.v1.Registry/*`` (writes, including operators' overrides): the admin token;
+* ``clustermap.v1.Registry/*`` (writes, including operators' overrides): the admin token. When
+  only a subscribe token is configured, writes are closed to everyone (PERMISSION_DENIED): a
+  server with any token never takes anonymous writes;
 * ``clustermap.v1.Subscription/*`` and ``clustermap.v1.Inspection/*`` (reads): the subscribe
   token, and the admin token is accepted too; with no subscribe token configured, reads need the
   admin token when one is configured;
@@ -52,7 +54,12 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _check(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         if method.startswith(_ADMIN_PREFIX):
             if self._admin is None:
-                return None
+                if self._subscribe is None:
+                    return None
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "no admin token is configured: writes are closed",
+                )
             if token is None:
                 return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"
             if _same(token, self._admin):

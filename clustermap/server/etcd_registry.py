@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 
 from clustermap.model import UP, Node
+from clustermap.rules import clip
 from clustermap.server.etcd_store import EtcdError, EtcdStore, NodeEntry, node_from_record
 from clustermap.server.registry import (
     REGISTERED,
@@ -95,6 +96,9 @@ class EtcdRegistry(Registry):
         ttl = self._default_ttl if reg.ttl is None else reg.ttl
         key = (reg.host, reg.port)
         for _ in range(_ATTEMPTS):
+            with self._lock:  # bounds as this replica sees the map (other replicas may race)
+                nodes = self._etcd.node_entries(reg.service)
+                self._check_bounds(reg.service, key, nodes or None, len(self._etcd))
             entry = self._entry(reg.service, *key)
             if entry is not None and entry.origin == STATIC:
                 raise Conflict(
@@ -231,7 +235,7 @@ class EtcdRegistry(Registry):
         with self._lock:
             stored = self._store.get(name)
             if stored is None:
-                raise NotFound(f"unknown service {name!r}")
+                raise NotFound(f"unknown service {clip(name)}")
             origins = {k: e.origin for k, e in self._etcd.node_entries(name).items()}
             return self._store.revision, stored, origins
 

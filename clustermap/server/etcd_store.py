@@ -289,6 +289,12 @@ class EtcdStore:
     def items(self) -> Iterable[tuple[str, StoredService]]:
         return sorted(self._services.items())
 
+    def snapshot(self) -> list[StoredService]:
+        return list(self._services.values())
+
+    def __len__(self) -> int:
+        return len(self._services)
+
     def changes_since(self, revision: int) -> frozenset[str] | None:
         if revision > self._revision:
             return None

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from clustermap.rules import MAX_META_BYTES
+
 if TYPE_CHECKING:
     from clustermap.server.etcd_store import EtcdStore
     from clustermap.server.registry import Registry
@@ -67,6 +69,10 @@ class Config:
     tls_client_ca: str | None = None
     max_workers: int = 8
     max_watchers: int = 4
+    max_reflection: int = 1
+    max_services: int = 20_000
+    max_nodes_per_service: int = 5_000
+    max_meta_bytes: int = MAX_META_BYTES
     watch_keepalive: float = 15.0
     max_recv_bytes: int = 1 << 20
     max_send_bytes: int = 256 << 20
@@ -89,13 +95,21 @@ def _positive(kind: type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _read_secret(path: str | None) -> str | None:
+def _read_secret(flag: str, path: str | None, env: str) -> str | None:
+    """The token named by ``flag`` (a file) or ``$env``; one that is named but empty is an
+    error: it would otherwise switch authentication off without a word."""
     if path is None:
-        return None
+        raw = os.environ.get(env, "")
+        if raw and not raw.strip():
+            raise ConfigError(f"${env} is blank; unset it or put the token in it")
+        return raw.strip() or None
     try:
-        return Path(path).read_text(encoding="utf-8").strip() or None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"{flag} {path} is empty; write the token in it")
+    return token
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -139,6 +153,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=4,
         help="concurrent Watch streams, each holding a worker (default %(default)s)",
     )
+    p.add_argument(
+        "--max-reflection-streams",
+        type=int,
+        default=1,
+        help="concurrent reflection streams, each holding a worker; 0: no reflection "
+        "(default %(default)s)",
+    )
+    p.add_argument("--max-services", type=int, default=20_000, metavar="N")
+    p.add_argument("--max-nodes-per-service", type=int, default=5_000, metavar="N")
+    p.add_argument(
+        "--max-meta-bytes",
+        type=int,
+        default=MAX_META_BYTES,
+        metavar="N",
+        help="meta of one node, keys plus values (default and maximum %(default)s)",
+    )
     p.add_argument("--watch-keepalive", type=_positive(float), default=15.0, metavar="SECONDS")
     p.add_argument("--max-recv-bytes", type=int, default=1 << 20)
     p.add_argument("--max-send-bytes", type=int, default=256 << 20)
@@ -149,9 +179,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     a = p.parse_args(argv)
-    token = _read_secret(a.token_file) or os.environ.get("CLUSTERMAP_TOKEN") or None
-    sub_token = (
-        _read_secret(a.subscribe_token_file) or os.environ.get("CLUSTERMAP_SUBSCRIBE_TOKEN") or None
+    token = _read_secret("--token-file", a.token_file, "CLUSTERMAP_TOKEN")
+    sub_token = _read_secret(
+        "--subscribe-token-file", a.subscribe_token_file, "CLUSTERMAP_SUBSCRIBE_TOKEN"
     )
     cfg = Config(
         listen=a.listen,
@@ -169,6 +199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=a.tls_client_ca,
         max_workers=a.max_workers,
         max_watchers=a.max_watchers,
+        max_reflection=a.max_reflection_streams,
+        max_services=a.max_services,
+        max_nodes_per_service=a.max_nodes_per_service,
+        max_meta_bytes=a.max_meta_bytes,
         watch_keepalive=a.watch_keepalive,
         max_recv_bytes=a.max_recv_bytes,
         max_send_bytes=a.max_send_bytes,
@@ -200,6 +234,17 @@ def check(cfg: Config) -> None:
         raise ConfigError("--self-preservation-threshold must be within 0-1 (1 disables it)")
     if cfg.max_workers < 4 or not 0 <= cfg.max_watchers <= cfg.max_workers - 2:
         raise ConfigError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
+    if not 0 <= cfg.max_reflection <= cfg.max_workers - 2 - cfg.max_watchers:
+        raise ConfigError(
+            "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
+            "(streams hold workers; two stay free for other calls)"
+        )
+    if cfg.max_services < 1 or cfg.max_nodes_per_service < 1:
+        raise ConfigError("--max-services and --max-nodes-per-service must be positive")
+    if not 0 <= cfg.max_meta_bytes <= MAX_META_BYTES:
+        raise ConfigError(
+            f"--max-meta-bytes must be within 0-{MAX_META_BYTES} (sidecars refuse more)"
+        )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca and not cfg.tls_cert:
@@ -218,7 +263,6 @@ class ServerApp:
     def __init__(self, cfg: Config) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
 
         from clustermap._pb.clustermap.v1 import (
             inspection_pb2,
@@ -227,8 +271,11 @@ class ServerApp:
             registry_pb2_grpc,
             subscription_pb2,
         )
+        from clustermap.server import reflection
         from clustermap.server.auth import TokenInterceptor
         from clustermap.server.clusters import ClustersError, load_clusters
+        from clustermap.server.health import HealthServicer
+        from clustermap.server.malformed import MalformedRequestInterceptor
         from clustermap.server.probes import Prober
         from clustermap.server.registry import Registry
         from clustermap.server.servicers import (
@@ -257,6 +304,8 @@ class ServerApp:
                 self_preservation_threshold=cfg.self_preservation_threshold,
                 self_preservation_min_nodes=cfg.self_preservation_min_nodes,
                 options={c.name: c.options for c in clusters},
+                max_services=cfg.max_services,
+                max_nodes=cfg.max_nodes_per_service,
             )
         else:
             from clustermap.server.etcd_registry import EtcdRegistry
@@ -270,6 +319,8 @@ class ServerApp:
                     self._etcd,
                     default_ttl=cfg.heartbeat_ttl,
                     warmup=cfg.warmup or 0.0,
+                    max_services=cfg.max_services,
+                    max_nodes=cfg.max_nodes_per_service,
                 )
             except EtcdError as exc:
                 raise ConfigError(str(exc)) from None
@@ -287,6 +338,7 @@ class ServerApp:
         )
         if auth.enabled:
             interceptors.append(auth)
+        interceptors.append(MalformedRequestInterceptor())
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="cm-grpc")
         self.server = grpc.server(
             self._pool,
@@ -301,7 +353,7 @@ class ServerApp:
             maximum_concurrent_rpcs=cfg.max_workers * 64,
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.registry), self.server
+            RegistryServicer(self.registry, max_meta_bytes=cfg.max_meta_bytes), self.server
         )
         add_subscription_servicer(
             SubscriptionServicer(
@@ -315,7 +367,7 @@ class ServerApp:
         inspection_pb2_grpc.add_InspectionServicer_to_server(
             InspectionServicer(self.registry), self.server
         )
-        self.health = health.HealthServicer()
+        self.health = HealthServicer()  # ours: grpc_health's can be wedged (issue 17)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
             registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
@@ -324,7 +376,7 @@ class ServerApp:
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, self.server)
+        reflection.enable_reflection(names, self.server, cfg.max_reflection)
         self._set_ready(self.registry.ready())
         _check_bindable(cfg.listen)
         try:

@@ -16,6 +16,13 @@ Self-preservation: a lease is *silent* when it has not been renewed for more tha
 so nothing expires until the silent fraction drops again; entering and leaving the mode is
 logged and exposed in poll answers and ``GetStatus``.
 
+Bounds: at most ``max_services`` services and ``max_nodes`` nodes per service (None: no bound);
+a registration beyond them is refused with :class:`Exhausted` naming the limit. Nothing under the
+lock sorts, or walks the whole map for, one caller: a filtered poll costs what it names, the
+whole map is copied (references, at C speed) at most once per revision for full answers,
+answers are put in name order after the lock is released, and the expiry tick walks a copy of
+the lease table outside the lock.
+
 Warm-up: until ``warmup`` seconds after start the registry is not *ready*: polls are answered
 NOT_READY (never an empty or partial map from a freshly started server) while nodes re-register.
 """
@@ -23,15 +30,17 @@ NOT_READY (never an empty or partial map from a freshly started server) while no
 from __future__ import annotations
 
 import logging
+import operator
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
 from clustermap.model import UP, Node, Service
+from clustermap.rules import clip
 from clustermap.server.store import MapStore, StoredService
 from clustermap.server.validation import NodeAddress, NodeUpdate, Registration, ServiceOptions
 
@@ -43,6 +52,7 @@ __all__ = [
     "REGISTERED",
     "STATIC",
     "Conflict",
+    "Exhausted",
     "NotFound",
     "PollResult",
     "RegisterResult",
@@ -64,6 +74,8 @@ FULL: Final = "full"
 NOT_READY: Final = "not_ready"
 
 _DEFAULT_OPTIONS: Final = ServiceOptions()
+_MASK64: Final = (1 << 64) - 1
+_SERVICE_NAME: Final = operator.attrgetter("service.name")
 
 
 class RegistryError(Exception):
@@ -76,6 +88,10 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     """The request contradicts the node's origin (e.g. deregistering a static node)."""
+
+
+class Exhausted(RegistryError):
+    """A configured bound (services, nodes per service) would be exceeded."""
 
 
 class Unavailable(RegistryError):
@@ -176,8 +192,13 @@ class Registry:
         self_preservation_threshold: float = 0.5,
         self_preservation_min_nodes: int = 3,
         options: Mapping[str, ServiceOptions] | None = None,
+        max_services: int | None = None,
+        max_nodes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._max_services = max_services
+        self._max_nodes = max_nodes
+        self._full: tuple[str, int, tuple[StoredService, ...]] | None = None
         self._store = store
         self._default_ttl = default_ttl
         self._clock = clock
@@ -243,6 +264,7 @@ class Registry:
         ttl = self._default_ttl if reg.ttl is None else reg.ttl
         key = (reg.host, reg.port)
         with self._lock:
+            self._check_bounds(reg.service, key, self._records.get(reg.service), len(self._records))
             records = self._records.setdefault(reg.service, {})
             rec = records.get(key)
             if rec is not None and rec.origin == STATIC:
@@ -374,15 +396,14 @@ class Registry:
     def expire(self) -> list[tuple[str, str]]:
         """Expire overdue leases unless self-preservation holds them; return what expired."""
         now = self._clock()
+        with self._lock:  # one reference copy; the walks below run outside the lock
+            leases = list(self._leases.values())
+        total = len(leases)
+        min_ttl = min((lease.ttl for lease in leases), default=self._default_ttl)
+        overdue = [lease for lease in leases if lease.deadline() <= now]
+        silent = sum(1 for lease in leases if now - lease.renewed > lease.ttl / 2)
         with self._lock:
-            total = len(self._leases)
-            self._min_ttl = min(
-                (lease.ttl for lease in self._leases.values()), default=self._default_ttl
-            )
-            overdue = [lease for lease in self._leases.values() if lease.deadline() <= now]
-            silent = sum(
-                1 for lease in self._leases.values() if now - lease.renewed > lease.ttl / 2
-            )
+            self._min_ttl = min_ttl
             self._silent, self._overdue = silent, len(overdue)
             protect = (
                 self._sp_threshold < 1.0
@@ -406,9 +427,12 @@ class Registry:
                 return []
             touched = []
             for lease in overdue:
+                if self._leases.get(lease.id) is not lease or lease.deadline() > now:
+                    continue  # renewed or replaced since the walk
                 self._drop(lease.service, lease.key)
                 touched.append((lease.service, _addr(lease.key)))
-            self._publish(sorted({s for s, _ in touched}))
+            if touched:
+                self._publish(sorted({s for s, _ in touched}))
         for service, node in touched:
             log.info("lease expired", extra={"event": "expire", "service": service, "node": node})
         return touched
@@ -418,33 +442,54 @@ class Registry:
     def poll(self, epoch: str, revision: int, names: frozenset[str] | None = None) -> PollResult:
         """Answer a subscriber at (``epoch``, ``revision``), optionally for ``names`` only."""
         ready = self.ready()
+        named: list[StoredService] = []  # with a filter: the named services that exist
+        found: list[StoredService] = []
+        removed: list[str] = []
+        full: tuple[StoredService, ...] | None = None
         with self._lock:
             store = self._store
             current = store.revision
             if not ready:
                 remaining = max(0.0, self._warmup - (self._clock() - self._started))
                 return PollResult(NOT_READY, store.epoch, current, 0, retry_after=remaining)
-            checksum = self._checksum(names)
+            checksum = store.checksum
             sp = self._preserving
-            if epoch == store.epoch and revision == current:
-                return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
-            changed = store.changes_since(revision) if epoch == store.epoch else None
-            if changed is None:
-                services = tuple(s for n, s in store.items() if names is None or n in names)
-                return PollResult(FULL, store.epoch, current, checksum, services, (), sp)
             if names is not None:
-                changed = changed & names
-            if not changed:
-                return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
-            upserts: list[StoredService] = []
-            removed: list[str] = []
-            for name in sorted(changed):
-                stored = store.get(name)
-                if stored is None:
-                    removed.append(name)
+                named = list(filter(None, map(store.get, names)))
+            if epoch == store.epoch and revision == current:
+                kind = NOT_MODIFIED
+            else:
+                changed = store.changes_since(revision) if epoch == store.epoch else None
+                if changed is None:
+                    kind, epoch = FULL, store.epoch
+                    if names is not None:
+                        found = named
+                    elif self._full is not None and self._full[:2] == (epoch, current):
+                        full = self._full[2]
+                    else:
+                        found = store.snapshot()
                 else:
-                    upserts.append(stored)
-            return PollResult(DELTA, epoch, current, checksum, tuple(upserts), tuple(removed), sp)
+                    if names is not None:
+                        changed = changed & names
+                    kind = DELTA if changed else NOT_MODIFIED
+                    for name in changed:
+                        stored = store.get(name)
+                        if stored is None:
+                            removed.append(name)
+                        else:
+                            found.append(stored)
+        # outside the lock (stored values are immutable): the filter's checksum, name order
+        if names is not None:
+            checksum = sum(s.digest for s in named) & _MASK64
+        if kind == NOT_MODIFIED:
+            return PollResult(NOT_MODIFIED, epoch, current, checksum, self_preservation=sp)
+        if full is None:
+            found.sort(key=_SERVICE_NAME)
+            removed.sort()
+            full = tuple(found)
+            if kind == FULL and names is None:
+                self._full = (epoch, current, full)
+        return PollResult(kind, epoch, current, checksum, full, tuple(removed), sp)
 
     def wait_changed(self, revision: int, timeout: float) -> bool:
         """Block until the revision differs from ``revision`` (True), timeout or close (False)."""
@@ -460,44 +505,57 @@ class Registry:
 
     def services(self) -> tuple[int, list[Service]]:
         with self._lock:
-            return self._store.revision, [s.service for _, s in self._store.items()]
+            revision, snapshot = self._store.revision, self._store.snapshot()
+        snapshot.sort(key=_SERVICE_NAME)
+        return revision, [s.service for s in snapshot]
 
     def service(self, name: str) -> tuple[int, StoredService, dict[tuple[str, int], str]]:
         with self._lock:
             stored = self._store.get(name)
             if stored is None:
-                raise NotFound(f"unknown service {name!r}")
+                raise NotFound(f"unknown service {clip(name)}")
             origins = {k: r.origin for k, r in self._records.get(name, {}).items()}
             return self._store.revision, stored, origins
 
     def status(self) -> Status:
         ready = self.ready()
         with self._lock:
-            return Status(
+            snapshot = self._store.snapshot()
+            st = Status(
                 epoch=self._store.epoch,
                 revision=self._store.revision,
                 ready=ready,
                 self_preservation=self._preserving,
-                services=sum(1 for _ in self._store.items()),
-                nodes=sum(len(s.service.nodes) for _, s in self._store.items()),
+                services=len(snapshot),
+                nodes=0,
                 leases=len(self._leases),
                 silent_leases=self._silent,
                 overdue_leases=self._overdue if self._preserving else 0,
                 checksum=self._store.checksum,
                 uptime=self._clock() - self._started,
             )
+        return replace(st, nodes=sum(len(s.service.nodes) for s in snapshot))
 
     # -- internals (call with the lock held) ----------------------------------------------
 
-    def _checksum(self, names: frozenset[str] | None) -> int:
-        if names is None:
-            return self._store.checksum
-        total = 0
-        for name in names:
-            stored = self._store.get(name)
-            if stored is not None:
-                total += stored.digest
-        return total & ((1 << 64) - 1)
+    def _check_bounds(
+        self,
+        service: str,
+        key: tuple[str, int],
+        nodes: Mapping[tuple[str, int], object] | None,
+        services: int,
+    ) -> None:
+        """Refuse a node beyond ``max_services`` or ``max_nodes`` (:class:`Exhausted`)."""
+        if nodes is None:
+            if self._max_services is not None and services >= self._max_services:
+                raise Exhausted(
+                    f"this server holds at most {self._max_services} services (--max-services)"
+                )
+        elif self._max_nodes is not None and key not in nodes and len(nodes) >= self._max_nodes:
+            raise Exhausted(
+                f"service {service!r} holds at most {self._max_nodes} nodes "
+                "(--max-nodes-per-service)"
+            )
 
     def _drop(self, service: str, key: tuple[str, int]) -> None:
         records = self._records.get(service, {})

@@ -25,9 +25,11 @@ from clustermap._pb.clustermap.v1 import (
     registry_pb2_grpc,
     subscription_pb2,
 )
+from clustermap.rules import MAX_META_BYTES, meta_bytes
 from clustermap.server import registry as reg
 from clustermap.server.registry import (
     Conflict,
+    Exhausted,
     NotFound,
     PollResult,
     Registry,
@@ -91,12 +93,15 @@ def _refused(context: Any, exc: RegistryError) -> NoReturn:
         code = grpc.StatusCode.FAILED_PRECONDITION
     elif isinstance(exc, Unavailable):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(exc, Exhausted):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
     _abort(context, code, str(exc))
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, max_meta_bytes: int = MAX_META_BYTES) -> None:
         self._registry = registry
+        self._max_meta_bytes = max_meta_bytes
 
     def Register(
         self, request: registry_pb2.RegisterRequest, context: Any
@@ -112,6 +117,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             )
 
         registration = _validated(context, build)
+        size = meta_bytes(registration.meta)
+        if size > self._max_meta_bytes:
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"meta is {size} bytes; this server takes at most {self._max_meta_bytes} "
+                "(--max-meta-bytes)",
+            )
         try:
             result = self._registry.register(registration)
         except RegistryError as exc:
@@ -396,6 +409,12 @@ class InspectionServicer(inspection_pb2_grpc.InspectionServicer):
     def GetService(
         self, request: inspection_pb2.GetServiceRequest, context: Any
     ) -> inspection_pb2.GetServiceResponse:
+        if not request.name or len(request.name) > MAX_SERVICE_NAME:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"name: 1-{MAX_SERVICE_NAME} characters (got {len(request.name)})",
+            )
         try:
             revision, stored, origins = self._registry.service(request.name)
         except RegistryError as exc:

@@ -71,6 +71,15 @@ class MapStore(Protocol):
         """Every stored service, in name order."""
         ...
 
+    def snapshot(self) -> list[StoredService]:
+        """Every stored service in no particular order: one C-level copy of references, the
+        cheapest way to read the whole map under the registry's lock (sort outside it)."""
+        ...
+
+    def __len__(self) -> int:
+        """How many services are stored."""
+        ...
+
     def changes_since(self, revision: int) -> frozenset[str] | None:
         """Names of the services changed after ``revision``; None if the log no longer says."""
         ...
@@ -151,6 +160,12 @@ class MemoryStore:
 
     def items(self) -> Iterable[tuple[str, StoredService]]:
         return sorted(self._services.items())
+
+    def snapshot(self) -> list[StoredService]:
+        return list(self._services.values())
+
+    def __len__(self) -> int:
+        return len(self._services)
 
     def changes_since(self, revision: int) -> frozenset[str] | None:
         if revision < self._floor or revision > self._revision:

@@ -2,12 +2,15 @@
 
 ``clustermap.wire`` already refuses malformed messages (unknown enums, ports and weights out of
 range, duplicate nodes). This adds the registry's own limits — the ones cm-server enforces on
-registration (``clustermap.server.validation``) — so that a buggy or hostile server cannot push
-names, hosts or metadata into the region that no legitimate registration could have produced.
+registration (:mod:`clustermap.rules`, their one home) — so that a buggy or hostile server cannot
+push names, hosts or metadata into the region that no legitimate registration could have produced.
 
-Service-level fields and metadata go through pydantic models. Host names are checked in bulk
-with one compiled pattern over all of them: a full map has a million nodes, and a per-node
-pydantic model costs ~2.5 µs each (2.5 s per full map); the bulk check costs ~50 ms.
+Service-level fields go through pydantic models, metadata through
+:func:`~clustermap.rules.check_meta` (once per distinct meta set). Host names are checked in bulk by
+:func:`~clustermap.rules.first_bad_host` (one compiled pattern over all of them, then a closer
+look at IPv6 literals): a full map has a million nodes, and a per-node pydantic model costs
+~2.5 µs each (2.5 s per full map). A host is accepted exactly when the server would have
+registered it unchanged.
 """
 
 from __future__ import annotations
@@ -16,30 +19,33 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
+from clustermap import rules
 from clustermap.model import Service
-from clustermap.server.validation import MAX_META_ENTRIES, MAX_META_KEY, MAX_META_VALUE
 
 __all__ = ["InvalidAnswer", "check_services", "invalid_services", "shown_name"]
 
-_META = Annotated[
-    dict[
-        Annotated[
-            str,
-            StringConstraints(max_length=MAX_META_KEY, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"),
-        ],
-        Annotated[str, StringConstraints(max_length=MAX_META_VALUE)],
-    ],
-    Field(max_length=MAX_META_ENTRIES),
-]
+_META = Annotated[dict[str, str], AfterValidator(rules.check_meta)]
 
 
 class _ServiceIn(BaseModel):
     model_config = ConfigDict(frozen=True, from_attributes=True, extra="ignore")
     name: Annotated[
         str,
-        StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
+        StringConstraints(
+            min_length=1,
+            max_length=rules.MAX_SERVICE_NAME,
+            pattern=rf"^{rules.SERVICE_NAME_PATTERN}$",
+        ),
     ]
     strategy: Literal["round_robin", "random", "weighted", "consistent_hash"]
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -47,11 +53,6 @@ class _ServiceIn(BaseModel):
 
 
 _SERVICES: Final = TypeAdapter(list[_ServiceIn])
-_NODE_META: Final = TypeAdapter(_META)
-# An IP literal or a DNS name (the registry's rules, loosened to one character class).
-_HOST: Final = r"[A-Za-z0-9:][A-Za-z0-9:.%-]{0,252}"
-_HOSTS: Final = re.compile(rf"(?:{_HOST}\n)*")
-_ONE_HOST: Final = re.compile(_HOST)
 
 
 class InvalidAnswer(ValueError):
@@ -69,9 +70,9 @@ def check_services(services: Sequence[Service]) -> None:
         raise InvalidAnswer(
             f"service {name[:80]!r}: {_where(err['loc'][1:])}: {err['msg']}"
         ) from None
-    hosts = "".join(n.host + "\n" for s in services for n in s.nodes)
-    if not _HOSTS.fullmatch(hosts):
-        _find_bad_host(services)
+    bad = rules.first_bad_host(n.host for s in services for n in s.nodes)
+    if bad is not None:
+        _find_bad_host(services, *bad)
     seen: set[tuple[tuple[str, str], ...]] = set()  # nodes share a few meta sets (zones, ...)
     for s in services:
         for n in s.nodes:
@@ -102,30 +103,27 @@ def invalid_services(services: Sequence[Service]) -> dict[str, str]:
     return bad
 
 
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME: Final = re.compile(rules.SERVICE_NAME_PATTERN)
 
 
 def shown_name(name: str) -> str:
     """``name`` as it may be printed to an operator: itself when valid, else quoted and escaped
     (a hostile name must not rewrite a terminal)."""
-    return name if _NAME.fullmatch(name) else ascii(name[:80])
+    ok = len(name) <= rules.MAX_SERVICE_NAME and _NAME.fullmatch(name)
+    return name if ok else ascii(name[:80])
 
 
-def _find_bad_host(services: Sequence[Service]) -> None:
+def _find_bad_host(services: Sequence[Service], host: str, why: str) -> None:
     for s in services:
-        for n in s.nodes:
-            if not _ONE_HOST.fullmatch(n.host):
-                raise InvalidAnswer(f"service {s.name!r}: node host {n.host[:80]!r} is not valid")
+        if any(n.host == host for n in s.nodes):
+            raise InvalidAnswer(f"service {s.name!r}: node {why}")
 
 
 def _check_meta(service: str, node: str, meta: Mapping[str, str]) -> None:
     try:
-        _NODE_META.validate_python(dict(meta))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InvalidAnswer(
-            f"service {service!r} node {node[:80]}: meta {_where(err['loc'])}: {err['msg']}"
-        ) from None
+        rules.check_meta(meta)
+    except ValueError as exc:
+        raise InvalidAnswer(f"service {service!r} node {node[:80]}: {exc}") from None
 
 
 def _where(loc: Sequence[object]) -> str:

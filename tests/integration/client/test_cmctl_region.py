@@ -147,3 +147,19 @@ def test_status_sees_a_live_writer_from_another_pid_namespace(region: Path) -> N
     gone = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
     assert alive["writer_alive"] is True
     assert gone["writer_alive"] is False
+
+
+def test_dump_text_escapes_control_and_bidi_characters(region_path: Path) -> None:
+    hostile = "a\x1b]0;pwned\x07\x1b[2J\u202eb\nc\x00"
+    with RegionWriter(region_path) as w:
+        w.publish(
+            [Service("svc", (Node("10.0.0.1", 80, meta={"note": hostile, "ok": "héllo ✓"}),))],
+            meta=Meta(revision=1, epoch="e", server="127.0.0.1:7700"),
+            sync_ns=1,
+        )
+    out = cmctl("--region", str(region_path), "dump")
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "10.0.0.1:80" in x)
+    assert line.isprintable()
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202eb\\nc\\x00" in line
+    assert "ok=héllo ✓" in line

@@ -52,6 +52,7 @@ class RegisterRequest(_message.Message):
     service: _builtins.str
     host: _builtins.str
     port: _builtins.int
+    """1..65535; 64 bits so a larger value is refused, not truncated"""
     weight: _builtins.int
     """default 1; 0..65535"""
     ttl_seconds: _builtins.float
@@ -167,6 +168,7 @@ class DeregisterRequest(_message.Message):
     service: _builtins.str
     host: _builtins.str
     port: _builtins.int
+    """1..65535; 64 bits so a larger value is refused, not truncated"""
     def __init__(
         self,
         *,
@@ -213,6 +215,7 @@ class UpdateNodeRequest(_message.Message):
     service: _builtins.str
     host: _builtins.str
     port: _builtins.int
+    """1..65535; 64 bits so a larger value is refused, not truncated"""
     weight: _builtins.int
     """absent: unchanged"""
     status: _map_pb2.NodeStatus.ValueType

@@ -1,0 +1,77 @@
+"""Requests that do not decode are the caller's fault: INVALID_ARGUMENT, not INTERNAL.
+
+gRPC Python answers a request its deserializer cannot parse (invalid UTF-8 in a ``string``
+field, a truncated message) with INTERNAL "Exception deserializing request", which reads as a
+server bug and hides the reason. This interceptor wraps the deserializer of every method that
+takes one request message: a message that does not parse becomes a marker, and the wrapped
+handler answers it INVALID_ARGUMENT with protobuf's reason (clipped) before any servicer runs.
+Streaming-request methods (reflection) are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from clustermap.rules import clip
+
+__all__ = ["MalformedRequestInterceptor"]
+
+log = logging.getLogger("clustermap.server.rpc")
+
+
+class _Malformed:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+                return _Malformed(str(exc) or type(exc).__name__)
+
+        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: Any, *rest: Any) -> Any:
+                if isinstance(request, _Malformed):
+                    log.info(
+                        "malformed request",
+                        extra={
+                            "event": "invalid",
+                            "method": handler_call_details.method,
+                            "peer": context.peer(),
+                        },
+                    )
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"malformed request: {clip(request.reason)[1:-1]}",
+                    )
+                return behavior(request, context, *rest)
+
+            for flag in ("experimental_non_blocking", "experimental_thread_pool"):
+                if hasattr(behavior, flag):
+                    setattr(call, flag, getattr(behavior, flag))
+            return call
+
+        if handler.unary_unary is not None:
+            return handler._replace(
+                request_deserializer=deserialize, unary_unary=guard(handler.unary_unary)
+            )
+        return handler._replace(
+            request_deserializer=deserialize, unary_stream=guard(handler.unary_stream)
+        )
