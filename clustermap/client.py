@@ -25,8 +25,11 @@ from typing import Final
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, ServicePicker
-from clustermap.errors import UnknownService
-from clustermap.model import Node, Service
+from clustermap.balance.picker import make_picker
+from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
+from clustermap.feedback.calls import Call, record
+from clustermap.feedback.worker import Feedback
+from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region.reader import RegionReader
 
 __all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
@@ -50,7 +53,16 @@ class ClusterMap:
     is missing (a worker may start before the sidecar has published anything).
     """
 
-    __slots__ = ("__weakref__", "_entries", "_lock", "_pid", "_reader", "path")
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_feedback",
+        "_lock",
+        "_pid",
+        "_reader",
+        "_subsets",
+        "path",
+    )
 
     path: str | None
 
@@ -61,6 +73,10 @@ class ClusterMap:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._reader: RegionReader | None = None
+        self._feedback: Feedback | None = None
+        self._subsets: dict[
+            tuple[str, tuple[tuple[str, str], ...]], tuple[ServicePicker, ServicePicker]
+        ] = {}
         _handles.add(self)
         if not lazy:
             self._ensure_reader()
@@ -141,7 +157,11 @@ class ClusterMap:
                 raise
             old = self._entries.get(name)
             # The same version in a replacement file is the same content: keep the warm picker.
-            picker = old[3] if old is not None and old[2] == version else ServicePicker(service)
+            if old is not None and old[2] == version:
+                picker = old[3]
+            else:
+                picker = make_picker(service)
+                picker.load_source = self._feedback_state()
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
             self._entries[name] = entry
             return entry
@@ -149,8 +169,154 @@ class ClusterMap:
     def _reset_after_fork(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        if self._feedback is not None:
+            self._feedback.after_fork()  # the parent's feedback row is not ours
         for entry in self._entries.values():
             entry[3].after_fork()
+            entry[3].feedback_slots = None
+        for _, sub in self._subsets.values():
+            sub.after_fork()
+            sub.feedback_slots = None
+
+    # -- feedback (docs/feedback.md) ----------------------------------------------------------
+
+    def call(
+        self,
+        service: str,
+        key: str | bytes | None = None,
+        strategy: str | None = None,
+        subset: dict[str, str] | None = None,
+        *,
+        ok_exceptions: tuple[type[BaseException], ...] = (),
+        failure_exceptions: tuple[type[BaseException], ...] = (Exception,),
+    ) -> Call:
+        """``with cm.call("svc") as node:`` picks like :meth:`pick` and counts the call in flight
+        machine-wide until the block ends, then records its outcome and latency (see
+        :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
+        keeps the nodes whose meta has all those pairs (NoAvailableNode if none)."""
+        return Call(self, service, key, strategy, subset, ok_exceptions, failure_exceptions)
+
+    def report(self, service: str, node: Node, ok: bool, latency: float | None = None) -> bool:
+        """Record one finished call to ``node`` (``latency`` in seconds), for callers that cannot
+        use :meth:`call`. Never raises: False when nothing was recorded (feedback off, a node
+        or service the map does not have)."""
+        try:
+            picker = self.picker(service)
+        except ClusterMapError:
+            return False
+        fb = self._feedback_state()
+        if not fb.ready():
+            return False
+        i = self._feedback_slot(picker, node)
+        if i < 0:
+            return False
+        us = 0 if latency is None else max(0, min(int(latency * 1e6), 1 << 40))
+        record(fb.words, i, not ok, us)  # type: ignore[arg-type]
+        return True
+
+    def feedback_status(self) -> str:
+        """Whether this process writes feedback, and why not (for logs and tests)."""
+        fb = self._feedback_state()
+        fb.ready()
+        return fb.reason
+
+    def _feedback_state(self) -> Feedback:
+        fb = self._feedback
+        if fb is None:
+            path = self._reader.path if self._reader is not None else None
+            fb = self._feedback = Feedback(path or self.path or default_region_path())
+        return fb
+
+    def _begin_call(
+        self,
+        service: str,
+        key: str | bytes | None,
+        strategy: str | None,
+        subset: dict[str, str] | None,
+    ) -> tuple[Node, memoryview | None, int]:
+        """Pick for a :class:`Call` and count it in flight: (node, words, index or -1)."""
+        if subset:
+            picker = self._subset_picker(service, subset)
+            node = picker.pick(key, strategy)
+        else:
+            node = self.pick(service, key, strategy)
+            picker = self._entries[service][3]
+        fb = self._feedback
+        if fb is None or fb.words is None:
+            fb = self._feedback_state()
+            if not fb.ready():
+                return node, None, -1
+        slots = picker.feedback_slots
+        i = slots.get(id(node)) if slots is not None else None
+        if i is None:
+            i = self._feedback_slot(picker, node)
+        words = fb.words
+        if i < 0 or words is None:
+            return node, None, -1
+        try:
+            words[i] += 1
+        except (ValueError, OverflowError):
+            return node, None, -1
+        return node, words, i
+
+    def _feedback_slot(self, picker: ServicePicker, node: Node) -> int:
+        """This process's entry for ``node`` of ``picker``'s service (-1: none), cached on the
+        picker for the nodes it holds."""
+        service = picker.service
+        overlay = service.overlay
+        if overlay is None or self._feedback is None:
+            return -1
+        nodes = service.nodes
+        position = next((k for k, n in enumerate(nodes) if n is node), -1)
+        mine = position >= 0
+        if not mine:
+            position = next((k for k, n in enumerate(nodes) if n.key == node.key), -1)
+            if position < 0:
+                return -1
+        i = self._feedback.entry(overlay.ids[position])
+        if mine:
+            slots = picker.feedback_slots
+            if slots is None:
+                slots = picker.feedback_slots = {}
+            slots[id(node)] = i
+        return i
+
+    def _subset_picker(self, service: str, subset: dict[str, str]) -> ServicePicker:
+        """A picker over the nodes whose meta has every pair of ``subset``, cached per version."""
+        base = self.picker(service)
+        pairs = tuple(sorted(subset.items()))
+        hit = self._subsets.get((service, pairs))
+        if hit is not None and hit[0] is base:
+            return hit[1]
+        svc = base.service
+        keep = [k for k, n in enumerate(svc.nodes) if all(n.meta.get(a) == b for a, b in pairs)]
+        if not keep:
+            raise NoAvailableNode(f"service {service!r} has no node with {dict(pairs)}")
+        overlay = svc.overlay
+        if overlay is not None:
+            new = {old: k for k, old in enumerate(keep)}
+            overlay = Overlay(
+                tuple(overlay.ids[k] for k in keep),
+                tuple(
+                    Ejection(new[e.position], e.until_ns, e.reason)
+                    for e in overlay.ejected
+                    if e.position in new
+                ),
+            )
+        sub = make_picker(
+            Service(
+                svc.name,
+                tuple(svc.nodes[k] for k in keep),
+                svc.strategy,
+                svc.panic_threshold,
+                svc.revision,
+                svc.meta,
+                overlay,
+            )
+        )
+        sub.load_source = self._feedback_state()
+        self._subsets[(service, pairs)] = (base, sub)
+        return sub
 
     def __repr__(self) -> str:
         return f"ClusterMap({self.path!r}, {len(self._entries)} services cached)"

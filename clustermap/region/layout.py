@@ -57,7 +57,7 @@ import msgpack
 import xxhash
 
 from clustermap.errors import CorruptRegion
-from clustermap.model import STATUSES, STRATEGIES, Node, Service
+from clustermap.model import STATUSES, STRATEGIES, Ejection, Node, Overlay, Service
 
 __all__ = [
     "DATA_ALIGN",
@@ -284,25 +284,47 @@ def decode_directory(payload: bytes | memoryview, slot_count: int) -> dict[str, 
 
 
 def encode_service(s: Service) -> bytes:
-    """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``."""
-    return _pack(
-        [
-            s.name,
-            s.revision,
-            s.strategy,
-            float(s.panic_threshold),
-            dict(s.meta),
-            [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
-        ]
-    )
+    """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``,
+    then, when the sidecar has feedback verdicts, ``[ids, [[position, until_ns, reason], ...]]``.
+    """
+    doc: list[object] = [
+        s.name,
+        s.revision,
+        s.strategy,
+        float(s.panic_threshold),
+        dict(s.meta),
+        [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
+    ]
+    if s.overlay is not None:
+        doc.append([list(s.overlay.ids), [list(e) for e in s.overlay.ejected]])
+    return _pack(doc)
+
+
+def _decode_overlay(raw: Any, count: int) -> Overlay:
+    ids_raw, ejected_raw = raw
+    ids = tuple(ids_raw)
+    if len(ids) != count or not all(type(i) is int and i >= -1 for i in ids):
+        raise TypeError("bad overlay ids")
+    ejected = tuple(Ejection(*e) for e in ejected_raw)
+    for e in ejected:
+        if not (
+            type(e.position) is int
+            and 0 <= e.position < count
+            and type(e.until_ns) is int
+            and isinstance(e.reason, str)
+        ):
+            raise TypeError(f"bad ejection {e!r:.80}")
+    return Overlay(ids, ejected)
 
 
 def decode_service(payload: bytes | memoryview) -> Service:
     """Decode and check a service record; anything off raises :class:`CorruptRegion`."""
     d = _unpack(payload, "service")
     try:
-        name, revision, strategy, panic, meta, raw_nodes = d
+        name, revision, strategy, panic, meta, raw_nodes = d[:6]
         nodes = tuple([Node(*n) for n in raw_nodes])
+        # Trailing elements are additions a reader may not know; the 7th is the overlay.
+        overlay = _decode_overlay(d[6], len(nodes)) if len(d) > 6 else None
         if not (isinstance(name, str) and type(revision) is int and strategy in STRATEGIES):
             raise TypeError("bad service fields")
         if not isinstance(panic, float) or not 0.0 <= panic <= 1.0 or not isinstance(meta, dict):
@@ -318,7 +340,7 @@ def decode_service(payload: bytes | memoryview) -> Service:
                 raise TypeError(f"bad node {n!r:.80}")
     except (TypeError, ValueError) as exc:
         raise CorruptRegion(f"malformed service record: {exc}") from None
-    return Service(name, nodes, strategy, panic, revision, meta)
+    return Service(name, nodes, strategy, panic, revision, meta, overlay)
 
 
 def encode_txn(generation: int, entries: list[tuple[int, int, int]]) -> bytes:
