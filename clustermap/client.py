@@ -27,7 +27,7 @@ import xxhash
 from clustermap.balance import MAGLEV_TABLE_SIZE, ServicePicker
 from clustermap.balance.picker import make_picker
 from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
-from clustermap.feedback.calls import Call, record
+from clustermap.feedback.calls import Call, CustomCall, record
 from clustermap.feedback.worker import Feedback
 from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region.reader import RegionReader
@@ -37,6 +37,7 @@ __all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
 DEFAULT_REGION: Final = "/dev/shm/clustermap/default.region"
 
 _xxh64 = xxhash.xxh64_intdigest
+_new = object.__new__
 
 # (words of the file it was read from, index of its slot's version word, version, picker)
 _Entry = tuple[memoryview, int, int, ServicePicker]
@@ -56,6 +57,7 @@ class ClusterMap:
     __slots__ = (
         "__weakref__",
         "_entries",
+        "_fbw",
         "_feedback",
         "_lock",
         "_pid",
@@ -74,6 +76,7 @@ class ClusterMap:
         self._pid = os.getpid()
         self._reader: RegionReader | None = None
         self._feedback: Feedback | None = None
+        self._fbw: memoryview | None = None  # this process's feedback words, once it has a row
         self._subsets: dict[
             tuple[str, tuple[tuple[str, str], ...]], tuple[ServicePicker, ServicePicker]
         ] = {}
@@ -171,6 +174,7 @@ class ClusterMap:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         if self._feedback is not None:
             self._feedback.after_fork()  # the parent's feedback row is not ours
+        self._fbw = None
         for entry in self._entries.values():
             entry[3].after_fork()
             entry[3].feedback_slots = None
@@ -187,14 +191,59 @@ class ClusterMap:
         strategy: str | None = None,
         subset: dict[str, str] | None = None,
         *,
-        ok_exceptions: tuple[type[BaseException], ...] = (),
-        failure_exceptions: tuple[type[BaseException], ...] = (Exception,),
+        ok_exceptions: tuple[type[BaseException], ...] | None = None,
+        failure_exceptions: tuple[type[BaseException], ...] | None = None,
     ) -> Call:
         """``with cm.call("svc") as node:`` picks like :meth:`pick` and counts the call in flight
         machine-wide until the block ends, then records its outcome and latency (see
         :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
         keeps the nodes whose meta has all those pairs (NoAvailableNode if none)."""
-        return Call(self, service, key, strategy, subset, ok_exceptions, failure_exceptions)
+        if subset:
+            picker = self._subset_picker(service, subset)
+            node = picker.pick(key, strategy)
+        else:
+            try:
+                words, index, version, picker = self._entries[service]
+                if words[index] != version:
+                    picker = self._refresh(service)[3]
+            except KeyError:
+                picker = self._refresh(service)[3]
+            node = (
+                picker.default()
+                if key is None and strategy is None
+                else self.pick(service, key, strategy)
+            )
+        if ok_exceptions is None and failure_exceptions is None:
+            c = _new(Call)
+        else:
+            c = _new(CustomCall)
+            c.ok_exceptions = ok_exceptions or ()
+            c.failure_exceptions = (
+                (Exception,) if failure_exceptions is None else failure_exceptions
+            )
+        c.node = node
+        c._failed = None
+        fw = self._fbw
+        if fw is None and self._feedback_ready():
+            fw = self._fbw
+        if fw is not None:
+            slots = picker.feedback_slots
+            i = slots.get(id(node)) if slots is not None else None
+            if i is None:
+                i = self._feedback_slot(picker, node)
+            if i >= 0:
+                c._words = fw
+                c._i = i
+                return c
+        c._words = None
+        return c
+
+    def _feedback_ready(self) -> bool:
+        fb = self._feedback_state()
+        if fb.ready():
+            self._fbw = fb.words
+            return True
+        return False
 
     def report(self, service: str, node: Node, ok: bool, latency: float | None = None) -> bool:
         """Record one finished call to ``node`` (``latency`` in seconds), for callers that cannot
@@ -210,8 +259,8 @@ class ClusterMap:
         i = self._feedback_slot(picker, node)
         if i < 0:
             return False
-        us = 0 if latency is None else max(0, min(int(latency * 1e6), 1 << 40))
-        record(fb.words, i, not ok, us)  # type: ignore[arg-type]
+        ns = 0 if latency is None else max(0, min(int(latency * 1e9), 1 << 50))
+        record(fb.words, i, not ok, ns, 0)  # type: ignore[arg-type]
         return True
 
     def feedback_status(self) -> str:
@@ -226,38 +275,6 @@ class ClusterMap:
             path = self._reader.path if self._reader is not None else None
             fb = self._feedback = Feedback(path or self.path or default_region_path())
         return fb
-
-    def _begin_call(
-        self,
-        service: str,
-        key: str | bytes | None,
-        strategy: str | None,
-        subset: dict[str, str] | None,
-    ) -> tuple[Node, memoryview | None, int]:
-        """Pick for a :class:`Call` and count it in flight: (node, words, index or -1)."""
-        if subset:
-            picker = self._subset_picker(service, subset)
-            node = picker.pick(key, strategy)
-        else:
-            node = self.pick(service, key, strategy)
-            picker = self._entries[service][3]
-        fb = self._feedback
-        if fb is None or fb.words is None:
-            fb = self._feedback_state()
-            if not fb.ready():
-                return node, None, -1
-        slots = picker.feedback_slots
-        i = slots.get(id(node)) if slots is not None else None
-        if i is None:
-            i = self._feedback_slot(picker, node)
-        words = fb.words
-        if i < 0 or words is None:
-            return node, None, -1
-        try:
-            words[i] += 1
-        except (ValueError, OverflowError):
-            return node, None, -1
-        return node, words, i
 
     def _feedback_slot(self, picker: ServicePicker, node: Node) -> int:
         """This process's entry for ``node`` of ``picker``'s service (-1: none), cached on the

@@ -20,81 +20,68 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING
 
+from clustermap.feedback import layout as L
 from clustermap.model import Node
 
-if TYPE_CHECKING:
-    from clustermap.client import ClusterMap
-
-__all__ = ["Call", "record"]
+__all__ = ["Call", "CustomCall", "record"]
 
 _monotonic_ns = time.monotonic_ns
+_M = L.WORD_MASK
+_OK_DONE = L.OK_DONE
+_SHIFT = L.LATENCY_SHIFT
+_UNIT = L.LATENCY_UNIT_NS
 _NOTHING: tuple[type[BaseException], ...] = ()
 _ANY: tuple[type[BaseException], ...] = (Exception,)
 
 
-def record(words: memoryview, i: int, failed: bool, latency_us: int) -> None:
-    """One result into the entry whose ``in flight`` word is ``words[i]`` (without touching
-    ``in flight``). Counters only grow; the streak counts failures since our last success."""
+def record(words: memoryview, i: int, failed: bool, latency_ns: int, release: int) -> None:
+    """One result into the entry whose ``calls`` word is ``words[i]`` (docs/feedback.md);
+    ``release`` is 1 when it ends a call counted in flight, 0 for :meth:`ClusterMap.report`."""
+    lat = (latency_ns // L.LATENCY_UNIT_NS) << L.LATENCY_SHIFT
     try:
-        if failed:
-            words[i + 2] += 1
-            words[i + 3] += 1
-        else:
-            words[i + 1] += 1
-            words[i + 3] = 0
-        words[i + 4] += latency_us
-    except (ValueError, OverflowError):  # a word someone else scribbled on: never our problem
+        if not failed:
+            words[i] = (words[i] - release + (1 << L.OK_SHIFT) + lat) & _M
+            return
+        calls = (words[i] - release + lat) & _M
+        words[i] = calls
+        words[i + 1] = (words[i + 1] + 1) & _M
+        ok = (calls >> L.OK_SHIFT) & L.OK_MASK
+        streak = words[i + 2]
+        run = min((streak & 0xFFFF_FFFF) + 1, 0xFFFF_FFFF) if streak >> 32 == ok else 1
+        words[i + 2] = ok << 32 | run
+    except (ValueError, OverflowError, IndexError):  # a word someone scribbled on: not ours
         pass
 
 
 class Call:
-    """The context manager :meth:`ClusterMap.call` returns; reusable only once."""
+    """What :meth:`ClusterMap.call` returns: a context manager for one call (use it once).
 
-    __slots__ = (
-        "_failed",
-        "_i",
-        "_key",
-        "_map",
-        "_service",
-        "_strategy",
-        "_subset",
-        "_t0",
-        "_words",
-        "failure_exceptions",
-        "node",
-        "ok_exceptions",
-    )
+    The node is picked when the object is made; it counts in flight from ``__enter__`` to
+    ``__exit__``. A successful call costs one store into this process's row at each end.
+    """
 
-    def __init__(
-        self,
-        cm: ClusterMap,
-        service: str,
-        key: str | bytes | None,
-        strategy: str | None,
-        subset: dict[str, str] | None,
-        ok_exceptions: tuple[type[BaseException], ...] = _NOTHING,
-        failure_exceptions: tuple[type[BaseException], ...] = _ANY,
-    ) -> None:
-        self._map = cm
-        self._service = service
-        self._key = key
-        self._strategy = strategy
-        self._subset = subset
-        self.ok_exceptions = ok_exceptions
-        self.failure_exceptions = failure_exceptions
-        self._failed: bool | None = None
+    __slots__ = ("_failed", "_i", "_t0", "_words", "node")
+
+    #: Exceptions escaping the block that count as a success / as a failure (see module doc).
+    ok_exceptions: tuple[type[BaseException], ...] = _NOTHING
+    failure_exceptions: tuple[type[BaseException], ...] = _ANY
+
+    node: Node
+    _words: memoryview | None
+    _i: int
+    _t0: int
+    _failed: bool | None
 
     def __enter__(self) -> Node:
-        node, words, i = self._map._begin_call(
-            self._service, self._key, self._strategy, self._subset
-        )
-        self.node = node
-        self._words = words
-        self._i = i
+        words = self._words
+        if words is not None:
+            try:
+                words[self._i] += 1
+            except (ValueError, OverflowError):
+                self._words = None
         self._t0 = _monotonic_ns()
-        return node
+        return self.node
 
     def mark_failed(self) -> None:
         """Record this call as a failure even if the block ends normally (e.g. an HTTP 503)."""
@@ -110,20 +97,35 @@ class Call:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        i = self._i
         words = self._words
         if words is None:
             return
-        try:
-            words[i] -= 1
-        except (ValueError, OverflowError):
-            return
+        i = self._i
         failed = self._failed
+        if exc_type is None and failed is None:  # the common case, inlined: one store
+            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
+                words[i] = (
+                    words[i] + _OK_DONE + ((_monotonic_ns() - self._t0) // _UNIT << _SHIFT)
+                ) & _M
+            except (ValueError, OverflowError):
+                pass
+            return
         if failed is None:
-            if exc_type is None or issubclass(exc_type, self.ok_exceptions):
+            assert exc_type is not None
+            if issubclass(exc_type, self.ok_exceptions):
                 failed = False
             elif issubclass(exc_type, self.failure_exceptions):
                 failed = True
-            else:
-                return  # interrupted, not judged
-        record(words, i, failed, (_monotonic_ns() - self._t0) // 1000)
+            else:  # interrupted, not judged: only released
+                try:  # noqa: SIM105
+                    words[i] = (words[i] - 1) & _M
+                except (ValueError, OverflowError):
+                    pass
+                return
+        record(words, i, failed, _monotonic_ns() - self._t0, 1)
+
+
+class CustomCall(Call):
+    """A :class:`Call` with its own ``ok_exceptions`` / ``failure_exceptions``."""
+
+    __slots__ = ("failure_exceptions", "ok_exceptions")

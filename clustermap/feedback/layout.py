@@ -11,18 +11,24 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
     12  4   header size (u32) = 4096
     16  4   row count R (u32)
     20  4   entries per row K (u32)
-    24  4   row size (u32) = 64 + 48 * K
+    24  4   row size (u32) = 64 + 32 * K
     28  4   reserved (0)
     32  8   file id (u64, random)
     row r at 4096 + r * row size:
     0   8   owner word: (nonce << 32) | pid while claimed; 0 while being (re)initialised
     8   56  reserved (0)
-    64  ..  K entries of 6 words: id + 1 (0 = unused), in flight, successes, failures,
-            failure streak (failures since this worker's last success), latency sum (µs)
+    64  ..  K entries of 4 words:
+            0  tag: node id + 1 (0 = unused); written last when the entry is taken
+            1  calls: bits 0-15 in flight, 16-39 successes (mod 2**24),
+               40-63 latency sum in units of 10 µs (mod 2**24)
+            2  failures (mod 2**64)
+            3  streak: bits 32-63 the successes count when the streak began, 0-31 failures since
+               (a streak whose success count is not the current one has been broken: 0)
 
 A worker owns a row while it holds an OFD write lock on the row's bytes (the kernel drops it when
-the process dies). Only the owner writes the row, one whole word at a time; every counter but
-``in flight`` only grows (wrapping at 2**64). Everything in this file is untrusted input for the
+the process dies). Only the owner writes the row, one whole word at a time. A successful call is
+one store into the ``calls`` word when it starts and one when it ends; counters wrap, and the
+sidecar reads differences between two sweeps. Everything in this file is untrusted input for the
 sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may have written.
 
 ``<region>.load`` — written by the sidecar only, mapped read-only by workers::
@@ -53,8 +59,10 @@ __all__ = [
     "MAX_IDS",
     "MAX_IN_FLIGHT",
     "MAX_ROWS",
+    "OK_DONE",
     "ROW_HEADER",
     "SWEEP_OFF",
+    "WORD_MASK",
     "ZERO_OFF",
     "Entry",
     "FeedbackHeader",
@@ -75,7 +83,7 @@ LOAD_MAGIC: Final = b"CLMAPLOD"
 VERSION: Final = 1
 HEADER_SIZE: Final = 4096
 ROW_HEADER: Final = 64
-ENTRY_WORDS: Final = 6
+ENTRY_WORDS: Final = 4
 ENTRY_SIZE: Final = ENTRY_WORDS * 8
 SWEEP_OFF: Final = 32
 #: Offset of a header word of the load file that is always 0: the load of a node without an id.
@@ -86,8 +94,18 @@ MAX_ENTRIES: Final = 4096
 MAX_IDS: Final = 1 << 24
 #: The longest ejection anyone honours: a reader treats a later ``until`` as garbage (expired).
 MAX_EJECTION_S: Final = 3600
-#: A row claiming more calls in flight to one node than this is garbage, not load.
-MAX_IN_FLIGHT: Final = 1 << 20
+#: Fields of the ``calls`` word.
+IN_FLIGHT_MASK: Final = 0xFFFF
+OK_SHIFT: Final = 16
+OK_MASK: Final = 0xFFFFFF
+LATENCY_SHIFT: Final = 40
+LATENCY_MASK: Final = 0xFFFFFF
+LATENCY_UNIT_NS: Final = 10_000
+WORD_MASK: Final = (1 << 64) - 1
+#: Added to ``calls`` when a call ends well: one success, one call fewer in flight.
+OK_DONE: Final = (1 << OK_SHIFT) - 1
+#: Calls in flight per (worker, node) that the field holds; more is garbage, not load.
+MAX_IN_FLIGHT: Final = IN_FLIGHT_MASK
 
 _FB = struct.Struct("<8sIIIIII Q")
 _LOAD = struct.Struct("<8sIIII Q Q")
@@ -119,14 +137,15 @@ class LoadHeader:
 
 
 class Entry(NamedTuple):
-    """One (worker, node) counter set, as read from a row (already clamped)."""
+    """One (worker, node) counter set, as read from a row: ``ok`` and ``latency`` (10 µs units)
+    modulo 2**24, ``failed`` modulo 2**64, ``streak`` failures since this row's last success."""
 
     node_id: int
     in_flight: int
     ok: int
     failed: int
     streak: int
-    latency_us: int
+    latency: int
 
 
 def feedback_size(rows: int, entries: int) -> int:
@@ -212,14 +231,17 @@ def parse_row(buf: bytes, entries: int, capacity: int) -> tuple[int, list[Entry]
             rejected += 1
             continue
         seen.add(node_id)
+        calls = words[i + 1]
+        ok = (calls >> OK_SHIFT) & OK_MASK
+        streak = words[i + 3]
         out.append(
             Entry(
                 node_id,
-                min(words[i + 1], MAX_IN_FLIGHT),
+                calls & IN_FLIGHT_MASK,
+                ok,
                 words[i + 2],
-                words[i + 3],
-                words[i + 4],
-                words[i + 5],
+                streak & 0xFFFF_FFFF if streak >> 32 == ok else 0,
+                (calls >> LATENCY_SHIFT) & LATENCY_MASK,
             )
         )
     return owner, out, rejected

@@ -210,7 +210,7 @@ class Feedback:
                 return -1
             self._next = i + _W
             for k in range(1, _W):
-                words[i + k] = 0
+                words[i + k] = 0  # (the row was cleared when claimed; never trust it twice)
             words[i] = node_id + 1  # the tag last: the entry is complete when it is visible
             self._slots[node_id] = i + 1
             return i + 1

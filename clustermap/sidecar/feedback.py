@@ -40,7 +40,7 @@ log = logging.getLogger("clustermap.sidecar.feedback")
 
 _MASK: Final = (1 << 64) - 1
 #: More calls than this between two sweeps of one row is not a worker, it is garbage.
-_MAX_DELTA: Final = 1 << 32
+_MAX_DELTA: Final = 1 << 20
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
 #: new node with an old one's calls.
 _QUARANTINE_S: Final = 60.0
@@ -252,7 +252,7 @@ class FeedbackHub:
         deltas = []
         for e in entries:
             old = row.entries.get(e.node_id)
-            d_ok = (e.ok - (old.ok if old else 0)) & _MASK
+            d_ok = (e.ok - (old.ok if old else 0)) & L.OK_MASK
             d_failed = (e.failed - (old.failed if old else 0)) & _MASK
             if rejected or d_ok > _MAX_DELTA or d_failed > _MAX_DELTA:
                 self._garbage(r, row, touched, "entries with bad ids or counters going backwards")

@@ -22,14 +22,20 @@ from clustermap.sidecar.feedback import FeedbackHub
 from clustermap.sidecar.outlier import OutlierPolicy
 
 ENTRIES = 4
-ROW = L.ROW_HEADER + 48 * ENTRIES
+ROW = L.ROW_HEADER + 32 * ENTRIES
+
+
+def entry(node_id: int, in_flight: int = 0, ok: int = 0, failed: int = 0) -> tuple[int, ...]:
+    """The four words of an entry (streak: ``failed`` failures since the last success)."""
+    calls = in_flight | ok << L.OK_SHIFT
+    return (node_id + 1, calls, failed, ok << 32 | failed)
 
 
 def row_bytes(owner: int, entries: list[tuple[int, ...]]) -> bytes:
     words = [owner, *[0] * 7]
     for e in entries:
         words += list(e)
-    words += [0] * (ENTRIES * 6 - 6 * len(entries))
+    words += [0] * (ENTRIES * 4 - 4 * len(entries))
     return struct.pack(f"<{len(words)}Q", *words)
 
 
@@ -48,19 +54,20 @@ def test_headers_round_trip_and_refuse_garbage() -> None:
 
 
 def test_parse_row_keeps_valid_entries_and_rejects_the_rest() -> None:
+    broken = (1 + 4, 7 << L.OK_SHIFT | 3 << L.LATENCY_SHIFT, 2, 6 << 32 | 2)  # streak of 6 oks
     raw = row_bytes(
         5,
         [
-            (1 + 3, 2, 10, 1, 0, 100),  # node 3
-            (1 + 3, 9, 9, 9, 9, 9),  # node 3 again: rejected
-            (1 + 500, 1, 1, 1, 1, 1),  # beyond capacity: rejected
-            (1 + 4, 1 << 40, 0, 0, 0, 0),  # in flight clamped
+            entry(3, in_flight=2, ok=10, failed=1),  # node 3: 1 failure since its 10th success
+            entry(3, 9, 9, 9),  # node 3 again: rejected
+            entry(500, 1, 1, 1),  # beyond capacity: rejected
+            broken,  # a streak that began at success 6, but there have been 7: broken
         ],
     )
     owner, entries, rejected = L.parse_row(raw, ENTRIES, 100)
     assert owner == 5
     assert rejected == 2
-    assert entries == [L.Entry(3, 2, 10, 1, 0, 100), L.Entry(4, L.MAX_IN_FLIGHT, 0, 0, 0, 0)]
+    assert entries == [L.Entry(3, 2, 10, 1, 1, 0), L.Entry(4, 0, 7, 2, 0, 3)]
 
 
 @given(st.binary(min_size=ROW, max_size=ROW), st.integers(1, 1 << 24))
@@ -111,9 +118,9 @@ def test_sweep_counts_live_rows_only_and_forgets_released_ones(hub: FeedbackHub)
     holder = os.open(hub.rows_path, os.O_RDWR)  # another open file description: a "worker"
     try:
         assert try_lock(holder, L.HEADER_SIZE, hub.header.row_size)
-        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [(1, 3, 0, 0, 0, 0)]))
+        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [entry(0, in_flight=3)]))
         # Row 1 has content but nobody holds it: a dead worker's, not counted.
-        write_row(hub, holder, 1, row_bytes(1 << 32 | 8, [(1, 50, 0, 0, 0, 0)]))
+        write_row(hub, holder, 1, row_bytes(1 << 32 | 8, [entry(0, in_flight=50)]))
         hub.sweep()
         assert load_of(hub, 0) == 3
         assert hub.rows_in_use == 1
@@ -129,14 +136,14 @@ def test_a_row_going_backwards_is_ignored_until_its_owner_changes(hub: FeedbackH
     holder = os.open(hub.rows_path, os.O_RDWR)
     try:
         assert try_lock(holder, L.HEADER_SIZE, hub.header.row_size)
-        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [(1, 2, 10, 0, 0, 0)]))
+        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [entry(0, 2, failed=10)]))
         hub.sweep()
         assert load_of(hub, 0) == 2
-        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [(1, 2, 3, 0, 0, 0)]))
+        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [entry(0, 2, failed=3)]))
         hub.sweep()
         assert hub.garbage == 1
         assert load_of(hub, 0) == 0  # its load no longer counts
-        write_row(hub, holder, 0, row_bytes(2 << 32 | 7, [(1, 1, 0, 0, 0, 0)]))
+        write_row(hub, holder, 0, row_bytes(2 << 32 | 7, [entry(0, 1)]))
         hub.sweep()
         assert load_of(hub, 0) == 1  # a new owner starts clean
     finally:
