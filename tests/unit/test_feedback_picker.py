@@ -82,8 +82,13 @@ def test_least_request_prefers_the_less_loaded_of_two() -> None:
     p.load_source = Source()
     load[8 + 10] = 5  # node 80 (id 10) is busy
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
-    assert picks[80] < 4000 / 16 * 1.5  # only when drawn twice: 1/16
+    assert picks[80] == 0  # two distinct nodes are drawn: the busy one always loses
     assert min(picks[q] for q in (81, 82, 83)) > 4000 / 4
+    load[8 + 10] = 0
+    load[8 + 11] = 1  # ties go to the first drawn: still uniform among the idle ones
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[81] == 0
+    assert min(picks[q] for q in (80, 82, 83)) > 4000 / 4
     # Without feedback: P2C with equal loads, that is random.
     plain = make_picker(service())
     assert ports(plain, strategy="least_request") == {80, 81, 82, 83}
