@@ -71,10 +71,11 @@ _time_ns = time.time_ns
 
 
 class LoadSource(Protocol):
-    """Where least_request reads in-flight counts: ``(words, base, capacity, zero)`` so that
-    ``words[base + id]`` is node ``id``'s count and ``words[zero]`` is 0; None if unavailable."""
+    """Where least_request reads machine-wide figures: ``(words, base, capacity, zero, one)``
+    so that ``words[base + id]`` is node ``id``'s calls in flight, ``words[base + capacity +
+    id]`` its latency, ``words[zero]`` is 0 and ``words[one]`` is 1; None if unavailable."""
 
-    def load_view(self) -> tuple[memoryview, int, int, int] | None: ...
+    def load_view(self) -> tuple[memoryview, int, int, int, int] | None: ...
 
 
 _xxh64 = xxhash.xxh64_intdigest
@@ -186,6 +187,7 @@ class ServicePicker:
         "_lr_count",
         "_lr_count2",
         "_lr_ids",
+        "_lr_lat",
         "_lr_limit",
         "_lr_limit2",
         "_lr_nodes",
@@ -240,6 +242,7 @@ class ServicePicker:
         self._load: memoryview | None = None
         self._lr_nodes: list[Node] = []
         self._lr_ids: list[int] = []
+        self._lr_lat: list[int] = []
         self._lr_bits = self._lr_limit = self._lr_count = 0
         self._lr_bits2 = self._lr_limit2 = self._lr_count2 = 0
         self.after_fork()
@@ -371,9 +374,10 @@ class ServicePicker:
         return self._consistent_hash_slow(key)
 
     def least_request(self) -> Node:
-        """Power of two choices: of two distinct random nodes, the one with fewer calls in
-        flight on the whole machine (docs/feedback.md). With unequal weights the two are drawn
-        in proportion to weight. Without feedback, a random node (P2C with equal loads)."""
+        """Power of two choices: of two distinct random nodes, the one with the lower expected
+        wait, ``(calls in flight on the whole machine + 1) x peak-EWMA latency``
+        (docs/feedback.md). With unequal weights the two are drawn in proportion to weight.
+        Without feedback, a random node (P2C with equal costs)."""
         load = self._load
         if load is not None:
             x = _getrandbits(self._lr_bits)
@@ -383,8 +387,9 @@ class ServicePicker:
                 j = y % self._lr_count2
                 if j >= i:
                     j += 1
-                ids = self._lr_ids
-                if load[ids[j]] < load[ids[i]]:
+                # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
+                ids, lat = self._lr_ids, self._lr_lat
+                if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
                     return self._lr_nodes[j]
                 return self._lr_nodes[i]
         return self._least_request_slow()
@@ -402,8 +407,10 @@ class ServicePicker:
         if j >= i:
             j += 1
         load = self._load
-        if load is not None and load[self._lr_ids[j]] < load[self._lr_ids[i]]:
-            return nodes[j]
+        if load is not None:
+            ids, lat = self._lr_ids, self._lr_lat
+            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+                return nodes[j]
         return nodes[i]
 
     @staticmethod
@@ -423,13 +430,15 @@ class ServicePicker:
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
-            _, base, capacity, zero = view
+            _, base, capacity, zero, one = view
             position = {id(n): k for k, n in enumerate(self.service.nodes)}
-            ids = []
+            ids, lat = [], []
             for n in candidates:
                 node_id = overlay.ids[position[id(n)]]
-                ids.append(base + node_id if 0 <= node_id < capacity else zero)
-            self._lr_ids = ids
+                known = 0 <= node_id < capacity
+                ids.append(base + node_id if known else zero)
+                lat.append(base + capacity + node_id if known else one)
+            self._lr_ids, self._lr_lat = ids, lat
         self._lr_nodes = list(candidates)
         count = len(candidates)
         self._lr_bits, self._lr_limit = _uniform_params(count)
