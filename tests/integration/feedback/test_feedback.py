@@ -163,6 +163,7 @@ def test_failures_from_two_workers_add_up_and_eject_for_a_third(
     wait_for(lambda: address("a") not in third.picks(), 10, "the node to be ejected")
     assert set(third.picks(n=100)) == {address("b"), address("c")}
     assert set(third.picks("random", 100)) == {address("b"), address("c")}
+    assert json.loads(third("nodes", "api")) == [address("b"), address("c")]
 
     status = cmctl(region_path, "status")
     ejected = status["ejected"]
