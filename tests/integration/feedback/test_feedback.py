@@ -268,3 +268,16 @@ def test_without_feedback_picks_work_and_everyone_says_it_is_off(
     assert cm.report("api", node, ok=False) is False
     with cm.call("api") as picked:
         assert picked.port in NODES.values()
+
+
+@pytest.mark.parametrize("running", [{"CLUSTERMAP_OUTLIER_BASE_EJECTION_TIME": "2"}], indirect=True)
+def test_ejections_end_on_the_workers_clock_when_the_sidecar_is_gone(
+    running: SidecarProc, region_path: Path, agents: list[Agent]
+) -> None:
+    worker = Agent(region_path)
+    agents.append(worker)
+    assert worker("report", "api", address("c"), "fail", 5) == "ok 5"
+    wait_for(lambda: address("c") not in worker.picks(), 10, "the node to be ejected")
+    running.kill()  # nobody will republish the service now
+    wait_for(lambda: address("c") in worker.picks(), 10, "the ejection to expire")
+    assert cmctl(region_path, "status")["ejected"] == []
