@@ -75,3 +75,55 @@ def test_broken_files_turn_feedback_off_and_picks_go_on(
     offs = [r for r in caplog.records if "feedback is off" in r.getMessage()]
     assert len(offs) == 1, offs  # one line per process, however many calls
     assert feedback_status(str(region))["state"] == "off"
+
+
+def my_entry(cm: clustermap.ClusterMap, region: Path) -> tuple[int, int, int, int]:
+    """(in flight, successes, failures, streak) of this process's only entry, from the file."""
+    from clustermap.feedback import layout as FL
+
+    raw = Path(str(region) + ".feedback").read_bytes()
+    head = FL.parse_feedback_header(raw[:64], len(raw))
+    assert cm._feedback is not None
+    off = FL.row_offset(head, cm._feedback.row)
+    _, entries, _ = FL.parse_row(raw[off : off + head.row_size], head.entries, 64)
+    (e,) = entries
+    return e.in_flight, e.ok, e.failed, e.streak
+
+
+def test_which_outcomes_count(region: Path) -> None:
+    """The rules of docs/feedback.md, read back from this process's row (a key pins the node)."""
+    cm = clustermap.open(region)
+    with cm.call("api", key="k") as node:
+        assert my_entry(cm, region) == (1, 0, 0, 0)  # in flight while the block runs
+    assert my_entry(cm, region) == (0, 1, 0, 0)
+
+    def block(exc: BaseException, **kw: tuple[type[BaseException], ...]) -> None:
+        with cm.call("api", key="k", **kw) as picked:
+            assert picked == node
+            raise exc
+
+    def run(exc: BaseException, **kw: tuple[type[BaseException], ...]) -> None:
+        with pytest.raises(type(exc)):
+            block(exc, **kw)
+
+    run(ConnectionError())
+    assert my_entry(cm, region) == (0, 1, 1, 1)  # an Exception escaping: a failure
+    run(LookupError(), ok_exceptions=(LookupError,))
+    assert my_entry(cm, region) == (0, 2, 1, 0)  # narrowed: a success, the streak broken
+    run(ValueError(), failure_exceptions=(OSError,))
+    assert my_entry(cm, region) == (0, 2, 1, 0)  # outside both: released, not judged
+    run(KeyboardInterrupt())
+    assert my_entry(cm, region) == (0, 2, 1, 0)  # a BaseException: not judged
+    c = cm.call("api", key="k")
+    with c:
+        c.mark_failed()
+
+    def marked_ok() -> None:
+        c = cm.call("api", key="k")
+        with c:
+            c.mark_ok()
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        marked_ok()
+    assert my_entry(cm, region) == (0, 3, 2, 0)
