@@ -28,9 +28,11 @@ __all__ = [
     "RegionUnavailable",
     "Service",
     "UnknownService",
+    "call",
     "nodes",
     "open",
     "pick",
+    "report",
 ]
 
 __version__ = "0.1.0"
@@ -44,7 +46,15 @@ pick = _default.pick
 #: ``nodes(service) -> tuple[Node, ...]``: the healthy nodes on the default map.
 nodes = _default.nodes
 
+#: ``with call(service, key=None, strategy=None, subset=None) as node:`` a pick counted in flight
+#: machine-wide and judged by how the block ends (see ClusterMap.call, docs/feedback.md).
+call = _default.call
+
+#: ``report(service, node, ok, latency=None) -> bool``: one finished call, without a with-block.
+report = _default.report
+
 
 def open(path: str | _os.PathLike[str]) -> ClusterMap:
-    """An explicit handle on the region at ``path``, with ``pick``, ``nodes`` and ``service``."""
+    """An explicit handle on the region at ``path``: ``pick``, ``nodes``, ``service``, ``call``,
+    ``report``."""
     return ClusterMap(path)

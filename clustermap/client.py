@@ -25,8 +25,11 @@ from typing import Final
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, ServicePicker
-from clustermap.errors import UnknownService
-from clustermap.model import Node, Service
+from clustermap.balance.picker import make_picker
+from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
+from clustermap.feedback.calls import Call, CustomCall, record
+from clustermap.feedback.worker import Feedback
+from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region.reader import RegionReader
 
 __all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
@@ -34,6 +37,7 @@ __all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
 DEFAULT_REGION: Final = "/dev/shm/clustermap/default.region"
 
 _xxh64 = xxhash.xxh64_intdigest
+_new = object.__new__
 
 # (words of the file it was read from, index of its slot's version word, version, picker)
 _Entry = tuple[memoryview, int, int, ServicePicker]
@@ -50,7 +54,17 @@ class ClusterMap:
     is missing (a worker may start before the sidecar has published anything).
     """
 
-    __slots__ = ("__weakref__", "_entries", "_lock", "_pid", "_reader", "path")
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_fbw",
+        "_feedback",
+        "_lock",
+        "_pid",
+        "_reader",
+        "_subsets",
+        "path",
+    )
 
     path: str | None
 
@@ -61,6 +75,11 @@ class ClusterMap:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._reader: RegionReader | None = None
+        self._feedback: Feedback | None = None
+        self._fbw: memoryview | None = None  # this process's feedback words, once it has a row
+        self._subsets: dict[
+            tuple[str, tuple[tuple[str, str], ...]], tuple[ServicePicker, ServicePicker]
+        ] = {}
         _handles.add(self)
         if not lazy:
             self._ensure_reader()
@@ -95,8 +114,13 @@ class ClusterMap:
     # -- everything else ----------------------------------------------------------------------
 
     def nodes(self, service: str) -> tuple[Node, ...]:
-        """The healthy nodes of ``service`` (``up``, weight > 0), in map order."""
-        return self.service(service).healthy_nodes()
+        """The healthy nodes of ``service`` (``up``, weight > 0, not ejected), in map order."""
+        picker = self.picker(service)
+        ejected = picker.ejected
+        if not ejected:
+            return picker.service.healthy_nodes()
+        nodes = picker.service.nodes
+        return tuple(n for k, n in enumerate(nodes) if n.healthy and k not in ejected)
 
     def service(self, service: str) -> Service:
         """The whole service as the map has it, every node whatever its status."""
@@ -141,7 +165,11 @@ class ClusterMap:
                 raise
             old = self._entries.get(name)
             # The same version in a replacement file is the same content: keep the warm picker.
-            picker = old[3] if old is not None and old[2] == version else ServicePicker(service)
+            if old is not None and old[2] == version:
+                picker = old[3]
+            else:
+                picker = make_picker(service)
+                picker.load_source = self._feedback_state()
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
             self._entries[name] = entry
             return entry
@@ -149,8 +177,168 @@ class ClusterMap:
     def _reset_after_fork(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        if self._feedback is not None:
+            self._feedback.after_fork()  # the parent's feedback row is not ours
+        self._fbw = None
         for entry in self._entries.values():
             entry[3].after_fork()
+            entry[3].feedback_slots = None
+        for _, sub in self._subsets.values():
+            sub.after_fork()
+            sub.feedback_slots = None
+
+    # -- feedback (docs/feedback.md) ----------------------------------------------------------
+
+    def call(
+        self,
+        service: str,
+        key: str | bytes | None = None,
+        strategy: str | None = None,
+        subset: dict[str, str] | None = None,
+        *,
+        ok_exceptions: tuple[type[BaseException], ...] | None = None,
+        failure_exceptions: tuple[type[BaseException], ...] | None = None,
+    ) -> Call:
+        """``with cm.call("svc") as node:`` picks like :meth:`pick` and counts the call in flight
+        machine-wide until the block ends, then records its outcome and latency (see
+        :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
+        keeps the nodes whose meta has all those pairs (NoAvailableNode if none)."""
+        if subset:
+            picker = self._subset_picker(service, subset)
+            node = picker.pick(key, strategy)
+        else:
+            try:
+                words, index, version, picker = self._entries[service]
+                if words[index] != version:
+                    picker = self._refresh(service)[3]
+            except KeyError:
+                picker = self._refresh(service)[3]
+            node = (
+                picker.default()
+                if key is None and strategy is None
+                else self.pick(service, key, strategy)
+            )
+        if ok_exceptions is None and failure_exceptions is None:
+            c = _new(Call)
+        else:
+            c = _new(CustomCall)
+            c.ok_exceptions = ok_exceptions or ()
+            c.failure_exceptions = (
+                (Exception,) if failure_exceptions is None else failure_exceptions
+            )
+        c.node = node
+        c._failed = None
+        fw = self._fbw
+        if fw is None and self._feedback_ready():
+            fw = self._fbw
+        if fw is not None:
+            slots = picker.feedback_slots
+            i = slots.get(id(node)) if slots is not None else None
+            if i is None:
+                i = self._feedback_slot(picker, node)
+            if i >= 0:
+                c._words = fw
+                c._i = i
+                return c
+        c._words = None
+        return c
+
+    def _feedback_ready(self) -> bool:
+        fb = self._feedback_state()
+        if fb.ready():
+            self._fbw = fb.words
+            return True
+        return False
+
+    def report(self, service: str, node: Node, ok: bool, latency: float | None = None) -> bool:
+        """Record one finished call to ``node`` (``latency`` in seconds), for callers that cannot
+        use :meth:`call`. Never raises: False when nothing was recorded (feedback off, a node
+        or service the map does not have)."""
+        try:
+            picker = self.picker(service)
+        except ClusterMapError:
+            return False
+        fb = self._feedback_state()
+        if not fb.ready():
+            return False
+        i = self._feedback_slot(picker, node)
+        if i < 0:
+            return False
+        ns = 0 if latency is None else max(0, min(int(latency * 1e9), 1 << 50))
+        record(fb.words, i, not ok, ns, 0)  # type: ignore[arg-type]
+        return True
+
+    def feedback_status(self) -> str:
+        """Whether this process writes feedback, and why not (for logs and tests)."""
+        fb = self._feedback_state()
+        fb.ready()
+        return fb.reason
+
+    def _feedback_state(self) -> Feedback:
+        fb = self._feedback
+        if fb is None:
+            path = self._reader.path if self._reader is not None else None
+            fb = self._feedback = Feedback(path or self.path or default_region_path())
+        return fb
+
+    def _feedback_slot(self, picker: ServicePicker, node: Node) -> int:
+        """This process's entry for ``node`` of ``picker``'s service (-1: none), cached on the
+        picker for the nodes it holds."""
+        service = picker.service
+        overlay = service.overlay
+        if overlay is None or self._feedback is None:
+            return -1
+        nodes = service.nodes
+        position = next((k for k, n in enumerate(nodes) if n is node), -1)
+        mine = position >= 0
+        if not mine:
+            position = next((k for k, n in enumerate(nodes) if n.key == node.key), -1)
+            if position < 0:
+                return -1
+        i = self._feedback.entry(overlay.ids[position])
+        if mine:
+            slots = picker.feedback_slots
+            if slots is None:
+                slots = picker.feedback_slots = {}
+            slots[id(node)] = i
+        return i
+
+    def _subset_picker(self, service: str, subset: dict[str, str]) -> ServicePicker:
+        """A picker over the nodes whose meta has every pair of ``subset``, cached per version."""
+        base = self.picker(service)
+        pairs = tuple(sorted(subset.items()))
+        hit = self._subsets.get((service, pairs))
+        if hit is not None and hit[0] is base:
+            return hit[1]
+        svc = base.service
+        keep = [k for k, n in enumerate(svc.nodes) if all(n.meta.get(a) == b for a, b in pairs)]
+        if not keep:
+            raise NoAvailableNode(f"service {service!r} has no node with {dict(pairs)}")
+        overlay = svc.overlay
+        if overlay is not None:
+            new = {old: k for k, old in enumerate(keep)}
+            overlay = Overlay(
+                tuple(overlay.ids[k] for k in keep),
+                tuple(
+                    Ejection(new[e.position], e.until_ns, e.reason)
+                    for e in overlay.ejected
+                    if e.position in new
+                ),
+            )
+        sub = make_picker(
+            Service(
+                svc.name,
+                tuple(svc.nodes[k] for k in keep),
+                svc.strategy,
+                svc.panic_threshold,
+                svc.revision,
+                svc.meta,
+                overlay,
+            )
+        )
+        sub.load_source = self._feedback_state()
+        self._subsets[(service, pairs)] = (base, sub)
+        return sub
 
     def __repr__(self) -> str:
         return f"ClusterMap({self.path!r}, {len(self._entries)} services cached)"

@@ -18,7 +18,9 @@ __all__ = [
     "STATUSES",
     "STRATEGIES",
     "UP",
+    "Ejection",
     "Node",
+    "Overlay",
     "Service",
     "parse_address",
 ]
@@ -67,6 +69,30 @@ class Node(NamedTuple):
         return (self.host, self.port)
 
 
+class Ejection(NamedTuple):
+    """A node the sidecar took out of rotation from callers' feedback (see docs/feedback.md).
+
+    ``position`` indexes :attr:`Service.nodes`; ``until_ns`` is the wall clock (ns since the
+    epoch) at which the node returns on its own, even if no sidecar is left to say so.
+    """
+
+    position: int
+    until_ns: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    """What the sidecar adds to a service from callers' feedback; never the server's data.
+
+    ``ids`` is parallel to :attr:`Service.nodes`: each node's index into the machine's feedback
+    counters (-1: none). ``ejected`` lists the nodes currently ejected.
+    """
+
+    ids: tuple[int, ...] = ()
+    ejected: tuple[Ejection, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """A named set of nodes plus the options that steer picking among them.
@@ -75,7 +101,8 @@ class Service:
     (0.0-1.0, 0 disables it) is Envoy's panic mode: when the healthy fraction of nodes falls below
     it, picks spread over every node that is ``up`` or ``down`` (never ``drain`` or weight 0, which
     are an operator's decisions). ``revision`` is the server revision at which the service last
-    changed.
+    changed. ``overlay`` carries the sidecar's feedback verdicts (node ids, ejections); it takes
+    no part in equality, so a service with an overlay equals the server's service.
     """
 
     name: str
@@ -84,6 +111,7 @@ class Service:
     panic_threshold: float = 0.0
     revision: int = 0
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    overlay: Overlay | None = field(default=None, compare=False)
 
     def healthy_nodes(self) -> tuple[Node, ...]:
         """The nodes that may receive traffic outside panic mode, in map order."""

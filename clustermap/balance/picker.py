@@ -20,10 +20,11 @@ Design points, each measured in notes/lb-facts.md:
 from __future__ import annotations
 
 import random as _random_module
+import time
 from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
 from itertools import cycle
-from typing import Final
+from typing import Final, Protocol
 
 import xxhash
 
@@ -37,17 +38,46 @@ from clustermap.balance.hashing import (
 )
 from clustermap.balance.schedule import smooth_wrr
 from clustermap.errors import NoAvailableNode
+from clustermap.feedback.layout import MAX_EJECTION_S
 from clustermap.model import DOWN, DRAIN, UP, Node, Service
 
-__all__ = ["HASHES", "STRATEGIES", "ServicePicker"]
+__all__ = [
+    "HASHES",
+    "STRATEGIES",
+    "ExpiringPicker",
+    "LoadSource",
+    "ServicePicker",
+    "live_ejections",
+    "make_picker",
+]
 
 #: Strategy names :meth:`ServicePicker.pick` accepts: model.STRATEGIES plus ``weighted_random``.
-STRATEGIES: Final = ("round_robin", "random", "weighted", "weighted_random", "consistent_hash")
+#: ``least_request`` needs the feedback files (docs/feedback.md) and is per pick only.
+STRATEGIES: Final = (
+    "round_robin",
+    "random",
+    "weighted",
+    "weighted_random",
+    "consistent_hash",
+    "least_request",
+)
 
 #: Values of ``service.meta["hash"]`` selecting the consistent-hash algorithm (absent: maglev).
 HASHES: Final = ("maglev", "ketama", "ketama_libmemcached")
 
 _M: Final = MAGLEV_TABLE_SIZE
+_NONE: Final[frozenset[int]] = frozenset()
+_time_ns = time.time_ns
+
+
+class LoadSource(Protocol):
+    """Where least_request reads machine-wide figures: ``(words, base, capacity, zero, one)``
+    so that ``words[base + id]`` is node ``id``'s calls in flight, ``words[base + capacity +
+    id]`` its latency, ``words[zero]`` is 0 and ``words[one]`` is 1; None if unavailable."""
+
+    def load_view(self) -> tuple[memoryview, int, int, int, int] | None: ...
+
+
 _xxh64 = xxhash.xxh64_intdigest
 # Bound methods of the module-level generator, which CPython reseeds in every forked child.
 _random = _random_module.random
@@ -67,11 +97,43 @@ def _rank(node: Node) -> tuple[int, str, list[tuple[str, str]]]:
     return (-node.weight, node.status, sorted(node.meta.items()))
 
 
-def _eligible(service: Service) -> tuple[tuple[Node, ...], bool, str]:
-    """The nodes picks may go to, in canonical order; whether panic mode applies; why if none."""
+def live_ejections(service: Service, now_ns: int) -> tuple[frozenset[int], int]:
+    """(positions of the nodes ejected at ``now_ns``, wall-clock ns of the first return; 0 if
+    none). An ``until`` beyond :data:`MAX_EJECTION_S` from now is garbage and ignored."""
+    overlay = service.overlay
+    if overlay is None or not overlay.ejected:
+        return frozenset(), 0
+    horizon = now_ns + MAX_EJECTION_S * 1_000_000_000
+    live = [e for e in overlay.ejected if now_ns < e.until_ns <= horizon]
+    if not live:
+        return frozenset(), 0
+    return frozenset(e.position for e in live), min(e.until_ns for e in live)
+
+
+def _eligible(
+    service: Service, ejected: frozenset[int] = frozenset()
+) -> tuple[tuple[Node, ...], bool, str]:
+    """The nodes picks may go to, in canonical order; whether panic mode applies; why if none.
+
+    Ejected nodes (positions in ``service.nodes``) count as unhealthy, so the panic threshold
+    still applies; an ejection that would leave no node at all is ignored (docs/feedback.md).
+    """
+    if ejected:
+        unique, panic, why = _eligible_among(service, ejected)
+        if unique:
+            return unique, panic, why
+    return _eligible_among(service, frozenset())
+
+
+def _eligible_among(
+    service: Service, ejected: frozenset[int]
+) -> tuple[tuple[Node, ...], bool, str]:
     nodes = service.nodes
     total = len(nodes)
-    healthy = [n for n in nodes if n.healthy]
+    if ejected:
+        healthy = [n for k, n in enumerate(nodes) if n.healthy and k not in ejected]
+    else:
+        healthy = [n for n in nodes if n.healthy]
     panic = False
     chosen = healthy
     threshold = service.panic_threshold
@@ -119,6 +181,16 @@ class ServicePicker:
         "_hash",
         "_ketama",
         "_limit",
+        "_load",
+        "_lr_bits",
+        "_lr_bits2",
+        "_lr_count",
+        "_lr_count2",
+        "_lr_ids",
+        "_lr_lat",
+        "_lr_limit",
+        "_lr_limit2",
+        "_lr_nodes",
         "_nodes_list",
         "_rr_next",
         "_schedule",
@@ -129,6 +201,10 @@ class ServicePicker:
         "_wrr_next",
         "default",
         "default_strategy",
+        "ejected",
+        "expires_ns",
+        "feedback_slots",
+        "load_source",
         "maglev",
         "nodes",
         "panic",
@@ -137,7 +213,12 @@ class ServicePicker:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.nodes, self.panic, self._why = _eligible(service)
+        #: Positions (in ``service.nodes``) of the nodes ejected by feedback, and the wall clock
+        #: (ns) at which the first of them returns (0: none); see :class:`ExpiringPicker`.
+        self.ejected, self.expires_ns = (
+            live_ejections(service, _time_ns()) if service.overlay is not None else (_NONE, 0)
+        )
+        self.nodes, self.panic, self._why = _eligible(service, self.ejected)
         self._nodes_list = list(self.nodes)
         self._count = len(self._nodes_list)
         self._bits, self._limit = _uniform_params(self._count)
@@ -154,6 +235,16 @@ class ServicePicker:
         self._rr_next: Callable[[], Node] = self._no_node
         self._wrr_next: Callable[[], Node] = self._build_weighted
         self._default: Callable[[], Node] | None = self._no_node
+        #: Where least_request finds the machine-wide in-flight counts (set by the client).
+        self.load_source: LoadSource | None = None
+        #: The client's cache: ``id(node)`` -> word index of this process's feedback entry.
+        self.feedback_slots: dict[int, int] | None = None
+        self._load: memoryview | None = None
+        self._lr_nodes: list[Node] = []
+        self._lr_ids: list[int] = []
+        self._lr_lat: list[int] = []
+        self._lr_bits = self._lr_limit = self._lr_count = 0
+        self._lr_bits2 = self._lr_limit2 = self._lr_count2 = 0
         self.after_fork()
 
     # -- per-process state -------------------------------------------------------------------
@@ -224,6 +315,8 @@ class ServicePicker:
             return self.consistent_hash(key)
         if strategy == "weighted_random":
             return self.weighted_random()
+        if strategy == "least_request":
+            return self.least_request()
         raise ValueError(f"unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
 
     def round_robin(self) -> Node:
@@ -280,6 +373,80 @@ class ServicePicker:
             return table[_xxh64(key) % _M]
         return self._consistent_hash_slow(key)
 
+    def least_request(self) -> Node:
+        """Power of two choices: of two distinct random nodes, the one with the lower expected
+        wait, ``(calls in flight on the whole machine + 1) x peak-EWMA latency``
+        (docs/feedback.md). With unequal weights the two are drawn in proportion to weight.
+        Without feedback, a random node (P2C with equal costs)."""
+        load = self._load
+        if load is not None:
+            x = _getrandbits(self._lr_bits)
+            y = _getrandbits(self._lr_bits2)
+            if x < self._lr_limit and y < self._lr_limit2:
+                i = x % self._lr_count
+                j = y % self._lr_count2
+                if j >= i:
+                    j += 1
+                # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
+                ids, lat = self._lr_ids, self._lr_lat
+                if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+                    return self._lr_nodes[j]
+                return self._lr_nodes[i]
+        return self._least_request_slow()
+
+    def _least_request_slow(self) -> Node:
+        if not self._lr_count:
+            self._build_least_request()
+        nodes, count = self._lr_nodes, self._lr_count
+        if not count:
+            raise NoAvailableNode(self._why)
+        i = self._draw(self._lr_bits, self._lr_limit, count)
+        if count == 1:
+            return nodes[0]
+        j = self._draw(self._lr_bits2, self._lr_limit2, count - 1)
+        if j >= i:
+            j += 1
+        load = self._load
+        if load is not None:
+            ids, lat = self._lr_ids, self._lr_lat
+            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+                return nodes[j]
+        return nodes[i]
+
+    @staticmethod
+    def _draw(bits: int, limit: int, count: int) -> int:
+        x = _getrandbits(bits)
+        while x >= limit:
+            x = _getrandbits(bits)
+        return x % count
+
+    def _build_least_request(self) -> None:
+        nodes = self._nodes_list
+        if not nodes:
+            return
+        candidates = nodes
+        if len({n.weight for n in nodes}) > 1:
+            candidates = self._schedule or self._weighted_schedule()
+        view = self.load_source.load_view() if self.load_source is not None else None
+        overlay = self.service.overlay
+        if view is not None and overlay is not None:
+            _, base, capacity, zero, one = view
+            position = {id(n): k for k, n in enumerate(self.service.nodes)}
+            ids, lat = [], []
+            for n in candidates:
+                node_id = overlay.ids[position[id(n)]]
+                known = 0 <= node_id < capacity
+                ids.append(base + node_id if known else zero)
+                lat.append(base + capacity + node_id if known else one)
+            self._lr_ids, self._lr_lat = ids, lat
+        self._lr_nodes = list(candidates)
+        count = len(candidates)
+        self._lr_bits, self._lr_limit = _uniform_params(count)
+        self._lr_bits2, self._lr_limit2 = _uniform_params(count - 1)
+        self._lr_count, self._lr_count2 = count, count - 1
+        if view is not None and overlay is not None and count > 1:
+            self._load = view[0]  # last: the fast path runs only once everything is set
+
     # -- lazy builds -------------------------------------------------------------------------
 
     def _weighted_schedule(self) -> list[Node]:
@@ -330,3 +497,62 @@ class ServicePicker:
             f"service {self.service.name!r}: unknown meta hash={kind!r} "
             f"(expected one of {', '.join(HASHES)})"
         )
+
+
+class ExpiringPicker(ServicePicker):
+    """The picker of a service with ejected nodes: every pick first reads the clock, so the
+    ejections end on time even when no sidecar is left to republish the service.
+
+    Only services with ejections pay for it (one clock read and one Python call per pick). Keyed
+    picks go through :meth:`consistent_hash`: ``maglev`` stays None so that the client's inlined
+    table lookup, which cannot check the clock, is skipped.
+    """
+
+    __slots__ = ("_inner", "_table")
+
+    def __init__(self, service: Service) -> None:
+        self._table: list[Node] | None = None
+        super().__init__(service)
+
+    def _bind_default(self) -> None:
+        super()._bind_default()
+        self._inner = self.default
+        if self.expires_ns:
+            self.default = self._checked_default
+
+    def _checked_default(self) -> Node:
+        if _time_ns() >= self.expires_ns:
+            self._expire()
+        return self._inner()
+
+    def _expire(self) -> None:
+        """Rebuild in place with the ejections still running at the current time."""
+        source = self.load_source
+        self.__init__(self.service)  # type: ignore[misc]
+        self.load_source = source
+
+    def pick(self, key: str | bytes | None = None, strategy: str | None = None) -> Node:
+        if self.expires_ns and _time_ns() >= self.expires_ns:
+            self._expire()
+        return super().pick(key, strategy)
+
+    def consistent_hash(self, key: str | bytes) -> Node:
+        if self.expires_ns and _time_ns() >= self.expires_ns:
+            self._expire()
+        return self._consistent_hash_slow(key)
+
+    def _consistent_hash_slow(self, key: str | bytes) -> Node:
+        table = self._table
+        if table is not None:
+            return table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
+        node = super()._consistent_hash_slow(key)
+        self._table, self.maglev = self.maglev, None
+        return node
+
+
+def make_picker(service: Service) -> ServicePicker:
+    """The picker for ``service``: an :class:`ExpiringPicker` when it has ejected nodes."""
+    overlay = service.overlay
+    if overlay is not None and overlay.ejected:
+        return ExpiringPicker(service)
+    return ServicePicker(service)

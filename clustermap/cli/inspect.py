@@ -13,9 +13,11 @@ import sys
 import time
 from typing import Any
 
+from clustermap.balance.picker import live_ejections
 from clustermap.client import ClusterMap
 from clustermap.errors import UnknownService
-from clustermap.model import STRATEGIES, Node, Service
+from clustermap.feedback.status import feedback_status
+from clustermap.model import STRATEGIES, Ejection, Node, Service
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
 from clustermap.rules import printable
@@ -50,7 +52,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("pick", help="what a worker would pick")
     p.add_argument("service")
     p.add_argument("--key", help="consistent-hash key")
-    p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random"])
+    p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random", "least_request"])
     p.add_argument("--count", type=int, default=1, metavar="N", help="pick N times")
     p.set_defaults(run=pick)
 
@@ -63,7 +65,7 @@ def add_commands(sub: Any) -> None:
 # -- JSON shapes (also used by tests and the docs) -----------------------------------------------
 
 
-def node_json(n: Node) -> dict[str, Any]:
+def node_json(n: Node, ejected: bool = False) -> dict[str, Any]:
     return {
         "host": n.host,
         "port": n.port,
@@ -71,12 +73,40 @@ def node_json(n: Node) -> dict[str, Any]:
         "weight": n.weight,
         "status": n.status,
         "meta": dict(n.meta),
+        "ejected": ejected,
     }
 
 
+def _ejections(s: Service, now_ns: int) -> dict[int, Ejection]:
+    """Positions of ``s``'s nodes ejected at ``now_ns`` (as a worker would judge them)."""
+    if s.overlay is None:
+        return {}
+    live, _ = live_ejections(s, now_ns)
+    return {e.position: e for e in s.overlay.ejected if e.position in live}
+
+
+def ejected_json(services: dict[str, Service]) -> list[dict[str, Any]]:
+    now = time.time_ns()
+    out = []
+    for name in sorted(services):
+        s = services[name]
+        for position, e in sorted(_ejections(s, now).items()):
+            out.append(
+                {
+                    "service": name,
+                    "address": s.nodes[position].address,
+                    "reason": e.reason,
+                    "until": round(e.until_ns / 1e9, 3),
+                    "seconds_left": round((e.until_ns - now) / 1e9, 1),
+                }
+            )
+    return out
+
+
 def service_json(s: Service) -> dict[str, Any]:
+    ejected = _ejections(s, time.time_ns())
     return {
-        "nodes": [node_json(n) for n in s.nodes],
+        "nodes": [node_json(n, k in ejected) for k, n in enumerate(s.nodes)],
         "strategy": s.strategy,
         "panic_threshold": s.panic_threshold,
         "revision": s.revision,
@@ -128,6 +158,8 @@ def status_json(
         "quarantined": [
             {"service": name, "reason": why} for name, why in sorted(meta.quarantined.items())
         ],
+        "ejected": ejected_json(snap.services),
+        "feedback": feedback_status(reader.path),
     }
 
 
@@ -161,12 +193,14 @@ def dump(args: argparse.Namespace) -> int:
             f"{healthy} healthy, rev {s.revision}"
         )
         width = max((len(n.address) for n in s.nodes), default=0)
-        for n in s.nodes:
+        ejected = _ejections(s, time.time_ns())
+        for i, n in enumerate(s.nodes):
             meta = " ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(n.meta.items()))
+            flag = "EJECTED " if i in ejected else ""
             line = (
                 f"  {printable(n.address):<{width}}  weight {n.weight:<4} {printable(n.status):<5}"
             )
-            print(f"{line} {meta}".rstrip())
+            print(f"{line} {flag}{meta}".rstrip())
     return 0
 
 
@@ -205,6 +239,19 @@ def status(args: argparse.Namespace) -> int:
     ]
     rows += [(f"  {q['service']}", q["reason"]) for q in st["quarantined"]]
     rows += [(f"  {k}", str(v)) for k, v in sorted(st["counters"].items())]
+    fb = st["feedback"]
+    if fb["state"] == "on":
+        rows.append(("feedback", f"on, {fb['rows_in_use']} of {fb['rows']} rows in use"))
+    else:
+        rows.append(("feedback", f"off: {fb['reason']}"))
+    for e in st["ejected"]:
+        rows.append(
+            (
+                "ejected",
+                f"{printable(e['service'])} {printable(e['address'])} "
+                f"for {e['seconds_left']} s: {printable(e['reason'])}",
+            )
+        )
     for k, v in rows:
         print(f"{k:<12} {v}")
     return 0
@@ -263,6 +310,17 @@ def _diff(a: Snapshot, b: Snapshot) -> list[str]:
                     out.append(f"{head} {name} {sign} {y.address} weight {y.weight} {y.status}")
             if old.strategy != new.strategy or old.meta != new.meta:
                 out.append(f"{head} {name} options {new.strategy} {dict(new.meta)}")
+    now = time.time_ns()
+    for name in sorted(set(a.services) & set(b.services)):
+        was = a.services[name]
+        old_ej = {was.nodes[p].address for p in _ejections(was, now)}
+        new_ej = _ejections(b.services[name], now)
+        nodes = b.services[name].nodes
+        for p, e in sorted(new_ej.items()):
+            if nodes[p].address not in old_ej:
+                out.append(f"{head} {name} ejected {nodes[p].address}: {e.reason}")
+        for address in sorted(old_ej - {nodes[p].address for p in new_ej}):
+            out.append(f"{head} {name} returned {address}")
     for flag in ("stale", "protected"):
         if getattr(a.meta, flag) != getattr(b.meta, flag):
             out.append(f"{head} {flag} = {getattr(b.meta, flag)} {b.meta.reason}".rstrip())

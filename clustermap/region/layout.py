@@ -48,7 +48,9 @@ match, so a record overwritten, half-written or seen out of order is retried, ne
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -57,7 +59,7 @@ import msgpack
 import xxhash
 
 from clustermap.errors import CorruptRegion
-from clustermap.model import STATUSES, STRATEGIES, Node, Service
+from clustermap.model import STATUSES, STRATEGIES, Ejection, Node, Overlay, Service
 
 __all__ = [
     "DATA_ALIGN",
@@ -292,25 +294,60 @@ def decode_directory(payload: bytes | memoryview, slot_count: int) -> dict[str, 
 
 
 def encode_service(s: Service) -> bytes:
-    """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``."""
-    return _pack(
-        [
-            s.name,
-            s.revision,
-            s.strategy,
-            float(s.panic_threshold),
-            dict(s.meta),
-            [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
-        ]
-    )
+    """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``,
+    then, when the sidecar has feedback verdicts, ``[ids, [[position, until_ns, reason], ...]]``
+    with ``ids`` packed as little-endian int32s (one per node, -1: none).
+    """
+    doc: list[object] = [
+        s.name,
+        s.revision,
+        s.strategy,
+        float(s.panic_threshold),
+        dict(s.meta),
+        [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
+    ]
+    if s.overlay is not None:
+        ids = struct.pack(f"<{len(s.overlay.ids)}i", *s.overlay.ids)
+        doc.append([ids, [list(e) for e in s.overlay.ejected]])
+    return _pack(doc)
+
+
+_LITTLE: Final = sys.byteorder == "little" and array.array("i").itemsize == 4
+
+
+def _unpack_i32(raw: bytes, count: int) -> tuple[int, ...]:
+    return struct.unpack(f"<{count}i", raw)
+
+
+def _decode_overlay(raw: Any, count: int) -> Overlay:
+    ids_raw, ejected_raw = raw
+    # Packed int32s, decoded and checked in C: this runs on every decode of a changed service,
+    # in every worker.
+    if not isinstance(ids_raw, bytes) or len(ids_raw) != 4 * count:
+        raise TypeError("bad overlay ids")
+    ids = tuple(array.array("i", ids_raw)) if _LITTLE else tuple(_unpack_i32(ids_raw, count))
+    if min(ids, default=0) < -1:
+        raise TypeError("bad overlay ids")
+    ejected = tuple(Ejection(*e) for e in ejected_raw)
+    for e in ejected:
+        if not (
+            type(e.position) is int
+            and 0 <= e.position < count
+            and type(e.until_ns) is int
+            and isinstance(e.reason, str)
+        ):
+            raise TypeError(f"bad ejection {e!r:.80}")
+    return Overlay(ids, ejected)
 
 
 def decode_service(payload: bytes | memoryview) -> Service:
     """Decode and check a service record; anything off raises :class:`CorruptRegion`."""
     d = _unpack(payload, "service")
     try:
-        name, revision, strategy, panic, meta, raw_nodes = d
+        name, revision, strategy, panic, meta, raw_nodes = d[:6]
         nodes = tuple([Node(*n) for n in raw_nodes])
+        # Trailing elements are additions a reader may not know; the 7th is the overlay.
+        overlay = _decode_overlay(d[6], len(nodes)) if len(d) > 6 else None
         if not (isinstance(name, str) and type(revision) is int and strategy in STRATEGIES):
             raise TypeError("bad service fields")
         if not isinstance(panic, float) or not 0.0 <= panic <= 1.0 or not isinstance(meta, dict):
@@ -326,7 +363,7 @@ def decode_service(payload: bytes | memoryview) -> Service:
                 raise TypeError(f"bad node {n!r:.80}")
     except (TypeError, ValueError) as exc:
         raise CorruptRegion(f"malformed service record: {exc}") from None
-    return Service(name, nodes, strategy, panic, revision, meta)
+    return Service(name, nodes, strategy, panic, revision, meta, overlay)
 
 
 def encode_txn(generation: int, entries: list[tuple[int, int, int]]) -> bytes:

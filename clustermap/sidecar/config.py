@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from clustermap.client import DEFAULT_REGION
+from clustermap.feedback.layout import MAX_EJECTION_S, MAX_ENTRIES, MAX_IDS, MAX_ROWS
 from clustermap.model import parse_address
 
 __all__ = ["DEFAULT_SERVER", "SidecarSettings"]
@@ -80,6 +81,52 @@ class SidecarSettings(BaseSettings):
     tls_ca: Path | None = Field(default=None, description="CA to verify the server (enables TLS)")
     tls_cert: Path | None = Field(default=None, description="client certificate for mutual TLS")
     tls_key: Path | None = Field(default=None, description="client key for mutual TLS")
+    feedback: bool = Field(
+        default=True,
+        description="share callers' feedback: outlier ejection, least_request (docs/feedback.md)",
+    )
+    feedback_interval: float = Field(
+        default=0.02, gt=0, le=0.05, description="seconds between two reads of the workers' rows"
+    )
+    feedback_rows: int = Field(
+        default=256, ge=1, le=MAX_ROWS, description="worker processes that can report at once"
+    )
+    feedback_entries: int = Field(
+        default=64, ge=1, le=MAX_ENTRIES, description="nodes one worker process can report on"
+    )
+    feedback_nodes: int = Field(
+        default=65536, ge=1, le=MAX_IDS, description="nodes of the whole map that get an id"
+    )
+    feedback_mode: str = Field(
+        default="0660", description="octal mode of <region>.feedback (workers write it)"
+    )
+    feedback_group: str | None = Field(
+        default=None, description="group (name or gid) of <region>.feedback: the workers' group"
+    )
+    outlier_consecutive_failures: int = Field(
+        default=5, ge=0, description="eject a node after this many failures in a row (0: never)"
+    )
+    outlier_base_ejection_time: float = Field(
+        default=30.0, gt=0, description="seconds; an ejection lasts this × times ejected"
+    )
+    outlier_max_ejection_time: float = Field(
+        default=300.0, gt=0, le=MAX_EJECTION_S, description="longest ejection, seconds"
+    )
+    outlier_max_ejection_percent: float = Field(
+        default=10.0, ge=0, le=100, description="share of a service ejected at most (≥ 1 node)"
+    )
+    outlier_interval: float = Field(
+        default=10.0, gt=0, description="failure-percentage window and multiplier decay, seconds"
+    )
+    outlier_failure_percentage: float | None = Field(
+        default=None, gt=0, le=100, description="eject nodes failing this % of calls (off)"
+    )
+    outlier_failure_percentage_minimum_hosts: int = Field(
+        default=5, ge=1, description="failure percentage: nodes with enough calls needed"
+    )
+    outlier_failure_percentage_request_volume: int = Field(
+        default=50, ge=1, description="failure percentage: calls a node needs in a window"
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
@@ -97,6 +144,17 @@ class SidecarSettings(BaseSettings):
             raise ValueError("at least one server is needed")
         for v in value:
             parse_address(v)
+        return value
+
+    @field_validator("feedback_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an octal file mode") from None
+        if not 0 <= mode <= 0o777 or mode & 0o002:
+            raise ValueError(f"{value!r}: must be 0-0777 and not world-writable")
         return value
 
     @field_validator("metrics")

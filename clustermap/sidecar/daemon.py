@@ -26,9 +26,11 @@ from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar import snapshot
 from clustermap.sidecar.config import SidecarSettings
+from clustermap.sidecar.feedback import FeedbackHub
 from clustermap.sidecar.guard import Decision, Guard, GuardPolicy
 from clustermap.sidecar.metrics import Metrics, serve
 from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
+from clustermap.sidecar.outlier import OutlierPolicy
 from clustermap.sidecar.poller import Poller, PollFailed
 from clustermap.sidecar.validate import shown_name
 from clustermap.wire import FULL, NOT_READY
@@ -62,6 +64,7 @@ class Sidecar:
         self._snapshot_dirty = False
         self._quarantine_shown: dict[str, str] | None = None  # as last set in the metrics
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.feedback: FeedbackHub | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -76,6 +79,7 @@ class Sidecar:
         try:
             self._install_signals()
             self._warm_start()
+            self._start_feedback()
             if s.metrics:
                 host, port = parse_address(s.metrics)
                 try:
@@ -93,8 +97,10 @@ class Sidecar:
                 if not self._running:
                     break
                 self.poll_once()
-                self._sleep(s.interval * (1 + s.jitter * (2 * random.random() - 1)))
+                self._idle(s.interval * (1 + s.jitter * (2 * random.random() - 1)))
         finally:
+            if self.feedback is not None:
+                self.feedback.close()
             if http is not None:
                 http.shutdown()
             self._save_snapshot(force=True)
@@ -148,7 +154,85 @@ class Sidecar:
         self.settings = new
         self.poller = Poller(new)
         self.guard.policy = _policy(new)
+        if self.feedback is not None:
+            self.feedback.outliers.policy = _outlier_policy(new)
         log.info("SIGHUP: configuration reloaded (servers %s)", ", ".join(new.server))
+
+    # -- feedback (docs/feedback.md) --------------------------------------------------------------
+
+    def _start_feedback(self) -> None:
+        """Open the feedback files and republish every service with its node ids. Without them
+        the sidecar still publishes the map; workers then run without feedback."""
+        s = self.settings
+        seeds = list(self.published.values())
+        self.published = {n: replace(v, overlay=None) for n, v in self.published.items()}
+        if not s.feedback:
+            return
+        try:
+            hub = FeedbackHub(
+                str(s.region),
+                rows=s.feedback_rows,
+                entries=s.feedback_entries,
+                capacity=s.feedback_nodes,
+                mode=int(s.feedback_mode, 8),
+                group=s.feedback_group,
+                policy=_outlier_policy(s),
+            )
+        except (OSError, KeyError, ValueError) as exc:
+            log.error("feedback off: cannot set up %s.feedback: %s", s.region, exc)
+            return
+        hub.seed(seeds)
+        self.feedback = hub
+        if self.published:
+            self.writer.publish([hub.decorate(v) for v in self.published.values()])
+        log.info(
+            "feedback on: %d rows of %d nodes in %s, swept every %.3f s",
+            s.feedback_rows,
+            s.feedback_entries,
+            hub.rows_path,
+            s.feedback_interval,
+        )
+
+    def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` (a signal cuts it short), sweeping the feedback rows meanwhile."""
+        hub = self.feedback
+        if hub is None:
+            self._sleep(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        period = self.settings.feedback_interval
+        while not self._signals:
+            self.sweep_feedback()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._sleep(min(period, left))
+
+    def sweep_feedback(self) -> None:
+        hub = self.feedback
+        if hub is None:
+            return
+        try:
+            changed, new = hub.sweep()
+        except Exception:  # feedback must never stop the map from flowing
+            log.exception("feedback sweep failed")
+            return
+        for service, address, verdict in new:
+            kind = "consecutive" if "consecutive" in verdict.reason else "failure_percentage"
+            self.metrics.ejections.labels(kind).inc()
+            self._count("ejections")
+            log.warning(
+                "ejected %s %s for %.0f s: %s",
+                service,
+                address,
+                verdict.until - time.monotonic(),
+                verdict.reason,
+            )
+        upserts = [hub.decorate(self.published[n]) for n in sorted(changed) if n in self.published]
+        if upserts:
+            self.writer.publish(upserts)
+        self.metrics.ejected.set(len(hub.outliers.ejected_ids()))
+        self.metrics.feedback_rows.set(hub.rows_in_use)
 
     # -- warm start -------------------------------------------------------------------------------
 
@@ -285,7 +369,9 @@ class Sidecar:
         )
         t0 = time.perf_counter()
         if upserts or removals or meta_due:
-            self.writer.publish(upserts, removals, meta=meta, sync_ns=now_ns)
+            hub = self.feedback
+            written = tuple(hub.decorate(s) for s in upserts) if hub is not None else upserts
+            self.writer.publish(written, removals, meta=meta, sync_ns=now_ns)
             self.meta = meta
             self._meta_at = time.monotonic()
             for s in upserts:
@@ -294,6 +380,8 @@ class Sidecar:
                 self.published.pop(name, None)
             if upserts or removals:
                 self._snapshot_dirty = True
+                if hub is not None:
+                    hub.retain(self.published.values())
             self.metrics.publish_seconds.observe(time.perf_counter() - t0)
         else:
             self.writer.touch(now_ns)
@@ -353,6 +441,19 @@ class Sidecar:
 
 def _policy(s: SidecarSettings) -> GuardPolicy:
     return GuardPolicy(max_drop=s.protect_max_drop, max_hold=s.protect_max_hold, enabled=s.protect)
+
+
+def _outlier_policy(s: SidecarSettings) -> OutlierPolicy:
+    return OutlierPolicy(
+        consecutive_failures=s.outlier_consecutive_failures,
+        base_ejection_time=s.outlier_base_ejection_time,
+        max_ejection_time=s.outlier_max_ejection_time,
+        max_ejection_percent=s.outlier_max_ejection_percent,
+        interval=s.outlier_interval,
+        failure_percentage=s.outlier_failure_percentage,
+        minimum_hosts=s.outlier_failure_percentage_minimum_hosts,
+        request_volume=s.outlier_failure_percentage_request_volume,
+    )
 
 
 def _without_counters(meta: Meta) -> Meta:

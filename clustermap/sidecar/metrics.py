@@ -68,6 +68,25 @@ class Metrics:
         self.quarantined_services = Gauge(
             "clustermap_sidecar_quarantined_services", "Services in quarantine", registry=r
         )
+        self.ejections = Counter(
+            "clustermap_sidecar_ejections",
+            "Nodes ejected from callers' feedback, by kind of evidence",
+            ["kind"],
+            registry=r,
+        )
+        self.ejected = Gauge(
+            "clustermap_sidecar_ejected_nodes", "Nodes ejected right now", registry=r
+        )
+        self.feedback_rows = Gauge(
+            "clustermap_sidecar_feedback_rows",
+            "Feedback rows held by live worker processes",
+            registry=r,
+        )
+        self.feedback_garbage = Counter(
+            "clustermap_sidecar_feedback_garbage_rows",
+            "Feedback rows ignored because their content made no sense",
+            registry=r,
+        )
         self._last_sync_wall = 0.0
         self.last_sync_age.set_function(self.age)
 

@@ -56,6 +56,7 @@ def test_dump_json_is_the_documented_shape(region: Path) -> None:
         "weight": 2,
         "status": "drain",
         "meta": {},
+        "ejected": False,
     }
     only = json.loads(cmctl("--region", str(region), "dump", "cache", "--json").stdout)
     assert list(only["services"]) == ["cache"]

@@ -1,0 +1,174 @@
+"""Outlier detection from callers' feedback (pure: numbers in, verdicts out, no I/O, no clock).
+
+Envoy's semantics and defaults where they fit (docs/feedback.md lists the differences):
+
+* **consecutive failures** (``consecutive_failures``, 5): failures of a node with no success in
+  between, from whichever workers of the machine. The sidecar sees the rows once per sweep, so
+  within one sweep the order of a success and a failure from different workers is unknown: a
+  sweep with a success keeps only the failures each worker saw after its own last success.
+* **failure percentage** (off unless ``failure_percentage`` is set, as Envoy's enforcement is
+  0 by default): every ``interval``, in a service with at least ``minimum_hosts`` nodes that had
+  ``request_volume`` calls each, a node failing at least that percentage of them is ejected.
+* **ejection time** = ``base_ejection_time`` × times ejected, at most ``max_ejection_time``; the
+  multiplier drops by one for each ``interval`` the node spends in service.
+* **bounded share**: at most ``max_ejection_percent`` of a service's nodes are ejected at once,
+  but always at least one may be.
+* the node **returns on its own** when its time is up, with its streak forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["Ejected", "Observation", "OutlierPolicy", "Outliers"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 10.0
+    interval: float = 10.0
+    failure_percentage: float | None = None
+    minimum_hosts: int = 5
+    request_volume: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one sweep saw of one node, summed over every live row.
+
+    ``tail`` is the sum over rows of the failures each row had after its own last success
+    within this sweep (its streak, capped at its failures this sweep).
+    """
+
+    ok: int = 0
+    failed: int = 0
+    tail: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ejected:
+    """A node out of rotation: until when (the caller's monotonic clock) and why."""
+
+    until: float
+    reason: str
+    times: int
+
+
+@dataclass(slots=True)
+class _Node:
+    streak: int = 0
+    times: int = 0
+    ejected: Ejected | None = None
+    window_ok: int = 0
+    window_failed: int = 0
+    last_decay: float = 0.0
+
+
+@dataclass(slots=True)
+class Outliers:
+    """Per-node state, keyed by node id, grouped by service for the ejected share."""
+
+    policy: OutlierPolicy
+    _nodes: dict[int, _Node] = field(default_factory=dict)
+    _interval_at: float = 0.0
+
+    def forget(self, keep: Iterable[int]) -> None:
+        """Drop the state of nodes no longer in the map."""
+        alive = set(keep)
+        for node_id in [i for i in self._nodes if i not in alive]:
+            del self._nodes[node_id]
+
+    def ejected(self, node_id: int) -> Ejected | None:
+        node = self._nodes.get(node_id)
+        return node.ejected if node is not None else None
+
+    def ejected_ids(self) -> list[int]:
+        return [i for i, n in self._nodes.items() if n.ejected is not None]
+
+    def streak(self, node_id: int) -> int:
+        node = self._nodes.get(node_id)
+        return node.streak if node is not None else 0
+
+    def step(
+        self,
+        now: float,
+        seen: Mapping[int, Observation],
+        services: Mapping[str, list[int]],
+    ) -> tuple[set[str], list[tuple[str, int, Ejected]]]:
+        """One sweep at ``now``: (services whose ejections changed, new ejections).
+
+        ``services`` maps each service to its nodes' ids (-1 for a node without one); it needs
+        only the services with a node in ``seen`` or ejected.
+        """
+        p = self.policy
+        nodes = self._nodes
+        for node_id, o in seen.items():
+            node = nodes.get(node_id)
+            if node is None:
+                node = nodes[node_id] = _Node(last_decay=now)
+            if node.ejected is not None:
+                continue  # calls that were in flight when it was ejected: not evidence
+            node.streak = o.tail if o.ok else node.streak + o.failed
+            node.window_ok += o.ok
+            node.window_failed += o.failed
+        changed: set[str] = set()
+        new: list[tuple[str, int, Ejected]] = []
+        interval_due = now - self._interval_at >= p.interval
+        for name, ids in services.items():
+            members = [(i, nodes[i]) for i in ids if i >= 0 and i in nodes]
+            if not members:
+                continue
+            out = 0
+            for _, node in members:
+                if node.ejected is not None and now >= node.ejected.until:
+                    node.ejected = None
+                    node.streak = 0
+                    node.last_decay = now
+                    changed.add(name)
+                if node.ejected is not None:
+                    out += 1
+                elif now - node.last_decay >= p.interval:  # one step per interval in service
+                    steps = int((now - node.last_decay) / p.interval)
+                    node.times = max(0, node.times - steps)
+                    node.last_decay += steps * p.interval
+            allowed = max(1, int(len(ids) * p.max_ejection_percent / 100))
+            candidates: list[tuple[int, _Node, str]] = []
+            if p.consecutive_failures > 0:
+                for i, node in members:
+                    if node.ejected is None and node.streak >= p.consecutive_failures:
+                        candidates.append((i, node, f"{node.streak} consecutive failures"))
+            if interval_due and p.failure_percentage is not None:
+                busy = [
+                    (i, n)
+                    for i, n in members
+                    if n.ejected is None and n.window_ok + n.window_failed >= p.request_volume
+                ]
+                if len(busy) >= p.minimum_hosts:
+                    for i, node in busy:
+                        share = 100 * node.window_failed / (node.window_ok + node.window_failed)
+                        if share >= p.failure_percentage and all(c[0] != i for c in candidates):
+                            candidates.append(
+                                (i, node, f"{share:.0f}% of calls failed over {p.interval:g} s")
+                            )
+            for i, node, reason in candidates:
+                if out >= allowed:
+                    break
+                node.times += 1
+                span = min(
+                    p.base_ejection_time * node.times,
+                    max(p.base_ejection_time, p.max_ejection_time),
+                )
+                node.ejected = Ejected(now + span, reason, node.times)
+                node.streak = 0
+                out += 1
+                changed.add(name)
+                new.append((name, i, node.ejected))
+        if interval_due:
+            self._interval_at = now
+            for node in nodes.values():
+                node.window_ok = node.window_failed = 0
+        return changed, new

@@ -1,0 +1,121 @@
+"""Ejections and least_request in the picker (pure): what a worker does with the overlay."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from clustermap.balance.picker import ExpiringPicker, ServicePicker, make_picker
+from clustermap.errors import CorruptRegion
+from clustermap.model import Ejection, Node, Overlay, Service
+from clustermap.region import layout as L
+
+NODES = tuple(Node("10.0.0.1", 80 + i) for i in range(4))
+
+
+def service(*ejected: tuple[int, float], panic: float = 0.0) -> Service:
+    now = time.time_ns()
+    return Service(
+        "api",
+        NODES,
+        panic_threshold=panic,
+        overlay=Overlay(
+            tuple(range(10, 14)),
+            tuple(Ejection(p, now + int(s * 1e9), "5 consecutive failures") for p, s in ejected),
+        ),
+    )
+
+
+def ports(picker: ServicePicker, n: int = 200, **kw: str) -> set[int]:
+    return {picker.pick(**kw).port for _ in range(n)}
+
+
+def test_the_overlay_round_trips_through_the_record_and_old_records_still_decode() -> None:
+    s = service((1, 30))
+    back = L.decode_service(L.encode_service(s))
+    assert back == s
+    assert back.overlay == s.overlay
+    plain = Service("api", NODES)
+    assert L.decode_service(L.encode_service(plain)).overlay is None
+    with pytest.raises(CorruptRegion):  # an overlay that does not fit its nodes
+        L.decode_service(L.encode_service(Service("api", NODES, overlay=Overlay((1,), ()))))
+
+
+def test_ejected_nodes_get_no_picks_by_any_strategy() -> None:
+    p = make_picker(service((1, 30)))
+    assert isinstance(p, ExpiringPicker)
+    for strategy in ("round_robin", "random", "weighted", "least_request"):
+        assert 81 not in ports(p, strategy=strategy), strategy
+    assert p.pick() is not None
+    assert all(p.pick(key=f"k{i}").port != 81 for i in range(200))
+    assert make_picker(Service("api", NODES)).__class__ is ServicePicker
+
+
+def test_an_ejection_that_would_empty_the_service_is_ignored_and_panic_still_applies() -> None:
+    everything = service((0, 30), (1, 30), (2, 30), (3, 30))
+    assert ports(make_picker(everything)) == {80, 81, 82, 83}
+    # Panic threshold 0.6: 2 of 4 left healthy (50 %) is too few, so picks spread over all.
+    assert ports(make_picker(service((0, 30), (1, 30), panic=0.6))) == {80, 81, 82, 83}
+    assert ports(make_picker(service((0, 30), (1, 30), panic=0.4))) == {82, 83}
+
+
+def test_ejections_expire_on_the_workers_clock_without_a_sidecar() -> None:
+    p = make_picker(service((1, 0.2)))
+    assert 81 not in ports(p)
+    time.sleep(0.25)  # the ejection's own deadline, not a synchronisation
+    assert 81 in ports(p)
+    assert 81 in {p.pick(key=f"k{i}").port for i in range(400)}
+    # An ejection absurdly far in the future is garbage, not a verdict.
+    assert 81 in ports(make_picker(service((1, 10 * 24 * 3600))))
+
+
+def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:
+    load = memoryview(bytearray(8 * 80)).cast("Q")  # ids at 8.., latencies at 8 + 32..
+    load[1] = 1
+    for i in range(32):
+        load[8 + 32 + i] = 1000  # 1 ms each
+
+    class Source:
+        def load_view(self) -> tuple[memoryview, int, int, int, int]:
+            return load, 8, 32, 0, 1
+
+    p = make_picker(service())
+    p.load_source = Source()
+    load[8 + 10] = 5  # node 80 (id 10) is busy
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[80] == 0  # two distinct nodes are drawn: the busy one always loses
+    assert min(picks[q] for q in (81, 82, 83)) > 4000 / 4
+    load[8 + 10] = 0
+    load[8 + 11] = 1  # ties go to the first drawn: still uniform among the idle ones
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[81] == 0
+    assert min(picks[q] for q in (80, 82, 83)) > 4000 / 4
+    # Latency weighs in: 2 calls in flight on a 1 ms node wait less than 0 on a 10 ms node.
+    load[8 + 11] = 0
+    load[8 + 10] = 2
+    load[8 + 32 + 12] = 10_000
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[82] == 0
+    assert picks[80] > 0
+    # Without feedback: P2C with equal loads, that is random.
+    plain = make_picker(service())
+    assert ports(plain, strategy="least_request") == {80, 81, 82, 83}
+
+
+def test_cmctl_watch_reports_ejections_and_returns() -> None:
+    from clustermap.cli.inspect import _diff
+    from clustermap.region.layout import Meta
+    from clustermap.region.reader import Snapshot
+
+    def snap(gen: int, s: Service) -> Snapshot:
+        return Snapshot(gen, Meta(), {"api": s}, 0, 1, False)
+
+    plain, ejected = service(), service((2, 30))
+    assert _diff(snap(1, plain), snap(2, ejected)) == [
+        "generation 2 revision 0: api ejected 10.0.0.1:82: 5 consecutive failures"
+    ]
+    assert _diff(snap(2, ejected), snap(3, plain)) == [
+        "generation 3 revision 0: api returned 10.0.0.1:82"
+    ]
