@@ -98,7 +98,9 @@ def test_up_refuses_a_region_another_sidecar_writes_before_registering_anything(
         assert r.stdout == ""
         line = r.stderr.strip()
         assert "\n" not in line, line
-        assert line.startswith(f"cmctl: cm-sidecar did not start: {region_path}: another writer")
+        assert line.startswith(
+            f"cmctl: cm-sidecar did not start: {region_path}: busy: another writer"
+        )
         assert line.endswith("stop that sidecar, or pass another --region PATH")
         assert RegionReader(region_path).names() == []  # the demo never reached the region
     finally:
