@@ -54,7 +54,7 @@ def test_each_invalid_service_is_named_and_the_valid_ones_are_not() -> None:
     bad = invalid_services(services)
     assert set(bad) == {"a", "b"}
     assert "host 'evil host'" in bad["a"]
-    assert "meta k" in bad["b"]
+    assert "meta value of 'k'" in bad["b"]
     assert invalid_services(services[:1] + services[3:]) == {}
 
 

@@ -140,7 +140,7 @@ def test_one_bad_service_keeps_its_last_nodes_while_the_rest_flows(
         assert st["stale"] is False, st
         [q] = st["quarantined"]
         assert q["service"] == "a", q
-        assert "is not valid" in q["reason"], q
+        assert "is neither an IP address nor a valid DNS name" in q["reason"], q
         assert "\x1b" not in q["reason"]  # escaped: a record cannot rewrite a terminal
         counters = st["counters"]
         assert counters.get("full") == 1, counters  # no resync storm
@@ -149,7 +149,7 @@ def test_one_bad_service_keeps_its_last_nodes_while_the_rest_flows(
         text = run(CMCTL, "--region", str(region), "status")
         assert text.returncode == 0
         assert "quarantined  1" in text.stdout, text.stdout
-        assert "is not valid" in text.stdout, text.stdout
+        assert "is neither an IP address nor a valid DNS name" in text.stdout, text.stdout
         _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
         assert 'clustermap_sidecar_quarantined{reason="' in metrics
         assert "clustermap_sidecar_quarantined_services 1.0" in metrics

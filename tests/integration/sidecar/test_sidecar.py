@@ -141,7 +141,7 @@ def test_a_service_the_registry_could_not_have_produced_is_quarantined(
         assert not counters(region_path).get("poll_errors")
         log = sidecar.child.stderr()
         assert "evil host" in log
-        assert "is not valid" in log
+        assert "is neither an IP address nor a valid DNS name" in log
     finally:
         sidecar.close()
         proxy.close()
