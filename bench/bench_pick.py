@@ -34,6 +34,8 @@ from clustermap._pb.clustermap.v1 import (
 )
 from clustermap.model import Node, Service
 from clustermap.region.writer import RegionWriter
+from clustermap.sidecar.feedback import FeedbackHub
+from clustermap.sidecar.outlier import OutlierPolicy
 
 
 def bench(stmt: str, g: dict[str, object], number: int, repeat: int) -> float:
@@ -80,9 +82,20 @@ def main() -> None:
     )
     try:
         nodes = tuple(Node(f"10.0.0.{i}", 8080, weight=1 + i % 3) for i in range(args.nodes))
+        # The sidecar's feedback files, so that least_request and call() run with feedback on.
+        hub = FeedbackHub(
+            str(tmp / "r.region"),
+            rows=64,
+            entries=64,
+            capacity=4096,
+            mode=0o660,
+            group=None,
+            policy=OutlierPolicy(),
+        )
         with RegionWriter(tmp / "r.region") as w:
             w.publish(
-                [
+                hub.decorate(s)
+                for s in [
                     Service("rr", nodes),
                     Service("weighted", nodes, strategy="weighted"),
                     Service("random", nodes, strategy="random"),
@@ -91,6 +104,8 @@ def main() -> None:
                 ]
             )
         cm = clustermap.open(tmp / "r.region")
+        with cm.call("rr"):
+            assert cm.feedback_status().startswith("on"), cm.feedback_status()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=10)
         reg = registry_pb2_grpc.RegistryStub(channel)
@@ -130,6 +145,7 @@ def main() -> None:
         g: dict[str, object] = {
             "bare": bare,
             "pick": pick,
+            "call": cm.call,
             "ring": ring,
             "grpc_per_request": grpc_per_request,
             "ttl_cached": ttl_cached,
@@ -161,6 +177,20 @@ def main() -> None:
                 "pick('rr', strategy='random')",
                 "bare('rr', strategy='random')",
                 5,
+                "clustermap",
+            ),
+            (
+                "pick(strategy='least_request')",
+                "pick('rr', strategy='least_request')",
+                "bare('rr', strategy='random')",
+                10,
+                "clustermap",
+            ),
+            (
+                "with call(): pick, count in flight, time",
+                "with call('rr'):\n    pass",
+                "bare('rr')",
+                15,
                 "clustermap",
             ),
             (

@@ -281,6 +281,31 @@ def hash_figure(results: Path, out: Path) -> None:
     save(fig, out, "hash.png", footer(fig, data))
 
 
+def feedback_figure(results: Path, out: Path) -> None:
+    data = load(results, "feedback")
+    if data is None or "comparison" not in data["results"]:
+        print("no feedback.json: skipped feedback_ejection.png")
+        return
+    cmp = data["results"]["comparison"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, label, color in (
+        ("shared", "ClusterMap: failures of every worker add up", "tab:blue"),
+        ("local", "per-process ejection: each worker fails 5 times itself", "tab:gray"),
+    ):
+        times = sorted(cmp[mode])
+        if not times:
+            continue
+        t0 = times[0]
+        xs = [t - t0 for t in times]
+        ax.step(xs, range(1, len(xs) + 1), where="post", label=f"{label} ({len(xs)})", color=color)
+    ax.set_xlabel("ms since the first failed request")
+    ax.set_ylabel("failed requests (cumulative)")
+    ax.set_title("A node fails every call: 8 workers, 3 nodes, 10 ms per request")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, out, "feedback_ejection.png", footer(fig, data))
+
+
 FIGURES: list[Callable[[Path, Path], None]] = [
     pick_figure,
     propagation_figure,
@@ -288,6 +313,7 @@ FIGURES: list[Callable[[Path, Path], None]] = [
     memory_figure,
     fleet_figure,
     hash_figure,
+    feedback_figure,
 ]
 
 

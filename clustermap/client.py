@@ -114,8 +114,13 @@ class ClusterMap:
     # -- everything else ----------------------------------------------------------------------
 
     def nodes(self, service: str) -> tuple[Node, ...]:
-        """The healthy nodes of ``service`` (``up``, weight > 0), in map order."""
-        return self.service(service).healthy_nodes()
+        """The healthy nodes of ``service`` (``up``, weight > 0, not ejected), in map order."""
+        picker = self.picker(service)
+        ejected = picker.ejected
+        if not ejected:
+            return picker.service.healthy_nodes()
+        nodes = picker.service.nodes
+        return tuple(n for k, n in enumerate(nodes) if n.healthy and k not in ejected)
 
     def service(self, service: str) -> Service:
         """The whole service as the map has it, every node whatever its status."""

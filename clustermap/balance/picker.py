@@ -71,10 +71,11 @@ _time_ns = time.time_ns
 
 
 class LoadSource(Protocol):
-    """Where least_request reads in-flight counts: ``(words, base, capacity, zero)`` so that
-    ``words[base + id]`` is node ``id``'s count and ``words[zero]`` is 0; None if unavailable."""
+    """Where least_request reads machine-wide figures: ``(words, base, capacity, zero, one)``
+    so that ``words[base + id]`` is node ``id``'s calls in flight, ``words[base + capacity +
+    id]`` its latency, ``words[zero]`` is 0 and ``words[one]`` is 1; None if unavailable."""
 
-    def load_view(self) -> tuple[memoryview, int, int, int] | None: ...
+    def load_view(self) -> tuple[memoryview, int, int, int, int] | None: ...
 
 
 _xxh64 = xxhash.xxh64_intdigest
@@ -182,9 +183,13 @@ class ServicePicker:
         "_limit",
         "_load",
         "_lr_bits",
+        "_lr_bits2",
         "_lr_count",
+        "_lr_count2",
         "_lr_ids",
+        "_lr_lat",
         "_lr_limit",
+        "_lr_limit2",
         "_lr_nodes",
         "_nodes_list",
         "_rr_next",
@@ -237,7 +242,9 @@ class ServicePicker:
         self._load: memoryview | None = None
         self._lr_nodes: list[Node] = []
         self._lr_ids: list[int] = []
+        self._lr_lat: list[int] = []
         self._lr_bits = self._lr_limit = self._lr_count = 0
+        self._lr_bits2 = self._lr_limit2 = self._lr_count2 = 0
         self.after_fork()
 
     # -- per-process state -------------------------------------------------------------------
@@ -367,21 +374,22 @@ class ServicePicker:
         return self._consistent_hash_slow(key)
 
     def least_request(self) -> Node:
-        """Power of two choices: of two random nodes, the one with fewer calls in flight on the
-        whole machine (docs/feedback.md). With unequal weights the two are drawn in proportion
-        to weight. Without feedback, a random node (P2C with equal loads)."""
+        """Power of two choices: of two distinct random nodes, the one with the lower expected
+        wait, ``(calls in flight on the whole machine + 1) x peak-EWMA latency``
+        (docs/feedback.md). With unequal weights the two are drawn in proportion to weight.
+        Without feedback, a random node (P2C with equal costs)."""
         load = self._load
         if load is not None:
-            bits = self._lr_bits
-            x = _getrandbits(bits)
-            y = _getrandbits(bits)
-            limit = self._lr_limit
-            if x < limit and y < limit:
-                n = self._lr_count
-                ids = self._lr_ids
-                i = x % n
-                j = y % n
-                if load[ids[j]] < load[ids[i]]:
+            x = _getrandbits(self._lr_bits)
+            y = _getrandbits(self._lr_bits2)
+            if x < self._lr_limit and y < self._lr_limit2:
+                i = x % self._lr_count
+                j = y % self._lr_count2
+                if j >= i:
+                    j += 1
+                # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
+                ids, lat = self._lr_ids, self._lr_lat
+                if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
                     return self._lr_nodes[j]
                 return self._lr_nodes[i]
         return self._least_request_slow()
@@ -392,18 +400,25 @@ class ServicePicker:
         nodes, count = self._lr_nodes, self._lr_count
         if not count:
             raise NoAvailableNode(self._why)
-        bits, limit = self._lr_bits, self._lr_limit
+        i = self._draw(self._lr_bits, self._lr_limit, count)
+        if count == 1:
+            return nodes[0]
+        j = self._draw(self._lr_bits2, self._lr_limit2, count - 1)
+        if j >= i:
+            j += 1
+        load = self._load
+        if load is not None:
+            ids, lat = self._lr_ids, self._lr_lat
+            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+                return nodes[j]
+        return nodes[i]
+
+    @staticmethod
+    def _draw(bits: int, limit: int, count: int) -> int:
         x = _getrandbits(bits)
         while x >= limit:
             x = _getrandbits(bits)
-        y = _getrandbits(bits)
-        while y >= limit:
-            y = _getrandbits(bits)
-        i, j = x % count, y % count
-        load = self._load
-        if load is not None and load[self._lr_ids[j]] < load[self._lr_ids[i]]:
-            return nodes[j]
-        return nodes[i]
+        return x % count
 
     def _build_least_request(self) -> None:
         nodes = self._nodes_list
@@ -415,17 +430,22 @@ class ServicePicker:
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
-            words, base, capacity, zero = view
+            _, base, capacity, zero, one = view
             position = {id(n): k for k, n in enumerate(self.service.nodes)}
-            ids = []
+            ids, lat = [], []
             for n in candidates:
                 node_id = overlay.ids[position[id(n)]]
-                ids.append(base + node_id if 0 <= node_id < capacity else zero)
-            self._lr_ids = ids
-            self._load = words
+                known = 0 <= node_id < capacity
+                ids.append(base + node_id if known else zero)
+                lat.append(base + capacity + node_id if known else one)
+            self._lr_ids, self._lr_lat = ids, lat
         self._lr_nodes = list(candidates)
-        self._lr_bits, self._lr_limit = _uniform_params(len(candidates))
-        self._lr_count = len(candidates)
+        count = len(candidates)
+        self._lr_bits, self._lr_limit = _uniform_params(count)
+        self._lr_bits2, self._lr_limit2 = _uniform_params(count - 1)
+        self._lr_count, self._lr_count2 = count, count - 1
+        if view is not None and overlay is not None and count > 1:
+            self._load = view[0]  # last: the fast path runs only once everything is set
 
     # -- lazy builds -------------------------------------------------------------------------
 

@@ -42,7 +42,10 @@ sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may 
     20  4   reserved (0)
     24  8   file id (u64, random)
     32  8   sweep word: wall clock (ns) of the sidecar's last sweep of the rows
+    40  8   0 (the calls in flight of a node without an id)
+    48  8   1 (the latency of a node without an id)
     word at 4096 + 8 * id: calls in flight to node ``id``, summed over every live row
+    word at 4096 + 8 * (capacity + id): node ``id``'s peak-EWMA latency in µs, at least 1
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_ROWS",
     "OK_DONE",
+    "ONE_OFF",
     "ROW_HEADER",
     "SWEEP_OFF",
     "WORD_MASK",
@@ -88,8 +92,10 @@ ROW_HEADER: Final = 64
 ENTRY_WORDS: Final = 4
 ENTRY_SIZE: Final = ENTRY_WORDS * 8
 SWEEP_OFF: Final = 32
-#: Offset of a header word of the load file that is always 0: the load of a node without an id.
+#: Offsets of header words of the load file that always hold 0 and 1: the calls in flight and
+#: the latency of a node without an id.
 ZERO_OFF: Final = 40
+ONE_OFF: Final = 48
 #: Upper bounds on the geometry a reader accepts (a header is untrusted too).
 MAX_ROWS: Final = 65536
 MAX_ENTRIES: Final = 4096
@@ -155,7 +161,7 @@ def feedback_size(rows: int, entries: int) -> int:
 
 
 def load_size(capacity: int) -> int:
-    return HEADER_SIZE + 8 * capacity
+    return HEADER_SIZE + 16 * capacity
 
 
 def row_offset(header: FeedbackHeader, row: int) -> int:
@@ -186,7 +192,9 @@ def parse_feedback_header(buf: bytes, actual_size: int) -> FeedbackHeader:
 
 
 def encode_load_header(capacity: int, file_id: int) -> bytes:
-    return _LOAD.pack(LOAD_MAGIC, VERSION, HEADER_SIZE, capacity, 0, file_id, 0)
+    return _LOAD.pack(LOAD_MAGIC, VERSION, HEADER_SIZE, capacity, 0, file_id, 0) + struct.pack(
+        "<QQ", 0, 1
+    )
 
 
 def parse_load_header(buf: bytes, actual_size: int) -> LoadHeader:

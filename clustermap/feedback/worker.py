@@ -215,13 +215,13 @@ class Feedback:
             self._slots[node_id] = i + 1
             return i + 1
 
-    def load_view(self) -> tuple[memoryview, int, int, int] | None:
-        """For least_request: (load words, index of id 0, capacity, index of a 0 word)."""
+    def load_view(self) -> tuple[memoryview, int, int, int, int] | None:
+        """For least_request: (load words, index of id 0, capacity, index of a 0 word, of a 1)."""
         if self.load is None:
             self.ready()
         if self.load is None:
             return None
-        return self.load, L.HEADER_SIZE // 8, self.capacity, L.ZERO_OFF // 8
+        return self.load, L.HEADER_SIZE // 8, self.capacity, L.ZERO_OFF // 8, L.ONE_OFF // 8
 
     def after_fork(self) -> None:
         """In a forked child: give up the parent's row (without touching it), claim anew later."""

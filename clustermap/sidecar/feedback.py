@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import grp
 import logging
+import math
 import mmap
 import os
 import secrets
 import stat
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -41,6 +43,8 @@ log = logging.getLogger("clustermap.sidecar.feedback")
 _MASK: Final = (1 << 64) - 1
 #: More calls than this between two sweeps of one row is not a worker, it is garbage.
 _MAX_DELTA: Final = 1 << 20
+#: Decay time of the latency average (Finagle's PeakEwma default), seconds.
+_LATENCY_TAU: Final = 10.0
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
 #: new node with an old one's calls.
 _QUARANTINE_S: Final = 60.0
@@ -133,6 +137,8 @@ class FeedbackHub:
         self._service_of: dict[int, str] = {}
         self._primed = False
         self._walls: dict[float, int] = {}
+        self._latency: dict[int, tuple[float, float]] = {}  # id -> (µs, when: monotonic)
+        self._decay_at = 0.0
         gid = _gid(group)
         self._fd, self.header = _open_rows(self.rows_path, rows, entries, mode, gid)
         try:
@@ -216,7 +222,7 @@ class FeedbackHub:
         except OSError as exc:
             log.error("feedback: cannot read %s: %s", self.rows_path, exc)
             return {}
-        seen: dict[int, list[int]] = {}
+        seen: dict[int, list[int]] = {}  # id -> [ok, failed, tail, calls, latency units]
         touched: set[int] = set()
         in_use = 0
         for r in range(head.rows):
@@ -242,7 +248,41 @@ class FeedbackHub:
         for i in touched:
             if i < self.capacity:
                 self.load[L.HEADER_SIZE // 8 + i] = max(0, self._inflight.get(i, 0))
-        return {i: Observation(*v) for i, v in seen.items()}
+        self._latencies(seen)
+        return {i: Observation(v[0], v[1], v[2]) for i, v in seen.items()}
+
+    def _latencies(self, seen: dict[int, list[int]]) -> None:
+        """Peak EWMA of each node's latency (Finagle's): a slower sample is taken at once, a
+        faster one blended in with decay time :data:`_LATENCY_TAU`; with no samples the figure
+        decays toward 0, so an avoided node is tried again in time."""
+        now = time.monotonic()
+        base = L.HEADER_SIZE // 8 + self.capacity
+        for i, v in seen.items():
+            calls, units = v[3], v[4]
+            if not calls or i >= self.capacity:
+                continue
+            sample = units * (L.LATENCY_UNIT_NS / 1000) / calls
+            old, when = self._latency.get(i, (0.0, now))
+            if sample >= old:
+                value = sample
+            else:
+                w = math.exp(-(now - when) / _LATENCY_TAU)
+                value = old * w + sample * (1 - w)
+            self._latency[i] = (value, now)
+            self.load[base + i] = max(1, int(value))
+        if now - self._decay_at < 0.25:
+            return
+        self._decay_at = now
+        for i, (value, when) in list(self._latency.items()):
+            if i in seen and seen[i][3]:
+                continue
+            value *= math.exp(-(now - when) / _LATENCY_TAU)
+            if value < 1 or i >= self.capacity:
+                del self._latency[i]
+                value = 1
+            else:
+                self._latency[i] = (value, now)
+            self.load[base + i] = max(1, int(value))
 
     def _apply(
         self, r: int, row: _Row, raw: bytes, seen: dict[int, list[int]], touched: set[int]
@@ -268,10 +308,12 @@ class FeedbackHub:
                 self._inflight[e.node_id] = self._inflight.get(e.node_id, 0) + change
                 touched.add(e.node_id)
             if d_ok or d_failed:
-                acc = seen.setdefault(e.node_id, [0, 0, 0])
+                acc = seen.setdefault(e.node_id, [0, 0, 0, 0, 0])
                 acc[0] += d_ok
                 acc[1] += d_failed
                 acc[2] += min(e.streak, d_failed)
+                acc[3] += d_ok + d_failed
+                acc[4] += (e.latency - (old.latency if old else 0)) & L.LATENCY_MASK
         row.entries = new
         row.raw = raw
 
@@ -401,6 +443,9 @@ def _open_load(path: str, capacity: int) -> tuple[mmap.mmap, int]:
         mm = mmap.mmap(fd, L.load_size(capacity))
     finally:
         os.close(fd)
-    # Start from nothing: the counts are rebuilt from the live rows by the first sweep.
-    mm[L.HEADER_SIZE :] = bytes(L.load_size(capacity) - L.HEADER_SIZE)
+    # Start from nothing: the counts are rebuilt from the live rows by the first sweep, and
+    # every latency is 1 µs until measured.
+    mm[L.HEADER_SIZE : L.HEADER_SIZE + 8 * capacity] = bytes(8 * capacity)
+    mm[L.HEADER_SIZE + 8 * capacity :] = struct.pack(f"<{capacity}Q", *([1] * capacity))
+    mm[L.ZERO_OFF : L.ZERO_OFF + 16] = struct.pack("<QQ", 0, 1)
     return mm, capacity

@@ -71,19 +71,34 @@ def test_ejections_expire_on_the_workers_clock_without_a_sidecar() -> None:
     assert 81 in ports(make_picker(service((1, 10 * 24 * 3600))))
 
 
-def test_least_request_prefers_the_less_loaded_of_two() -> None:
-    load = memoryview(bytearray(8 * 64)).cast("Q")
+def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:
+    load = memoryview(bytearray(8 * 80)).cast("Q")  # ids at 8.., latencies at 8 + 32..
+    load[1] = 1
+    for i in range(32):
+        load[8 + 32 + i] = 1000  # 1 ms each
 
     class Source:
-        def load_view(self) -> tuple[memoryview, int, int, int]:
-            return load, 8, 32, 0
+        def load_view(self) -> tuple[memoryview, int, int, int, int]:
+            return load, 8, 32, 0, 1
 
     p = make_picker(service())
     p.load_source = Source()
     load[8 + 10] = 5  # node 80 (id 10) is busy
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
-    assert picks[80] < 4000 / 16 * 1.5  # only when drawn twice: 1/16
+    assert picks[80] == 0  # two distinct nodes are drawn: the busy one always loses
     assert min(picks[q] for q in (81, 82, 83)) > 4000 / 4
+    load[8 + 10] = 0
+    load[8 + 11] = 1  # ties go to the first drawn: still uniform among the idle ones
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[81] == 0
+    assert min(picks[q] for q in (80, 82, 83)) > 4000 / 4
+    # Latency weighs in: 2 calls in flight on a 1 ms node wait less than 0 on a 10 ms node.
+    load[8 + 11] = 0
+    load[8 + 10] = 2
+    load[8 + 32 + 12] = 10_000
+    picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
+    assert picks[82] == 0
+    assert picks[80] > 0
     # Without feedback: P2C with equal loads, that is random.
     plain = make_picker(service())
     assert ports(plain, strategy="least_request") == {80, 81, 82, 83}

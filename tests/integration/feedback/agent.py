@@ -7,6 +7,7 @@ Commands (one per line; each answers one line on stdout):
     hold SERVICE NAME N                  N calls entered on that node and left open -> "held N"
     release                              exit every held call -> "released N"
     picks SERVICE STRATEGY N             N picks -> JSON {address: count}
+    nodes SERVICE                        JSON list of clustermap.nodes(SERVICE)
     status                               feedback_status()
     forks N                              N children in turn, each makes a call and exits;
                                          -> JSON list of the children's feedback_status()
@@ -58,6 +59,8 @@ def main() -> None:
             service, strategy, n = args
             picks = Counter(cm.pick(service, strategy=strategy).address for _ in range(int(n)))
             print(json.dumps(picks), flush=True)
+        elif cmd == "nodes":
+            print(json.dumps([n.address for n in cm.nodes(args[0])]), flush=True)
         elif cmd == "status":
             print(cm.feedback_status(), flush=True)
         elif cmd == "forks":
