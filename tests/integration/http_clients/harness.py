@@ -11,6 +11,7 @@ It counts what it saw, and the most retries it held at once.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import threading
 import time
@@ -26,11 +27,13 @@ from clustermap.model import parse_address
 from tests.support.procs import python_env, wait_for
 from tests.support.stack import CMCTL, ServerProc, SidecarProc
 
-__all__ = ["Backend", "Stack", "backends"]
+__all__ = ["Backend", "Stack", "backends", "certificate"]
 
 
 class Backend:
-    def __init__(self, mode: str = "ok", hold: float = 1.0) -> None:
+    def __init__(
+        self, mode: str = "ok", hold: float = 1.0, tls: tuple[str, str] | None = None
+    ) -> None:
         self.mode = mode
         self.hold = hold
         self.lock = threading.Lock()
@@ -52,6 +55,10 @@ class Backend:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:  # HTTPS with this (certificate, key)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
         self.address = f"127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -116,8 +123,10 @@ class Backend:
 
 
 @contextmanager
-def backends(*modes: str, hold: float = 1.0) -> Iterator[list[Backend]]:
-    made = [Backend(m, hold) for m in modes]
+def backends(
+    *modes: str, hold: float = 1.0, tls: tuple[str, str] | None = None
+) -> Iterator[list[Backend]]:
+    made = [Backend(m, hold, tls) for m in modes]
     try:
         yield made
     finally:
@@ -165,3 +174,15 @@ class Stack:
     def close(self) -> None:
         self.sidecar.close()
         self.server.close()
+
+
+def certificate(directory: Path, name: str) -> tuple[str, str]:
+    """A self-signed certificate for the DNS name ``name`` (and nothing else): (cert, key)."""
+    cert, key = str(directory / f"{name}.crt"), str(directory / f"{name}.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ import requests
 
 import clustermap.http
 from clustermap.feedback.budget import budget_for
-from tests.integration.http_clients.harness import Stack, backends
+from tests.integration.http_clients.harness import Stack, backends, certificate
 from tests.support.procs import python_env, wait_for
 from tests.support.stack import dead_address
 
@@ -259,3 +261,26 @@ def test_after_fork_the_child_uses_its_own_connections(stack: Stack) -> None:
         assert s.adapters["http://"].poolmanager is parent_pool  # type: ignore[attr-defined]
         assert s.get("http://api/").status_code == 200
         c.close()
+
+
+def test_https_verifies_the_service_name_not_the_node_address(stack: Stack, tmp_path: Path) -> None:
+    cert, key = certificate(tmp_path, "secure-svc")
+    with backends("ok", "ok", tls=(cert, key)) as bs:
+        stack.publish("secure-svc", *(b.address for b in bs))
+        s = clustermap.http.Session(stack.map)
+        answers = [s.get("https://secure-svc/x", verify=cert) for _ in range(6)]
+        assert set(ports(answers)) == {b.port for b in bs}
+        assert answers[0].json()["host"] == "secure-svc"
+        # The node's address is not in the certificate: without the map, verification fails.
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://{bs[0].address}/x", verify=cert, timeout=10)
+        # A certificate that names something else than the expected name fails as usual.
+        other = clustermap.http.Session(stack.map, tls_server_name="another-name")
+        with pytest.raises(requests.exceptions.SSLError):
+            other.get("https://secure-svc/x", verify=cert)
+
+        ctx = ssl.create_default_context(cafile=cert)
+        with httpx.Client(transport=clustermap.http.Transport(stack.map, verify=ctx)) as c:
+            answers = [c.get("https://secure-svc/y") for _ in range(6)]
+        assert set(ports(answers)) == {b.port for b in bs}
+        assert answers[0].json()["host"] == "secure-svc"
