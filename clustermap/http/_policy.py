@@ -30,6 +30,7 @@ __all__ = [
     "node_netloc",
     "rewrite",
     "target_of",
+    "target_of_host",
 ]
 
 #: RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
@@ -113,6 +114,8 @@ class Target(NamedTuple):
 
 
 def _is_ip(host: str) -> bool:
+    if not (host[-1:].isdigit() or ":" in host):  # cheap: a name never ends in a digit-only label
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -120,18 +123,26 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def target_of_host(
+    host: str, host_header: str, is_service: Callable[[str], bool], tls_server_name: str | None
+) -> Target | None:
+    """The service ``host`` (already lower-case) names, or None when it is not a service in the
+    map (an IP literal never is)."""
+    if not host or _is_ip(host) or not is_service(host):
+        return None
+    return Target(host, host_header, tls_server_name or host)
+
+
 def target_of(
     url: str, is_service: Callable[[str], bool], tls_server_name: str | None = None
 ) -> Target | None:
-    """The service ``url`` names, or None when its host is not a service in the map (an IP
-    literal never is). ``tls_server_name`` overrides the name TLS verifies (default: the
-    service name)."""
+    """The service ``url`` names, or None when its host is not a service in the map.
+    ``tls_server_name`` overrides the name TLS verifies (default: the service name)."""
     parts = urlsplit(url)
     host = parts.hostname
-    if not host or _is_ip(host) or not is_service(host):
+    if not host:
         return None
-    netloc = parts.netloc.rpartition("@")[2]
-    return Target(host, netloc, tls_server_name or host)
+    return target_of_host(host, parts.netloc.rpartition("@")[2], is_service, tls_server_name)
 
 
 def node_netloc(node: Node) -> str:

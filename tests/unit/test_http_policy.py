@@ -87,3 +87,15 @@ def test_the_last_error_keeps_its_class_and_gains_tried() -> None:
     assert type(exc).__name__ == "LibError"
     again = with_tried(LibError("x"), "svc", [])
     assert type(again) is type(exc)  # one mixed class per library class
+
+
+def test_the_httpx_node_url_is_what_copy_with_gives() -> None:
+    import httpx
+
+    from clustermap.http._httpx import _FAST_URL, _node_url
+
+    assert _FAST_URL  # the pinned httpx: the fast path is on (and checked against copy_with)
+    for url in ("http://svc/", "https://u@svc:8443/a%20b?q=1&r=%2F#x", "http://svc/?a=é"):
+        for host in ("10.1.2.3", "fd00::1", "Node-A.example"):
+            u = httpx.URL(url)
+            assert _node_url(u, node(host, 8080)) == u.copy_with(host=host, port=8080)
