@@ -29,8 +29,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-import grpc
-import grpc.aio
+try:
+    import grpc
+    import grpc.aio
+except ImportError as exc:  # pragma: no cover - grpcio is also the server's dependency
+    raise ImportError("clustermap.grpc needs grpcio: pip install 'clustermap[grpc]'") from exc
 
 import clustermap
 from clustermap.client import ClusterMap

@@ -24,10 +24,10 @@ from urllib.parse import parse_qs, urlsplit
 import clustermap
 from clustermap.errors import ClusterMapError
 from clustermap.model import parse_address
-from tests.support.procs import python_env, wait_for
+from tests.support.procs import Child, python_env, wait_for
 from tests.support.stack import CMCTL, ServerProc, SidecarProc
 
-__all__ = ["Backend", "Stack", "backends", "certificate"]
+__all__ = ["Backend", "ProcBackend", "Stack", "backends", "certificate"]
 
 
 class Backend:
@@ -186,3 +186,38 @@ def certificate(directory: Path, name: str) -> tuple[str, str]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+PROC_BACKEND = """
+import json, socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        data = json.dumps({"port": self.server.server_address[1],
+                           "host": self.headers.get("Host")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+s = ThreadingHTTPServer(("127.0.0.1", 0), H)
+s.daemon_threads = True
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+class ProcBackend:
+    """An HTTP backend in its own process, to be SIGKILLed."""
+
+    def __init__(self) -> None:
+        self.child = Child.python("-c", PROC_BACKEND)
+        self.port = int(self.child.readline())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.child.kill()
+
+    def close(self) -> None:
+        self.child.close()

@@ -21,7 +21,7 @@ import requests
 
 import clustermap.http
 from clustermap.feedback.budget import budget_for
-from tests.integration.http_clients.harness import Stack, backends, certificate
+from tests.integration.http_clients.harness import ProcBackend, Stack, backends, certificate
 from tests.support.procs import python_env, wait_for
 from tests.support.stack import dead_address
 
@@ -284,3 +284,26 @@ def test_https_verifies_the_service_name_not_the_node_address(stack: Stack, tmp_
             answers = [c.get("https://secure-svc/y") for _ in range(6)]
         assert set(ports(answers)) == {b.port for b in bs}
         assert answers[0].json()["host"] == "secure-svc"
+
+
+def test_a_backend_sigkilled_while_registered_costs_no_request(stack: Stack) -> None:
+    procs = [ProcBackend() for _ in range(3)]
+    try:
+        stack.publish("api", *(p.address for p in procs))
+        s = clustermap.http.Session(stack.map)
+        with httpx.Client(transport=clustermap.http.Transport(stack.map)) as c:
+            for get in (s.get, c.get):
+                assert {get("http://api/").json()["port"] for _ in range(9)} == {
+                    p.port for p in procs
+                }
+            procs[0].kill()  # still registered: the map keeps offering it
+            for i in range(60):
+                r = (s.get if i % 2 else c.get)("http://api/")
+                assert r.status_code == 200
+                assert r.json()["port"] != procs[0].port
+                if procs[0].address in stack.ejected():
+                    break
+            wait_for(lambda: procs[0].address in stack.ejected(), 10, "the dead node's ejection")
+    finally:
+        for p in procs:
+            p.close()
