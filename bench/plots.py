@@ -301,7 +301,7 @@ def feedback_figure(results: Path, out: Path) -> None:
     ax.set_xlabel("ms since the first failed request")
     ax.set_ylabel("failed requests (cumulative)")
     ax.set_title("A node fails every call: 8 workers, 3 nodes, 10 ms per request")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     save(fig, out, "feedback_ejection.png", footer(fig, data))
 

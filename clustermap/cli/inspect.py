@@ -287,6 +287,17 @@ def _diff(a: Snapshot, b: Snapshot) -> list[str]:
                     out.append(f"{head} {name} {sign} {y.address} weight {y.weight} {y.status}")
             if old.strategy != new.strategy or old.meta != new.meta:
                 out.append(f"{head} {name} options {new.strategy} {dict(new.meta)}")
+    now = time.time_ns()
+    for name in sorted(set(a.services) & set(b.services)):
+        was = a.services[name]
+        old_ej = {was.nodes[p].address for p in _ejections(was, now)}
+        new_ej = _ejections(b.services[name], now)
+        nodes = b.services[name].nodes
+        for p, e in sorted(new_ej.items()):
+            if nodes[p].address not in old_ej:
+                out.append(f"{head} {name} ejected {nodes[p].address}: {e.reason}")
+        for address in sorted(old_ej - {nodes[p].address for p in new_ej}):
+            out.append(f"{head} {name} returned {address}")
     for flag in ("stale", "protected"):
         if getattr(a.meta, flag) != getattr(b.meta, flag):
             out.append(f"{head} {flag} = {getattr(b.meta, flag)} {b.meta.reason}".rstrip())

@@ -20,7 +20,8 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
     16  8   retries in flight (retry budget, :mod:`clustermap.feedback.budget`)
     24  40  reserved (0)
     64  ..  K entries of 4 words:
-            0  tag: node id + 1 (0 = unused); written last when the entry is taken
+            0  tag: node id + 1 (0 = unused); written last when the entry is taken; entries
+               are taken in order, so the first unused one ends the row
             1  calls: bits 0-15 in flight, 16-39 successes (mod 2**24),
                40-63 latency sum in units of 10 µs (mod 2**24)
             2  failures (mod 2**64)
@@ -220,9 +221,9 @@ def _entries_struct(entries: int) -> struct.Struct:
 def parse_row(buf: bytes, entries: int, capacity: int) -> tuple[int, list[Entry], int]:
     """(owner word, used entries, entries rejected) of one row, from untrusted bytes.
 
-    An entry is rejected when its id is outside ``[0, capacity)`` or repeats an earlier entry's
-    id; ``in flight`` is clamped to :data:`MAX_IN_FLIGHT`. Never raises on any content of the
-    right length; a short buffer raises :class:`LayoutError`.
+    Entries are taken in order, so the first unused one (tag 0) ends the row. An entry is
+    rejected when its id is outside ``[0, capacity)`` or repeats an earlier entry's id. Never
+    raises on any content of the right length; a short buffer raises :class:`LayoutError`.
     """
     size = ROW_HEADER + ENTRY_SIZE * entries
     if len(buf) < size:
@@ -235,7 +236,7 @@ def parse_row(buf: bytes, entries: int, capacity: int) -> tuple[int, list[Entry]
     for i in range(0, len(words), ENTRY_WORDS):
         tag = words[i]
         if tag == 0:
-            continue
+            break  # entries are taken in order: the first unused one ends the row
         node_id = tag - 1
         if node_id >= capacity or node_id in seen:
             rejected += 1

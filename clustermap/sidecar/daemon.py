@@ -194,11 +194,15 @@ class Sidecar:
         deadline = time.monotonic() + seconds
         period = self.settings.feedback_interval
         while not self._signals:
+            t0 = time.monotonic()
             self.sweep_feedback()
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 return
-            self._sleep(min(period, left))
+            # Sweeping takes at most a quarter of a core: a slow sweep (many busy workers on a
+            # loaded machine) stretches the period instead of eating the machine.
+            self._sleep(min(max(period, 3 * (now - t0)), left))
 
     def sweep_feedback(self) -> None:
         hub = self.feedback

@@ -290,19 +290,22 @@ class FeedbackHub:
         _, entries, rejected = L.parse_row(raw, self.header.entries, self.capacity)
         new = {e.node_id: e for e in entries}
         deltas = []
+        previous = row.entries
         for e in entries:
-            old = row.entries.get(e.node_id)
+            old = previous.get(e.node_id)
+            if old == e:  # most entries of a changed row did not change
+                continue
             d_ok = (e.ok - (old.ok if old else 0)) & L.OK_MASK
             d_failed = (e.failed - (old.failed if old else 0)) & _MASK
-            if rejected or d_ok > _MAX_DELTA or d_failed > _MAX_DELTA:
-                self._garbage(r, row, touched, "entries with bad ids or counters going backwards")
+            if d_ok > _MAX_DELTA or d_failed > _MAX_DELTA:
+                self._garbage(r, row, touched, "counters going backwards or jumping")
                 return
             deltas.append((e, d_ok, d_failed))
-        if any(i not in new for i in row.entries):
-            self._garbage(r, row, touched, "entries disappeared")
+        if rejected or not new.keys() >= previous.keys():
+            self._garbage(r, row, touched, "entries with bad ids, or entries gone")
             return
         for e, d_ok, d_failed in deltas:
-            old = row.entries.get(e.node_id)
+            old = previous.get(e.node_id)
             change = e.in_flight - (old.in_flight if old else 0)
             if change:
                 self._inflight[e.node_id] = self._inflight.get(e.node_id, 0) + change

@@ -102,3 +102,20 @@ def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:
     # Without feedback: P2C with equal loads, that is random.
     plain = make_picker(service())
     assert ports(plain, strategy="least_request") == {80, 81, 82, 83}
+
+
+def test_cmctl_watch_reports_ejections_and_returns() -> None:
+    from clustermap.cli.inspect import _diff
+    from clustermap.region.layout import Meta
+    from clustermap.region.reader import Snapshot
+
+    def snap(gen: int, s: Service) -> Snapshot:
+        return Snapshot(gen, Meta(), {"api": s}, 0, 1, False)
+
+    plain, ejected = service(), service((2, 30))
+    assert _diff(snap(1, plain), snap(2, ejected)) == [
+        "generation 2 revision 0: api ejected 10.0.0.1:82: 5 consecutive failures"
+    ]
+    assert _diff(snap(2, ejected), snap(3, plain)) == [
+        "generation 3 revision 0: api returned 10.0.0.1:82"
+    ]
