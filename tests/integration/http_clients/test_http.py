@@ -239,6 +239,8 @@ def test_after_fork_the_child_uses_its_own_connections(stack: Stack) -> None:
         assert c.get("http://api/").status_code == 200
         parent_pool = s.adapters["http://"].poolmanager  # type: ignore[attr-defined]
         parent_inner = t.inner
+        budget = budget_for(stack.map)
+        budget.begin()  # a request of the parent's in flight across the fork
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report and leave without running the parent's teardown
@@ -247,7 +249,9 @@ def test_after_fork_the_child_uses_its_own_connections(stack: Stack) -> None:
                 ok = s.get("http://api/").status_code == 200 and c.get("http://api/").is_success
                 fresh = s.adapters["http://"].poolmanager is not parent_pool  # type: ignore[attr-defined]
                 fresh_t = t.inner is not parent_inner
-                os.write(w, f"{ok} {fresh} {fresh_t}".encode())
+                # The parent's request counts machine-wide (its row), not as the child's own.
+                counts = budget.active() == (1, 0) and budget.requests == 0
+                os.write(w, f"{ok} {fresh} {fresh_t} {counts}".encode())
                 code = 0
             finally:
                 os._exit(code)
@@ -256,7 +260,9 @@ def test_after_fork_the_child_uses_its_own_connections(stack: Stack) -> None:
             answer = f.read()
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert answer == "True True True"
+        budget.end()
+        assert answer == "True True True True"
+        assert budget.active() == (0, 0)
         # The parent's pools are untouched and still work.
         assert s.adapters["http://"].poolmanager is parent_pool  # type: ignore[attr-defined]
         assert s.get("http://api/").status_code == 200
