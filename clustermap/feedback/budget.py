@@ -12,7 +12,7 @@ and a retry decision sums them over the rows that a live process holds (an OFD l
 with non-zero counters, so a SIGKILLed worker stops counting at once). Only this process writes
 its words, a whole word at a time, from counts it keeps itself; values read from other rows are
 untrusted and clamped. The sum is taken only when a retry is considered (after a failure), never
-on a successful request, whose cost is two stores.
+on a successful request, which only stores this process's two words when it starts and ends.
 
 Where the difference from Envoy lies: the budget is one per machine (every service together),
 not one per cluster, because a row has room for two words, not one pair per service. When
