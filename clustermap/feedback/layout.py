@@ -16,7 +16,9 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
     32  8   file id (u64, random)
     row r at 4096 + r * row size:
     0   8   owner word: (nonce << 32) | pid while claimed; 0 while being (re)initialised
-    8   56  reserved (0)
+    8   8   requests in flight through clustermap.http / clustermap.grpc (retry budget)
+    16  8   retries in flight (retry budget, :mod:`clustermap.feedback.budget`)
+    24  40  reserved (0)
     64  ..  K entries of 4 words:
             0  tag: node id + 1 (0 = unused); written last when the entry is taken; entries
                are taken in order, so the first unused one ends the row

@@ -1,0 +1,291 @@
+"""``clustermap.http.Transport`` / ``AsyncTransport``: httpx transports that send service names
+to picked nodes, wrapping ``httpx.HTTPTransport`` / ``httpx.AsyncHTTPTransport``.
+
+The pick reads shared memory only (no I/O, no lock held across an ``await``), so the async
+transport never blocks the event loop; its one wait, the backoff before a retry, is
+``asyncio.sleep``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+import clustermap
+from clustermap.client import ClusterMap
+from clustermap.errors import ClusterMapError, UnknownService
+from clustermap.feedback.retries import Attempts
+from clustermap.http._policy import ATTEMPT_HEADER, Failure, Policy, Target, target_of_host
+from clustermap.model import Node
+
+__all__ = ["AsyncTransport", "Transport"]
+
+KeyOption = str | bytes | Callable[[httpx.Request], str | bytes | None] | None
+
+
+def _failure(exc: httpx.TransportError) -> Failure:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return Failure.CONNECT
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure.TIMEOUT
+    return Failure.RESET
+
+
+def _node_url_fast(url: httpx.URL, node: Node) -> httpx.URL:
+    # httpx.URL.copy_with re-parses and re-validates the whole URL (~20 us, most of this
+    # module's cost per request); the parsed form is a NamedTuple whose host and port can be
+    # swapped directly. Used only if it gives what copy_with gives (checked once, below).
+    new = httpx.URL.__new__(httpx.URL)
+    new._uri_reference = url._uri_reference._replace(host=node.host.lower(), port=node.port)
+    return new
+
+
+def _fast_is_exact() -> bool:
+    try:
+        for host in ("10.0.0.7", "fd00::7", "node-a.internal"):
+            url = httpx.URL("https://u:p@user-svc:8443/a/b?c=1#d")
+            node = Node(host, 9000)
+            if str(_node_url_fast(url, node)) != str(url.copy_with(host=host, port=9000)):
+                return False
+    except Exception:  # any change in httpx internals: use copy_with
+        return False
+    return True
+
+
+_FAST_URL = _fast_is_exact()
+
+
+def _node_url(url: httpx.URL, node: Node) -> httpx.URL:
+    if _FAST_URL:
+        return _node_url_fast(url, node)
+    return url.copy_with(host=node.host, port=node.port)
+
+
+def _to_node(request: httpx.Request, target: Target, node: Node, attempt: int) -> httpx.Request:
+    """A copy of ``request`` addressed to ``node``: Host keeps the service, TLS verifies the
+    service's name (httpcore's ``sni_hostname``). The caller's request is left as it was, so
+    httpx resolves redirects against the service's URL."""
+    headers = request.headers.copy()
+    headers["Host"] = target.host_header
+    headers[ATTEMPT_HEADER] = str(attempt)
+    extensions = dict(request.extensions)
+    if request.url.scheme == "https":
+        extensions["sni_hostname"] = target.tls_name
+    return httpx.Request(
+        request.method,
+        _node_url(request.url, node),
+        headers=headers,
+        stream=request.stream,
+        extensions=extensions,
+    )
+
+
+class _Routing:
+    """What both transports share: options, the map lookup, the per-process inner transport."""
+
+    def __init__(
+        self,
+        map: ClusterMap | None,
+        key: KeyOption,
+        strategy: str | None,
+        subset: Mapping[str, str] | None,
+        policy: Policy | None,
+        tls_server_name: str | None,
+    ) -> None:
+        self.map: ClusterMap = map if map is not None else clustermap._default
+        self.key = key
+        self.strategy = strategy
+        self.subset = dict(subset) if subset else None
+        self.policy = policy or Policy()
+        self.tls_server_name = tls_server_name
+
+    def _is_service(self, host: str) -> bool:
+        try:
+            self.map.service(host)
+        except UnknownService:
+            return False
+        except ClusterMapError:
+            return False
+        return True
+
+    def _target(self, request: httpx.Request) -> Target | None:
+        url = request.url
+        host_header = request.headers.get("Host") or url.netloc.decode("ascii")
+        return target_of_host(url.host, host_header, self._is_service, self.tls_server_name)
+
+    def _attempts(self, request: httpx.Request, target: Target) -> Attempts:
+        key = self.key(request) if callable(self.key) else self.key
+        return Attempts(
+            self.map, target.service, key, self.strategy, self.subset, self.policy.budget
+        )
+
+    def _judge(
+        self,
+        request: httpx.Request,
+        attempts: Attempts,
+        response: httpx.Response | None,
+        error: httpx.TransportError | None,
+    ) -> bool:
+        """Whether the policy allows another attempt after this one."""
+        if response is not None:
+            failure = Failure.STATUS
+        else:
+            assert error is not None
+            failure = _failure(error)
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        return self.policy.may_retry(failure, request.method, replayable, attempts.retries)
+
+
+class Transport(_Routing, httpx.BaseTransport):
+    """``httpx.Client(transport=clustermap.http.Transport())``: see docs/http.md.
+
+    Options as for :class:`clustermap.http.Session`; ``transport_kwargs`` go to the wrapped
+    ``httpx.HTTPTransport`` (``verify``, ``cert``, ``limits``, ``http2``, ...), which is made
+    again in a forked child (the parent's connections stay the parent's).
+    """
+
+    def __init__(
+        self,
+        map: ClusterMap | None = None,
+        *,
+        key: KeyOption = None,
+        strategy: str | None = None,
+        subset: Mapping[str, str] | None = None,
+        policy: Policy | None = None,
+        tls_server_name: str | None = None,
+        **transport_kwargs: Any,
+    ) -> None:
+        super().__init__(map, key, strategy, subset, policy, tls_server_name)
+        self._transport_kwargs = transport_kwargs
+        self._inner = httpx.HTTPTransport(**transport_kwargs)
+        self._pid = os.getpid()
+
+    @property
+    def inner(self) -> httpx.HTTPTransport:
+        """This process's wrapped transport (a new one after a fork)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._inner = httpx.HTTPTransport(**self._transport_kwargs)
+        return self._inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self.inner
+        target = self._target(request)
+        if target is None:
+            return inner.handle_request(request)
+        policy = self.policy
+        attempts = self._attempts(request, target)
+        try:
+            call = attempts.first()
+            while True:
+                error: httpx.TransportError | None = None
+                response: httpx.Response | None = None
+                with call:
+                    try:
+                        response = inner.handle_request(
+                            _to_node(request, target, call.node, attempts.retries + 1)
+                        )
+                    except httpx.TransportError as exc:
+                        call.mark_failed()
+                        error = exc
+                    else:
+                        if policy.is_failure(response.status_code):
+                            call.mark_failed()
+                if response is not None and response.status_code not in policy.retry_statuses:
+                    return response
+                nxt = attempts.retry(self._judge(request, attempts, response, error))
+                if nxt is None:
+                    if error is not None:
+                        raise attempts.fail(error)
+                    assert response is not None
+                    return response
+                if response is not None:
+                    response.read()
+                    response.close()
+                time.sleep(policy.backoff(attempts.retries))
+                call = nxt
+        finally:
+            attempts.close()
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            self._inner.close()
+
+
+class AsyncTransport(_Routing, httpx.AsyncBaseTransport):
+    """``httpx.AsyncClient(transport=clustermap.http.AsyncTransport())``: see docs/http.md.
+
+    The same as :class:`Transport` around ``httpx.AsyncHTTPTransport``; use one per event loop.
+    """
+
+    def __init__(
+        self,
+        map: ClusterMap | None = None,
+        *,
+        key: KeyOption = None,
+        strategy: str | None = None,
+        subset: Mapping[str, str] | None = None,
+        policy: Policy | None = None,
+        tls_server_name: str | None = None,
+        **transport_kwargs: Any,
+    ) -> None:
+        super().__init__(map, key, strategy, subset, policy, tls_server_name)
+        self._transport_kwargs = transport_kwargs
+        self._inner = httpx.AsyncHTTPTransport(**transport_kwargs)
+        self._pid = os.getpid()
+
+    @property
+    def inner(self) -> httpx.AsyncHTTPTransport:
+        """This process's wrapped transport (a new one after a fork)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._inner = httpx.AsyncHTTPTransport(**self._transport_kwargs)
+        return self._inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self.inner
+        target = self._target(request)
+        if target is None:
+            return await inner.handle_async_request(request)
+        policy = self.policy
+        attempts = self._attempts(request, target)
+        try:
+            call = attempts.first()
+            while True:
+                error: httpx.TransportError | None = None
+                response: httpx.Response | None = None
+                with call:
+                    try:
+                        response = await inner.handle_async_request(
+                            _to_node(request, target, call.node, attempts.retries + 1)
+                        )
+                    except httpx.TransportError as exc:
+                        call.mark_failed()
+                        error = exc
+                    else:
+                        if policy.is_failure(response.status_code):
+                            call.mark_failed()
+                if response is not None and response.status_code not in policy.retry_statuses:
+                    return response
+                nxt = attempts.retry(self._judge(request, attempts, response, error))
+                if nxt is None:
+                    if error is not None:
+                        raise attempts.fail(error)
+                    assert response is not None
+                    return response
+                if response is not None:
+                    await response.aread()
+                    await response.aclose()
+                await asyncio.sleep(policy.backoff(attempts.retries))
+                call = nxt
+        finally:
+            attempts.close()
+
+    async def aclose(self) -> None:
+        if self._pid == os.getpid():
+            await self._inner.aclose()
