@@ -238,6 +238,8 @@ def _keepalive(
     interval = max(ttl / 3, 0.05)
     # A call may take up to the TTL: on a busy machine an answer slower than the heartbeat
     # interval still renews the lease, and giving up on it early would let the lease lapse.
+    # Calls wait for the channel (wait_for_ready) instead of failing fast while gRPC backs off
+    # between reconnects to a restarting server.
     deadline = min(conn.timeout, max(ttl, interval))
     try:
         while not stop:
@@ -250,6 +252,7 @@ def _keepalive(
                         registry_pb2.HeartbeatRequest(lease_id=lease),
                         timeout=deadline,
                         metadata=conn.metadata,
+                        wait_for_ready=True,
                     )
                     continue
             except grpc.RpcError as exc:
@@ -258,7 +261,9 @@ def _keepalive(
                     continue
                 print("cmctl: lease lost; registering again", file=sys.stderr, flush=True)
             try:
-                resp = stub.Register(req, timeout=deadline, metadata=conn.metadata)
+                resp = stub.Register(
+                    req, timeout=deadline, metadata=conn.metadata, wait_for_ready=True
+                )
                 lease = resp.lease_id
                 _say_registered(args, resp)
             except grpc.RpcError as exc:
@@ -270,8 +275,9 @@ def _keepalive(
 
             stub.Deregister(
                 pb.DeregisterRequest(service=req.service, host=req.host, port=req.port),
-                timeout=min(conn.timeout, 2.0),
+                timeout=conn.timeout,
                 metadata=conn.metadata,
+                wait_for_ready=True,
             )
             print(f"deregistered {req.service} {_fmt(req.host, req.port)}", flush=True)
         except grpc.RpcError as exc:
