@@ -136,7 +136,7 @@ def test_an_answer_the_registry_could_not_have_produced_is_rejected(
         assert counters(region_path).get("poll_errors") == 1
         log = sidecar.child.stderr()
         assert "evil host" in log
-        assert "is not valid" in log
+        assert "nor a valid DNS name" in log
     finally:
         sidecar.close()
         proxy.close()
