@@ -148,3 +148,14 @@ class _nolock:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_snapshot_and_len_agree_with_items(store: MapStore) -> None:
+    assert len(store) == 0
+    assert store.snapshot() == []
+    store.apply({n: Service(n, (Node("h", 1),)) for n in ("c", "a", "b")})
+    store.apply({"b": None})
+    assert len(store) == 2
+    snap = store.snapshot()
+    assert sorted(s.service.name for s in snap) == ["a", "c"]
+    assert sorted(snap, key=lambda s: s.service.name) == [s for _, s in store.items()]
