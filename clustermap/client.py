@@ -20,12 +20,13 @@ import os
 import random
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Final
 
 import xxhash
 
-from clustermap.balance import MAGLEV_TABLE_SIZE, ServicePicker
-from clustermap.errors import UnknownService
+from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
+from clustermap.errors import ClusterMapError, UnknownService
 from clustermap.model import Node, Service
 from clustermap.region.reader import RegionReader
 
@@ -88,8 +89,14 @@ class ClusterMap:
             table = picker.maglev  # inlined consistent_hash: one Python frame less per pick
             if table is not None:
                 raw = key.encode() if isinstance(key, str) else key
-                return table[_xxh64(raw) % MAGLEV_TABLE_SIZE]
+                try:
+                    return picker.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                except IndexError:  # not a table of these nodes: the picker replaces it
+                    pass
             return picker.consistent_hash(key)
+        call = picker.calls.get(strategy)  # key-less strategies, inlined the same way
+        if call is not None:
+            return call()
         return picker.pick(key, strategy)
 
     # -- everything else ----------------------------------------------------------------------
@@ -141,7 +148,10 @@ class ClusterMap:
                 raise
             old = self._entries.get(name)
             # The same version in a replacement file is the same content: keep the warm picker.
-            picker = old[3] if old is not None and old[2] == version else ServicePicker(service)
+            if old is not None and old[2] == version:
+                picker = old[3]
+            else:
+                picker = ServicePicker(service, _published_maglev(reader, slot, version))
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
             self._entries[name] = entry
             return entry
@@ -154,6 +164,21 @@ class ClusterMap:
 
     def __repr__(self) -> str:
         return f"ClusterMap({self.path!r}, {len(self._entries)} services cached)"
+
+
+def _published_maglev(
+    reader: RegionReader, slot: int, version: int
+) -> Callable[[], MaglevTable | None]:
+    """Where a picker finds the Maglev table the sidecar published with this version."""
+
+    def load() -> MaglevTable | None:
+        try:
+            found = reader.maglev_table(slot, version)
+        except ClusterMapError:
+            return None
+        return None if found is None else MaglevTable(*found)
+
+    return load
 
 
 _handles: weakref.WeakSet[ClusterMap] = weakref.WeakSet()

@@ -3,12 +3,16 @@
 Design points, each measured in notes/lb-facts.md:
 
 - Everything that depends only on the service (eligible nodes, their canonical order, schedules,
-  tables) is computed once; a warm pick is a C-level ``next()`` on an ``itertools.cycle``, one
-  ``getrandbits()`` and an index, or one xxh64 and an index. Tables that cost milliseconds
-  (Maglev, ketama, the weighted schedule) are built on first use: most services use one strategy.
+  tables) is computed once; a warm pick is a C-level ``next()`` on an ``itertools.cycle`` or on
+  a stream of pre-drawn random choices (:mod:`clustermap.balance.draws`), or one xxh64 and two
+  indexes. Tables that cost milliseconds (Maglev, ketama, the weighted schedule) are made on
+  first use: most services use one strategy. The Maglev table is preferably not built at all
+  but taken from ``maglev_source`` (the region, where the sidecar published it once for every
+  worker; see docs/region-format.md), and built here only when that has none that matches.
 - Round-robin and weighted round-robin start at a random offset drawn from the module-level
-  ``random``, which CPython reseeds in a forked child; :meth:`ServicePicker.after_fork` redraws it,
-  so workers forked from one master do not all send their first request to the same node.
+  ``random``, which CPython reseeds in a forked child; :meth:`ServicePicker.after_fork` redraws it
+  (and discards pre-drawn random choices), so workers forked from one master do not all send
+  their first request to the same node.
 - No locks: ``next()`` on a cycle is a single C call under the GIL, so concurrent threads and
   greenlets never see a torn state (each pick advances the shared cycle by exactly one; a
   free-threaded build might skip or repeat a step, which round-robin tolerates). A lazy build may
@@ -20,13 +24,15 @@ Design points, each measured in notes/lb-facts.md:
 from __future__ import annotations
 
 import random as _random_module
+from array import array
 from bisect import bisect_left as _bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import cycle
-from typing import Final
+from typing import Final, NamedTuple
 
 import xxhash
 
+from clustermap.balance.draws import uniform_stream
 from clustermap.balance.hashing import (
     MAGLEV_TABLE_SIZE,
     build_ketama,
@@ -34,12 +40,13 @@ from clustermap.balance.hashing import (
     canonical_name,
     ketama_hash,
     ketama_name,
+    maglev_digest,
 )
 from clustermap.balance.schedule import smooth_wrr
 from clustermap.errors import NoAvailableNode
 from clustermap.model import DOWN, DRAIN, UP, Node, Service
 
-__all__ = ["HASHES", "STRATEGIES", "ServicePicker"]
+__all__ = ["HASHES", "STRATEGIES", "MaglevTable", "ServicePicker", "eligible_nodes", "wants_maglev"]
 
 #: Strategy names :meth:`ServicePicker.pick` accepts: model.STRATEGIES plus ``weighted_random``.
 STRATEGIES: Final = ("round_robin", "random", "weighted", "weighted_random", "consistent_hash")
@@ -49,18 +56,36 @@ HASHES: Final = ("maglev", "ketama", "ketama_libmemcached")
 
 _M: Final = MAGLEV_TABLE_SIZE
 _xxh64 = xxhash.xxh64_intdigest
-# Bound methods of the module-level generator, which CPython reseeds in every forked child.
+# A bound method of the module-level generator, which CPython reseeds in every forked child.
 _random = _random_module.random
-_getrandbits = _random_module.getrandbits
-#: Extra random bits beyond ceil(log2(n)): a draw is rejected (and redrawn) with p < 1/256.
-_SLACK_BITS: Final = 8
 
 
-def _uniform_params(n: int) -> tuple[int, int]:
-    """(bits, limit) for an exactly uniform index: ``x = getrandbits(bits)``, accepted when
-    ``x < limit`` (a multiple of ``n``), index ``x % n``. ``limit`` is 0 when ``n`` is 0."""
-    bits = max(n - 1, 0).bit_length() + _SLACK_BITS
-    return bits, ((1 << bits) // n * n) if n else 0
+class MaglevTable(NamedTuple):
+    """A Maglev table made elsewhere (the sidecar), as a worker finds it in the region.
+
+    ``entries[slot]`` is an index into the eligible nodes in canonical order; ``nodes`` and
+    ``digest`` (:func:`~clustermap.balance.hashing.maglev_digest`) say which nodes it was built
+    over, so a picker uses it only for exactly its own eligible set.
+    """
+
+    entries: Sequence[int]
+    nodes: int
+    digest: int
+
+
+def wants_maglev(service: Service) -> bool:
+    """Whether keyed picks are expected on ``service``, hashed by Maglev: its default strategy
+    is ``consistent_hash``, or its meta says ``hash=maglev`` explicitly. The sidecar publishes a
+    table for these (docs/hashing.md); other services build theirs on a first keyed pick."""
+    kind = service.meta.get("hash")
+    if service.strategy == "consistent_hash":
+        return kind is None or kind == "maglev"
+    return kind == "maglev"
+
+
+def eligible_nodes(service: Service) -> tuple[Node, ...]:
+    """The nodes picks may go to, in canonical order (the input of every strategy)."""
+    return _eligible(service)[0]
 
 
 def _rank(node: Node) -> tuple[int, str, list[tuple[str, str]]]:
@@ -113,61 +138,72 @@ class ServicePicker:
     """
 
     __slots__ = (
-        "_bits",
-        "_count",
         "_default",
         "_hash",
         "_ketama",
-        "_limit",
+        "_maglev_source",
         "_nodes_list",
+        "_random_next",
         "_rr_next",
         "_schedule",
-        "_wbits",
-        "_wcount",
         "_why",
-        "_wlimit",
+        "_wrandom_next",
         "_wrr_next",
+        "calls",
         "default",
         "default_strategy",
         "maglev",
+        "maglev_shared",
         "nodes",
         "panic",
         "service",
     )
 
-    def __init__(self, service: Service) -> None:
+    def __init__(
+        self,
+        service: Service,
+        maglev_source: Callable[[], MaglevTable | None] | None = None,
+    ) -> None:
         self.service = service
         self.nodes, self.panic, self._why = _eligible(service)
         self._nodes_list = list(self.nodes)
-        self._count = len(self._nodes_list)
-        self._bits, self._limit = _uniform_params(self._count)
         self._hash = service.meta.get("hash", "maglev")
-        #: The Maglev table (node per slot) once the first keyed pick built it, else None.
-        self.maglev: list[Node] | None = None
+        #: The Maglev table once the first keyed pick made it, else None: ``maglev[slot]`` is an
+        #: index into ``nodes``. A view of the region's pages when ``maglev_shared``.
+        self.maglev: Sequence[int] | None = None
+        self.maglev_shared = False
+        self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
         self._schedule: list[Node] | None = None
-        self._wbits = self._wcount = self._wlimit = 0  # set when the schedule is built
         strategy = service.strategy
         # A strategy this client does not know (a newer server's) falls back to round-robin:
         # any eligible node is a correct answer for a non-hash strategy.
         self.default_strategy = strategy if strategy in STRATEGIES else "round_robin"
         self._rr_next: Callable[[], Node] = self._no_node
+        self._random_next: Callable[[], Node] = self._no_node
         self._wrr_next: Callable[[], Node] = self._build_weighted
-        self._default: Callable[[], Node] | None = self._no_node
+        self._wrandom_next: Callable[[], Node] = self._build_weighted_random
+        self._default: Callable[[], Node] = self._no_node
         self.after_fork()
 
     # -- per-process state -------------------------------------------------------------------
 
     def after_fork(self) -> None:
-        """Redraw the round-robin and weighted start offsets (call in a forked child)."""
+        """Redraw the round-robin and weighted start offsets and discard pre-drawn random
+        choices (call in a forked child)."""
         nodes = self._nodes_list
         if nodes:
             start = int(_random() * len(nodes))
             self._rr_next = cycle(nodes[start:] + nodes[:start]).__next__
+            self._random_next = uniform_stream(nodes)
+        self._bind_schedule()
+
+    def _bind_schedule(self) -> None:
         schedule = self._schedule
         if schedule is not None:
             start = int(_random() * len(schedule))
             self._wrr_next = cycle(schedule[start:] + schedule[:start]).__next__
+            self._wrandom_next = uniform_stream(schedule)
         self._bind_default()
 
     def _bind_default(self) -> None:
@@ -179,11 +215,19 @@ class ServicePicker:
         elif strategy == "weighted":
             self._default = self._wrr_next
         elif strategy == "weighted_random":
-            self._default = self.weighted_random
+            self._default = self._wrandom_next
         else:  # random, and consistent_hash without a key (Envoy picks a random host)
-            self._default = None  # pick() inlines random()
+            self._default = self._random_next
         #: The no-argument pick of the default strategy, as one call (the client's hot path).
-        self.default: Callable[[], Node] = self._default or self.random
+        self.default: Callable[[], Node] = self._default
+        #: The no-argument pick of each key-less strategy, by name (the client's hot path for
+        #: ``pick(strategy=...)``); consistent_hash needs a key and goes through :meth:`pick`.
+        self.calls: dict[str, Callable[[], Node]] = {
+            "round_robin": self._rr_next,
+            "random": self._random_next,
+            "weighted": self._wrr_next,
+            "weighted_random": self._wrandom_next,
+        }
 
     def _no_node(self) -> Node:
         raise NoAvailableNode(self._why)
@@ -195,35 +239,15 @@ class ServicePicker:
         the service's default strategy. A key is ignored by non-hash strategies."""
         if strategy is None:
             if key is None:
-                default = self._default
-                if default is not None:
-                    return default()
-                x = _getrandbits(self._bits)  # random, inlined: saves a Python call
-                if x < self._limit:
-                    return self._nodes_list[x % self._count]
-                return self._random_slow()
-            table = self.maglev
-            if table is not None:
-                if isinstance(key, str):
-                    key = key.encode()
-                return table[_xxh64(key) % _M]
-            return self._consistent_hash_slow(key)
-        # Explicit strategies inline, most common first: each saves a Python call.
-        if strategy == "round_robin":
-            return self._rr_next()
-        if strategy == "random":
-            x = _getrandbits(self._bits)
-            if x < self._limit:
-                return self._nodes_list[x % self._count]
-            return self._random_slow()
-        if strategy == "weighted":
-            return self._wrr_next()
+                return self._default()
+            return self.consistent_hash(key)
+        call = self.calls.get(strategy)
+        if call is not None:
+            return call()
         if strategy == "consistent_hash":
             if key is None:
                 raise TypeError("pick(strategy='consistent_hash') needs a key")
             return self.consistent_hash(key)
-        if strategy == "weighted_random":
-            return self.weighted_random()
         raise ValueError(f"unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
 
     def round_robin(self) -> Node:
@@ -231,24 +255,8 @@ class ServicePicker:
         return self._rr_next()
 
     def random(self) -> Node:
-        """A uniformly random eligible node.
-
-        ``getrandbits`` plus a rejected draw now and then is exactly uniform and, at ~60 ns,
-        faster than ``nodes[int(random() * n)]`` (``int(float)`` alone costs ~50 ns)."""
-        x = _getrandbits(self._bits)
-        if x < self._limit:
-            return self._nodes_list[x % self._count]
-        return self._random_slow()
-
-    def _random_slow(self) -> Node:
-        limit = self._limit
-        if not limit:
-            raise NoAvailableNode(self._why)
-        bits = self._bits
-        x = _getrandbits(bits)
-        while x >= limit:
-            x = _getrandbits(bits)
-        return self._nodes_list[x % self._count]
+        """A uniformly random eligible node (from a stream of pre-drawn choices)."""
+        return self._random_next()
 
     def weighted(self) -> Node:
         """The next node of the smooth weighted round-robin schedule."""
@@ -256,50 +264,58 @@ class ServicePicker:
 
     def weighted_random(self) -> Node:
         """A random node with probability proportional to its weight: a uniform schedule slot."""
-        x = _getrandbits(self._wbits)
-        if x < self._wlimit:
-            return self._schedule[x % self._wcount]  # type: ignore[index]
-        return self._weighted_random_slow()
-
-    def _weighted_random_slow(self) -> Node:
-        schedule = self._schedule
-        if schedule is None:
-            schedule = self._weighted_schedule()
-        bits, limit, count = self._wbits, self._wlimit, self._wcount
-        x = _getrandbits(bits)
-        while x >= limit:
-            x = _getrandbits(bits)
-        return schedule[x % count]
+        return self._wrandom_next()
 
     def consistent_hash(self, key: str | bytes) -> Node:
         """The node owning ``key`` (Maglev unless ``service.meta["hash"]`` says otherwise)."""
         table = self.maglev
         if table is not None:
-            if isinstance(key, str):
-                key = key.encode()
-            return table[_xxh64(key) % _M]
+            try:
+                return self._nodes_list[
+                    table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
+                ]
+            except IndexError:
+                return self._maglev_mismatch(key)
         return self._consistent_hash_slow(key)
 
     # -- lazy builds -------------------------------------------------------------------------
 
-    def _weighted_schedule(self) -> list[Node]:
+    def _build_weighted(self) -> Node:
+        self._weighted_schedule()
+        return self._wrr_next()
+
+    def _build_weighted_random(self) -> Node:
+        self._weighted_schedule()
+        return self._wrandom_next()
+
+    def _weighted_schedule(self) -> None:
         nodes = self._nodes_list
         if not nodes:
             raise NoAvailableNode(self._why)
-        schedule = [nodes[i] for i in smooth_wrr([n.weight for n in nodes])]
-        self._schedule = schedule
-        self._wcount = len(schedule)
-        self._wbits, self._wlimit = _uniform_params(len(schedule))
-        return schedule
+        if self._schedule is None:
+            self._schedule = [nodes[i] for i in smooth_wrr([n.weight for n in nodes])]
+        self._bind_schedule()
 
-    def _build_weighted(self) -> Node:
-        schedule = self._schedule
-        if schedule is None:
-            schedule = self._weighted_schedule()
-        start = int(_random() * len(schedule))
-        self._wrr_next = cycle(schedule[start:] + schedule[:start]).__next__
-        self._bind_default()
-        return self._wrr_next()
+    def _maglev_mismatch(self, key: str | bytes) -> Node:
+        """A table entry that is not a node index: a shared table not made for these nodes
+        (docs/region-format.md says when a reader could see one). Build our own instead."""
+        self.maglev = None
+        self.maglev_shared = False
+        self._maglev_source = None
+        return self._consistent_hash_slow(key)
+
+    def _shared_maglev(self) -> Sequence[int] | None:
+        """The published table, if there is one and it was built over exactly our nodes."""
+        source = self._maglev_source
+        found = source() if source is not None else None
+        if found is None or found.nodes != len(self._nodes_list) or len(found.entries) != _M:
+            return None
+        nodes = self._nodes_list
+        if found.digest != maglev_digest(
+            [canonical_name(n) for n in nodes], [n.weight for n in nodes]
+        ):
+            return None
+        return found.entries
 
     def _consistent_hash_slow(self, key: str | bytes) -> Node:
         ring = self._ketama
@@ -312,11 +328,13 @@ class ServicePicker:
             raise NoAvailableNode(self._why)
         kind = self._hash
         if kind == "maglev":
-            names = [canonical_name(n) for n in nodes]
-            index = build_maglev(names, [n.weight for n in nodes])
-            table = list(map(nodes.__getitem__, index))
+            table = self._shared_maglev()
+            self.maglev_shared = table is not None
+            if table is None:
+                index = build_maglev([canonical_name(n) for n in nodes], [n.weight for n in nodes])
+                table = array("B" if len(nodes) <= 256 else "H", index)
             self.maglev = table
-            return table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
+            return nodes[table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]]
         if kind in ("ketama", "ketama_libmemcached"):
             style = "libmemcached" if kind == "ketama_libmemcached" else "ketama"
             points, owners = build_ketama(
