@@ -334,7 +334,7 @@ class ServicePicker:
                 index = build_maglev([canonical_name(n) for n in nodes], [n.weight for n in nodes])
                 table = array("B" if len(nodes) <= 256 else "H", index)
             self.maglev = table
-            return nodes[table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]]
+            return self.consistent_hash(key)  # guarded: a bad shared entry falls back
         if kind in ("ketama", "ketama_libmemcached"):
             style = "libmemcached" if kind == "ketama_libmemcached" else "ketama"
             points, owners = build_ketama(
