@@ -384,14 +384,15 @@ class RegionWriter:
 
     def _prepare_tables(
         self, upserts: list[Service], removals: set[str]
-    ) -> dict[str, tuple[int, bytes]]:
+    ) -> dict[str, tuple[int, bytes | None]]:
         """Table payloads (with their nodes digests) for this update, by service name.
 
-        A table whose nodes did not change is copied from the region, not rebuilt. Owed tables
+        A table whose nodes did not change is not rebuilt: None stands for the one the region
+        holds, which is copied only if the service's record is rewritten. Owed tables
         whose service is not in this update are paid back with what is left of the budget, by
         appending their service to ``upserts``.
         """
-        tables: dict[str, tuple[int, bytes]] = {}
+        tables: dict[str, tuple[int, bytes | None]] = {}
         for name in removals:
             self._owed.pop(name, None)
         named = {s.name for s in upserts}
@@ -405,9 +406,9 @@ class RegionWriter:
             if given is None:
                 self._owed.pop(s.name, None)
                 continue
-            current = self._published_table(s.name, given.digest)
-            if current is not None:
-                tables[s.name] = (given.digest, current)
+            slot = self._dir.get(s.name)
+            if slot is not None and self._slots[slot].table == given.digest:
+                tables[s.name] = (given.digest, None)
             elif built and time.monotonic() - start >= TABLE_BUDGET_S:
                 self._owed[s.name] = s
                 continue
@@ -419,10 +420,10 @@ class RegionWriter:
                 upserts.append(s)
         return tables
 
-    def _published_table(self, name: str, digest: int) -> bytes | None:
-        """The payload of ``name``'s published table if it was built over ``digest``."""
+    def _published_table(self, name: str) -> bytes | None:
+        """A copy of the payload of ``name``'s published table, if it has one."""
         slot = self._dir.get(name)
-        if slot is None or self._slots[slot].table != digest:
+        if slot is None or not self._slots[slot].table:
             return None
         version, off = self._slot(slot)
         found = L.table_payload(self._mm, off, version & ~L.RETIRED, self._hdr.file_size)
@@ -451,7 +452,7 @@ class RegionWriter:
         upserts: list[Service],
         removals: set[str],
         meta: L.Meta | None,
-        tables: Mapping[str, tuple[int, bytes]],
+        tables: Mapping[str, tuple[int, bytes | None]],
     ) -> WriterStats:
         self._release_quarantined()
         gen = self._gen + 1
@@ -472,8 +473,13 @@ class RegionWriter:
                 unchanged += 1
                 continue
             record = L.encode_record(L.KIND_SERVICE, gen, payload)
-            if table is not None:
-                record = L.with_table(record, L.encode_record(L.KIND_TABLE, gen, table[1]))
+            body = None
+            if table is not None:  # None in it: the table the region holds, nodes unchanged
+                body = table[1] if table[1] is not None else self._published_table(s.name)
+            if body is not None:
+                record = L.with_table(record, L.encode_record(L.KIND_TABLE, gen, body))
+            else:
+                tag = 0
             pending.append(_Pending(-1 if slot is None else slot, s.name, record, digest, tag))
         removals = {n for n in removals if n in self._dir and n not in seen}
         new_names = [p.name for p in pending if p.slot < 0 and p.name is not None]
