@@ -85,7 +85,7 @@ class ClusterMap:
             return self._refresh(service)[3].pick(key, strategy)
         if strategy is None:
             if key is None:
-                return picker.default()
+                return next(picker.default_it)
             table = picker.maglev  # inlined consistent_hash: one Python frame less per pick
             if table is not None:
                 raw = key.encode() if isinstance(key, str) else key
@@ -94,9 +94,9 @@ class ClusterMap:
                 except IndexError:  # not a table of these nodes: the picker replaces it
                     pass
             return picker.consistent_hash(key)
-        call = picker.calls.get(strategy)  # key-less strategies, inlined the same way
-        if call is not None:
-            return call()
+        it = picker.iters.get(strategy)  # key-less strategies, inlined the same way
+        if it is not None:
+            return next(it)
         return picker.pick(key, strategy)
 
     # -- everything else ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ generator, which CPython reseeds in a forked child.
 from __future__ import annotations
 
 import random as _random_module
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain, repeat
 from typing import Any, Final, TypeVar
 
@@ -46,9 +46,9 @@ _map: Any = map
 _SLACK_BITS: Final = 8
 
 
-def uniform_stream(items: Sequence[T]) -> Callable[[], T]:
-    """A no-argument callable returning an independent, exactly uniform element of ``items``
-    on every call. ``items`` must not be empty, and must not change afterwards."""
+def uniform_stream(items: Sequence[T]) -> Iterator[T]:
+    """An endless iterator whose every ``next()`` is an independent, exactly uniform element of
+    ``items``. ``items`` must not be empty, and must not change afterwards."""
     n = len(items)
     if n == 0:
         raise ValueError("uniform_stream: no items")
@@ -59,7 +59,7 @@ def uniform_stream(items: Sequence[T]) -> Callable[[], T]:
         rejected = bytes(range(limit, 256))
         raw = map(_to_bytes, map(_getrandbits, repeat(8 * BATCH)), repeat(BATCH), repeat("little"))
         indices = map(_translate, raw, repeat(index_of), repeat(rejected))
-        return chain.from_iterable(map(_map, repeat(getitem), indices)).__next__
+        return chain.from_iterable(map(_map, repeat(getitem), indices))
     if n <= 65536:
         limit = 65536 // n * n
         raw = map(
@@ -68,14 +68,23 @@ def uniform_stream(items: Sequence[T]) -> Callable[[], T]:
         words = map(_cast, map(_view, raw), repeat("H"))
         kept = map(_filter, repeat(limit.__gt__), words)
         indices = map(_map, repeat(n.__rmod__), kept)
-        return chain.from_iterable(map(_map, repeat(getitem), indices)).__next__
+        return chain.from_iterable(map(_map, repeat(getitem), indices))
     bits = (n - 1).bit_length() + _SLACK_BITS
-    bound = (1 << bits) // n * n
 
-    def draw() -> T:
-        x = _getrandbits(bits)
-        while x >= bound:
-            x = _getrandbits(bits)
-        return getitem(x % n)
+    return _PerCall(getitem, n, bits, (1 << bits) // n * n)
 
-    return draw
+
+class _PerCall(Iterator[T]):
+    """One rejection draw per ``next()`` (more than 65536 items). A class, not a generator: a
+    generator running in one thread raises ValueError when another thread calls it."""
+
+    __slots__ = ("bits", "bound", "getitem", "n")
+
+    def __init__(self, getitem: Callable[[int], T], n: int, bits: int, bound: int) -> None:
+        self.getitem, self.n, self.bits, self.bound = getitem, n, bits, bound
+
+    def __next__(self) -> T:
+        x = _getrandbits(self.bits)
+        while x >= self.bound:
+            x = _getrandbits(self.bits)
+        return self.getitem(x % self.n)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random as _random_module
 from array import array
 from bisect import bisect_left as _bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import cycle
 from typing import Final, NamedTuple
 
@@ -130,6 +130,22 @@ def _eligible(service: Service) -> tuple[tuple[Node, ...], bool, str]:
     return tuple(unique), panic, why
 
 
+class _Calls:
+    """An endless iterator whose ``next()`` calls ``fn``: stands in for a strategy's iterator
+    until its first use builds it, or when there is no node (``fn`` raises)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Node]) -> None:
+        self.fn = fn
+
+    def __iter__(self) -> _Calls:
+        return self
+
+    def __next__(self) -> Node:
+        return self.fn()
+
+
 class ServicePicker:
     """Picks nodes of one service version; cheap to call, built once per version per process.
 
@@ -138,20 +154,20 @@ class ServicePicker:
     """
 
     __slots__ = (
-        "_default",
         "_hash",
         "_ketama",
         "_maglev_source",
         "_nodes_list",
-        "_random_next",
-        "_rr_next",
+        "_random",
+        "_rr",
         "_schedule",
         "_why",
-        "_wrandom_next",
-        "_wrr_next",
-        "calls",
+        "_wrandom",
+        "_wrr",
         "default",
+        "default_it",
         "default_strategy",
+        "iters",
         "maglev",
         "maglev_shared",
         "nodes",
@@ -179,11 +195,11 @@ class ServicePicker:
         # A strategy this client does not know (a newer server's) falls back to round-robin:
         # any eligible node is a correct answer for a non-hash strategy.
         self.default_strategy = strategy if strategy in STRATEGIES else "round_robin"
-        self._rr_next: Callable[[], Node] = self._no_node
-        self._random_next: Callable[[], Node] = self._no_node
-        self._wrr_next: Callable[[], Node] = self._build_weighted
-        self._wrandom_next: Callable[[], Node] = self._build_weighted_random
-        self._default: Callable[[], Node] = self._no_node
+        no_node = _Calls(self._no_node)
+        self._rr: Iterator[Node] = no_node
+        self._random: Iterator[Node] = no_node
+        self._wrr: Iterator[Node] = _Calls(self._build_weighted)
+        self._wrandom: Iterator[Node] = _Calls(self._build_weighted_random)
         self.after_fork()
 
     # -- per-process state -------------------------------------------------------------------
@@ -194,40 +210,34 @@ class ServicePicker:
         nodes = self._nodes_list
         if nodes:
             start = int(_random() * len(nodes))
-            self._rr_next = cycle(nodes[start:] + nodes[:start]).__next__
-            self._random_next = uniform_stream(nodes)
+            self._rr = cycle(nodes[start:] + nodes[:start])
+            self._random = uniform_stream(nodes)
         self._bind_schedule()
 
     def _bind_schedule(self) -> None:
         schedule = self._schedule
         if schedule is not None:
             start = int(_random() * len(schedule))
-            self._wrr_next = cycle(schedule[start:] + schedule[:start]).__next__
-            self._wrandom_next = uniform_stream(schedule)
+            self._wrr = cycle(schedule[start:] + schedule[:start])
+            self._wrandom = uniform_stream(schedule)
         self._bind_default()
 
     def _bind_default(self) -> None:
-        strategy = self.default_strategy
-        if not self._nodes_list:
-            self._default = self._no_node
-        elif strategy == "round_robin":
-            self._default = self._rr_next
-        elif strategy == "weighted":
-            self._default = self._wrr_next
-        elif strategy == "weighted_random":
-            self._default = self._wrandom_next
-        else:  # random, and consistent_hash without a key (Envoy picks a random host)
-            self._default = self._random_next
-        #: The no-argument pick of the default strategy, as one call (the client's hot path).
-        self.default: Callable[[], Node] = self._default
-        #: The no-argument pick of each key-less strategy, by name (the client's hot path for
-        #: ``pick(strategy=...)``); consistent_hash needs a key and goes through :meth:`pick`.
-        self.calls: dict[str, Callable[[], Node]] = {
-            "round_robin": self._rr_next,
-            "random": self._random_next,
-            "weighted": self._wrr_next,
-            "weighted_random": self._wrandom_next,
+        #: Each key-less strategy as an iterator whose ``next()`` is a pick: a C-level call for
+        #: the client's hot path (``next(it)`` costs less than calling a bound ``__next__``).
+        #: consistent_hash needs a key and goes through :meth:`pick`.
+        self.iters: dict[str, Iterator[Node]] = {
+            "round_robin": self._rr,
+            "random": self._random,
+            "weighted": self._wrr,
+            "weighted_random": self._wrandom,
         }
+        strategy = self.default_strategy
+        if strategy not in self.iters:  # consistent_hash without a key: random, as Envoy does
+            strategy = "random"
+        #: The default strategy's iterator, and its ``next`` as a no-argument pick.
+        self.default_it: Iterator[Node] = self.iters[strategy]
+        self.default: Callable[[], Node] = self.default_it.__next__
 
     def _no_node(self) -> Node:
         raise NoAvailableNode(self._why)
@@ -239,11 +249,11 @@ class ServicePicker:
         the service's default strategy. A key is ignored by non-hash strategies."""
         if strategy is None:
             if key is None:
-                return self._default()
+                return next(self.default_it)
             return self.consistent_hash(key)
-        call = self.calls.get(strategy)
-        if call is not None:
-            return call()
+        it = self.iters.get(strategy)
+        if it is not None:
+            return next(it)
         if strategy == "consistent_hash":
             if key is None:
                 raise TypeError("pick(strategy='consistent_hash') needs a key")
@@ -252,19 +262,19 @@ class ServicePicker:
 
     def round_robin(self) -> Node:
         """The next node in canonical order, from this process's random start."""
-        return self._rr_next()
+        return next(self._rr)
 
     def random(self) -> Node:
         """A uniformly random eligible node (from a stream of pre-drawn choices)."""
-        return self._random_next()
+        return next(self._random)
 
     def weighted(self) -> Node:
         """The next node of the smooth weighted round-robin schedule."""
-        return self._wrr_next()
+        return next(self._wrr)
 
     def weighted_random(self) -> Node:
         """A random node with probability proportional to its weight: a uniform schedule slot."""
-        return self._wrandom_next()
+        return next(self._wrandom)
 
     def consistent_hash(self, key: str | bytes) -> Node:
         """The node owning ``key`` (Maglev unless ``service.meta["hash"]`` says otherwise)."""
@@ -282,11 +292,11 @@ class ServicePicker:
 
     def _build_weighted(self) -> Node:
         self._weighted_schedule()
-        return self._wrr_next()
+        return next(self._wrr)
 
     def _build_weighted_random(self) -> Node:
         self._weighted_schedule()
-        return self._wrandom_next()
+        return next(self._wrandom)
 
     def _weighted_schedule(self) -> None:
         nodes = self._nodes_list

@@ -37,13 +37,13 @@ def test_stream_serves_exactly_the_rejection_draws(n: int) -> None:
     expected = reference(n, 3 * BATCH)
     random.seed(n)
     draw = uniform_stream(items)
-    assert [draw() for _ in range(3 * BATCH)] == expected
+    assert [next(draw) for _ in range(3 * BATCH)] == expected
 
 
 def test_more_than_65536_items_draw_one_per_call() -> None:
     items = list(range(70_000))
     draw = uniform_stream(items)
-    seen = {draw() for _ in range(2000)}
+    seen = {next(draw) for _ in range(2000)}
     assert seen <= set(items)
     assert len(seen) > 1900
 
@@ -56,7 +56,7 @@ def test_empty_is_refused() -> None:
 def test_uniform_over_many_batches() -> None:
     random.seed(7)
     draw = uniform_stream("abcdefg")
-    counts = Counter(draw() for _ in range(70_000))
+    counts = Counter(next(draw) for _ in range(70_000))
     assert set(counts) == set("abcdefg")
     assert all(9_400 < c < 10_600 for c in counts.values())  # 10 000 each, sd ~93
 
@@ -70,7 +70,7 @@ def test_threads_share_a_stream_without_errors_or_losses() -> None:
     def worker() -> None:
         try:
             barrier.wait()
-            got = [draw() for _ in range(20_000)]
+            got = [next(draw) for _ in range(20_000)]
             if not set(got) <= set(range(10)):
                 raise AssertionError("out of range")
             totals.append(len(got))
