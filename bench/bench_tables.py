@@ -140,9 +140,7 @@ def memory(path: str) -> dict[str, object]:
 
 
 def region_size(path: str, services: int, hashed_count: int) -> dict[str, float]:
-    data = [
-        hashed(i, 100) if i < hashed_count else make_service(i, 100) for i in range(services)
-    ]
+    data = [hashed(i, 100) if i < hashed_count else make_service(i, 100) for i in range(services)]
     payload = sum(len(L.encode_service(s)) for s in data)
     with RegionWriter(path) as w, unlimited_budget():
         t0 = time.perf_counter()
@@ -198,7 +196,8 @@ def main() -> None:
             mem_before = memory(path)
         for label, mem in (("table published", mem_now), ("worker builds", mem_before)):
             a, b = mem["picks"], mem["keyed picks"]
-            assert isinstance(a, dict) and isinstance(b, dict)
+            assert isinstance(a, dict)
+            assert isinstance(b, dict)
             print(
                 f"  {label:16} private +{b['RssAnon'] - a['RssAnon']:6} KiB in all "
                 f"({(b['RssAnon'] - a['RssAnon']) / 10:7.1f} per service), region pages "
