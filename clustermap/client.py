@@ -151,7 +151,7 @@ class ClusterMap:
             if old is not None and old[2] == version:
                 picker = old[3]
             else:
-                picker = ServicePicker(service, _published_maglev(reader, slot, version))
+                picker = ServicePicker(service, _published_maglev(reader, name, version))
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
             self._entries[name] = entry
             return entry
@@ -167,13 +167,15 @@ class ClusterMap:
 
 
 def _published_maglev(
-    reader: RegionReader, slot: int, version: int
+    reader: RegionReader, name: str, version: int
 ) -> Callable[[], MaglevTable | None]:
-    """Where a picker finds the Maglev table the sidecar published with this version."""
+    """Where a picker finds the Maglev table the sidecar published with this version. The slot
+    is looked up when the table is wanted: a replacement file may have moved the service."""
 
     def load() -> MaglevTable | None:
         try:
-            found = reader.maglev_table(slot, version)
+            slot = reader.directory().get(name)
+            found = None if slot is None else reader.maglev_table(slot, version)
         except ClusterMapError:
             return None
         return None if found is None else MaglevTable(*found)

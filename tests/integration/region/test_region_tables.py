@@ -240,3 +240,23 @@ def test_replaced_table_space_is_not_reused_within_the_grace_period(region_path:
         for i in range(5):  # other tables come and go; none may land on the old one
             w.publish([hashed("h", 13 + i), hashed(f"x{i}", 40)])
         assert bytes(old[0]) == before  # a worker still indexing the old view reads its table
+
+
+def test_a_warm_picker_finds_its_table_after_the_file_moved_its_slot(
+    region_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replacement file renumbers slots (sorted by name) but keeps versions, so the worker
+    keeps its picker; the table is looked up by name when the first keyed pick wants it."""
+    monkeypatch.setattr(writer_module, "TABLE_BUDGET_S", 60.0)
+    service = hashed("h", 12)
+    with RegionWriter(region_path) as w:
+        w.publish([service])
+        cm = clustermap.open(region_path)
+        cm.pick("h")  # a warm picker, no table asked for yet
+        picker = cm.picker("h")
+        slot_before = slot_version(RegionReader(region_path), "h")[0]
+        w.publish([Service(f"a{i:03d}", service.nodes) for i in range(200)])  # grows the file
+    assert slot_version(RegionReader(region_path), "h")[0] != slot_before
+    assert [cm.pick("h", k).address for k in KEYS] == local_picks(service)
+    assert cm.picker("h") is picker
+    assert picker.maglev_shared
