@@ -34,7 +34,7 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
     "scale": (["bench_scale.py"], ["bench_scale.py", "--quick"], 240),
     "hash": (["bench_hash.py"], ["bench_hash.py", "--max-add", "16"], 120),
     "tables": (["bench_tables.py"], ["bench_tables.py", "--quick", "--repeat", "7"], 600),
-    "callgrind": (["bench_callgrind.py"], ["bench_callgrind.py", "--number", "5000"], 900),
+    "callgrind": (["bench_callgrind.py"], ["bench_callgrind.py", "--number", "5000"], 1800),
     "propagation": (
         ["bench_propagation.py", "--changes", "40"],
         ["bench_propagation.py", "--changes", "15"],
