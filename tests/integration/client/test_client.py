@@ -199,3 +199,27 @@ def test_default_strategy_comes_from_the_map(region_path: Path) -> None:
     publish(region_path, Service("w", (Node("a", 1, 3), Node("b", 1, 1)), strategy="weighted"))
     cm = ClusterMap(region_path)
     assert Counter(cm.pick("w").host for _ in range(400)) == {"a": 300, "b": 100}
+
+
+def test_forked_children_draw_their_own_random_picks(region_path: Path) -> None:
+    """Random picks are drawn in batches: a batch drawn before the fork must not be served again
+    in every child (the at-fork hook drops it and the reseeded generator draws anew)."""
+    publish(region_path, Service("r", NODES, strategy="random"))
+    cm = clustermap.open(region_path)
+    cm.pick("r")  # the master holds a batch of draws, as a preloaded app's would
+    sequences = []
+    for _ in range(6):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its first picks, default and explicit
+            os.close(r)
+            picks = [cm.pick("r").address for _ in range(6)]
+            picks += [cm.pick("r", strategy="random").address for _ in range(6)]
+            os.write(w, " ".join(picks).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            sequences.append(f.read())
+        os.waitpid(pid, 0)
+    assert all(sequences)
+    assert len(set(sequences)) == len(sequences), sequences
