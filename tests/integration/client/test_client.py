@@ -207,7 +207,8 @@ def test_forked_children_draw_their_own_random_picks(region_path: Path) -> None:
     publish(region_path, Service("r", NODES, strategy="random"))
     cm = clustermap.open(region_path)
     cm.pick("r")  # the master holds a batch of draws, as a preloaded app's would
-    sequences = []
+    cm.pick("r", strategy="least_request")  # and least_request's two streams of indices
+    sequences, least = [], []
     for _ in range(6):
         r, w = os.pipe()
         pid = os.fork()
@@ -215,11 +216,16 @@ def test_forked_children_draw_their_own_random_picks(region_path: Path) -> None:
             os.close(r)
             picks = [cm.pick("r").address for _ in range(6)]
             picks += [cm.pick("r", strategy="random").address for _ in range(6)]
+            picks.append("|")
+            picks += [cm.pick("r", strategy="least_request").address for _ in range(8)]
             os.write(w, " ".join(picks).encode())
             os._exit(0)
         os.close(w)
         with os.fdopen(r) as f:
-            sequences.append(f.read())
+            drawn, lr = f.read().split("|")
+            sequences.append(drawn)
+            least.append(lr)
         os.waitpid(pid, 0)
-    assert all(sequences)
+    assert all(sequences) and all(least)
     assert len(set(sequences)) == len(sequences), sequences
+    assert len(set(least)) == len(least), least
