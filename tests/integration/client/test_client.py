@@ -226,6 +226,7 @@ def test_forked_children_draw_their_own_random_picks(region_path: Path) -> None:
             sequences.append(drawn)
             least.append(lr)
         os.waitpid(pid, 0)
-    assert all(sequences) and all(least)
+    assert all(sequences)
+    assert all(least)
     assert len(set(sequences)) == len(sequences), sequences
     assert len(set(least)) == len(least), least
