@@ -27,15 +27,17 @@ from common import write_json
 
 from clustermap.model import Node, Service
 from clustermap.region.writer import RegionWriter
+from clustermap.sidecar.feedback import FeedbackHub
+from clustermap.sidecar.outlier import OutlierPolicy
 
 CHILD = r"""
 import itertools, sys
 import clustermap
 cm = clustermap.open(sys.argv[1])
-pick = cm.pick
+pick, call = cm.pick, cm.call
 def bare(service, key=None, strategy=None):
     return None
-g = {"pick": pick, "bare": bare}
+g = {"pick": pick, "call": call, "bare": bare}
 # timeit's own template: the statement inside a function, its names global (the same lookups
 # as in bench_pick.py and in a request handler).
 exec("def inner(_it):\n    for _i in _it:\n        %s\n" % sys.argv[3], g)
@@ -73,6 +75,18 @@ ROWS = [
         None,
     ),
     ("pick(key=...), Maglev", "pick('hash', 'user:42')", "bare('hash', 'user:42')", 6),
+    (
+        "pick(strategy='least_request')",
+        "pick('rr', strategy='least_request')",
+        "bare('rr', strategy='least_request')",
+        10,
+    ),
+    (
+        "with call(): pick, count in flight, time",
+        "with call('rr'):\n            pass",
+        "bare('rr')",
+        15,
+    ),
 ]
 
 
@@ -118,15 +132,25 @@ def main() -> None:
     try:
         region = str(tmp / "r.region")
         nodes = tuple(Node(f"10.0.0.{i}", 8080, weight=1 + i % 3) for i in range(args.nodes))
+        # With the feedback files, as a sidecar makes them: least_request reads machine-wide
+        # loads and call() counts in flight (docs/feedback.md).
+        hub = FeedbackHub(
+            region,
+            rows=8,
+            entries=64,
+            capacity=1024,
+            mode=0o660,
+            group=None,
+            policy=OutlierPolicy(),
+        )
+        services = [
+            Service("rr", nodes),
+            Service("weighted", nodes, strategy="weighted"),
+            Service("random", nodes, strategy="random"),
+            Service("hash", nodes, strategy="consistent_hash"),
+        ]
         with RegionWriter(region) as w:
-            w.publish(
-                [
-                    Service("rr", nodes),
-                    Service("weighted", nodes, strategy="weighted"),
-                    Service("random", nodes, strategy="random"),
-                    Service("hash", nodes, strategy="consistent_hash"),
-                ]
-            )
+            w.publish([hub.decorate(s) for s in services])
         cache: dict[str, float] = {}
 
         def cost(stmt: str) -> float:
@@ -153,6 +177,7 @@ def main() -> None:
                 }
             )
         write_json(args.json, {"nodes": args.nodes, "pid": os.getpid(), "rows": table})
+        hub.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from array import array
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 import clustermap
 from clustermap.balance import MAGLEV_TABLE_SIZE, build_maglev, canonical_name
 from clustermap.balance.picker import eligible_nodes
-from clustermap.model import Node, Service
+from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region import layout as L
 from clustermap.region import writer as writer_module
 from clustermap.region.reader import RegionReader
@@ -133,6 +135,41 @@ def test_table_follows_changes_and_is_reused_when_nodes_are_unchanged(
         w.publish([fewer])
         assert len(builds) == 2
         assert table_of(reader, "h") == expected_table(fewer)
+
+
+def test_an_ejection_republishes_the_service_with_its_table_copied_not_used_by_workers(
+    region_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feedback republishes a service for its overlay alone: the table (over the nodes without
+    ejections) is copied, and a worker with the node ejected builds its own until it returns."""
+    service = hashed("h", 20)
+    ids = Overlay(tuple(range(20)), ())
+    builds: list[int] = []
+    real = writer_module.build_table
+
+    def counting(given: object) -> bytes:
+        builds.append(1)
+        return real(given)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_module, "build_table", counting)
+    shared = local_picks(service)
+    gone = service.nodes[3].address
+    with RegionWriter(region_path) as w:
+        w.publish([replace(service, overlay=ids)])
+        cm = clustermap.open(region_path)
+        assert [cm.pick("h", k).address for k in KEYS] == shared
+        assert cm.picker("h").maglev_shared
+        for _ in range(2):  # an ejection, then its renewal: two overlay-only republishes
+            until = time.time_ns() + 600 * 10**9
+            w.publish([replace(service, overlay=replace(ids, ejected=(Ejection(3, until, "x"),)))])
+            picks = [cm.pick("h", k).address for k in KEYS]
+            assert gone not in picks
+            assert not cm.picker("h").maglev_shared
+            assert table_of(RegionReader(region_path), "h") == expected_table(service)
+        w.publish([replace(service, overlay=ids)])  # the ejection ends
+        assert [cm.pick("h", k).address for k in KEYS] == shared
+        assert cm.picker("h").maglev_shared
+        assert len(builds) == 1
 
 
 def test_tables_survive_reopen_and_growth(
