@@ -35,6 +35,8 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
     "hash": (["bench_hash.py"], ["bench_hash.py", "--max-add", "16"], 120),
     "feedback": (["bench_feedback.py"], ["bench_feedback.py", "--quick"], 300),
     "http": (["bench_http.py"], ["bench_http.py", "--quick"], 300),
+    "tables": (["bench_tables.py"], ["bench_tables.py", "--quick", "--repeat", "7"], 600),
+    "callgrind": (["bench_callgrind.py"], ["bench_callgrind.py", "--number", "5000"], 1800),
     "propagation": (
         ["bench_propagation.py", "--changes", "40"],
         ["bench_propagation.py", "--changes", "15"],

@@ -20,11 +20,12 @@ import os
 import random
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Final
 
 import xxhash
 
-from clustermap.balance import MAGLEV_TABLE_SIZE, ServicePicker
+from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
 from clustermap.balance.picker import make_picker
 from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
 from clustermap.feedback.calls import Call, CustomCall, record
@@ -103,12 +104,20 @@ class ClusterMap:
             return self._refresh(service)[3].pick(key, strategy)
         if strategy is None:
             if key is None:
-                return picker.default()
+                return next(picker.default_it)
             table = picker.maglev  # inlined consistent_hash: one Python frame less per pick
             if table is not None:
                 raw = key.encode() if isinstance(key, str) else key
-                return table[_xxh64(raw) % MAGLEV_TABLE_SIZE]
+                try:
+                    return picker.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                except IndexError:  # not a table of these nodes: the picker replaces it
+                    pass
             return picker.consistent_hash(key)
+        it = picker.iters.get(strategy)  # key-less strategies, inlined the same way
+        if it is not None:
+            return next(it)
+        if strategy == "least_request":
+            return picker.least_request()
         return picker.pick(key, strategy)
 
     # -- everything else ----------------------------------------------------------------------
@@ -168,7 +177,7 @@ class ClusterMap:
             if old is not None and old[2] == version:
                 picker = old[3]
             else:
-                picker = make_picker(service)
+                picker = make_picker(service, _published_maglev(reader, name, version))
                 picker.load_source = self._feedback_state()
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
             self._entries[name] = entry
@@ -214,7 +223,7 @@ class ClusterMap:
             except KeyError:
                 picker = self._refresh(service)[3]
             node = (
-                picker.default()
+                next(picker.default_it)
                 if key is None and strategy is None
                 else self.pick(service, key, strategy)
             )
@@ -342,6 +351,23 @@ class ClusterMap:
 
     def __repr__(self) -> str:
         return f"ClusterMap({self.path!r}, {len(self._entries)} services cached)"
+
+
+def _published_maglev(
+    reader: RegionReader, name: str, version: int
+) -> Callable[[], MaglevTable | None]:
+    """Where a picker finds the Maglev table the sidecar published with this version. The slot
+    is looked up when the table is wanted: a replacement file may have moved the service."""
+
+    def load() -> MaglevTable | None:
+        try:
+            slot = reader.directory().get(name)
+            found = None if slot is None else reader.maglev_table(slot, version)
+        except ClusterMapError:
+            return None
+        return None if found is None else MaglevTable(*found)
+
+    return load
 
 
 _handles: weakref.WeakSet[ClusterMap] = weakref.WeakSet()

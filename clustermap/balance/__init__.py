@@ -14,13 +14,14 @@ from clustermap.balance.hashing import (
     canonical_name,
     key_hash,
 )
-from clustermap.balance.picker import HASHES, STRATEGIES, ServicePicker
+from clustermap.balance.picker import HASHES, STRATEGIES, MaglevTable, ServicePicker
 from clustermap.balance.schedule import smooth_wrr
 
 __all__ = [
     "HASHES",
     "MAGLEV_TABLE_SIZE",
     "STRATEGIES",
+    "MaglevTable",
     "ServicePicker",
     "build_ketama",
     "build_maglev",

@@ -34,6 +34,7 @@ __all__ = [
     "ketama_hash",
     "ketama_name",
     "key_hash",
+    "maglev_digest",
 ]
 
 #: Maglev lookup table size: prime (so every skip generates a full permutation) and ~650 slots
@@ -67,6 +68,15 @@ def key_hash(key: str | bytes) -> int:
     if isinstance(key, str):
         return _xxh64(key.encode())
     return _xxh64(key)
+
+
+def maglev_digest(names: Sequence[str], weights: Sequence[int]) -> int:
+    """What a Maglev table was built over, in 64 bits: ``xxh3_64`` (seed 0) of the UTF-8 lines
+    ``f"{name} {weight}\n"`` in canonical order. A worker uses a table published by the sidecar
+    only when this equals the digest of its own eligible nodes (docs/region-format.md)."""
+    return xxhash.xxh3_64_intdigest(
+        "".join([f"{n} {w}\n" for n, w in zip(names, weights, strict=True)]).encode()
+    )
 
 
 def _is_prime(n: int) -> bool:
@@ -137,6 +147,8 @@ def build_maglev(
     if any(w <= 0 for w in weights):
         raise ValueError("maglev: weights must be positive")
 
+    if n == 1:
+        return [0] * size  # one node owns every slot; the loop below would say the same
     positions: list[int] = []
     skips: list[int] = []
     for name in names:

@@ -3,12 +3,16 @@
 Design points, each measured in notes/lb-facts.md:
 
 - Everything that depends only on the service (eligible nodes, their canonical order, schedules,
-  tables) is computed once; a warm pick is a C-level ``next()`` on an ``itertools.cycle``, one
-  ``getrandbits()`` and an index, or one xxh64 and an index. Tables that cost milliseconds
-  (Maglev, ketama, the weighted schedule) are built on first use: most services use one strategy.
+  tables) is computed once; a warm pick is a C-level ``next()`` on an ``itertools.cycle`` or on
+  a stream of pre-drawn random choices (:mod:`clustermap.balance.draws`), or one xxh64 and two
+  indexes. Tables that cost milliseconds (Maglev, ketama, the weighted schedule) are made on
+  first use: most services use one strategy. The Maglev table is preferably not built at all
+  but taken from ``maglev_source`` (the region, where the sidecar published it once for every
+  worker; see docs/region-format.md), and built here only when that has none that matches.
 - Round-robin and weighted round-robin start at a random offset drawn from the module-level
-  ``random``, which CPython reseeds in a forked child; :meth:`ServicePicker.after_fork` redraws it,
-  so workers forked from one master do not all send their first request to the same node.
+  ``random``, which CPython reseeds in a forked child; :meth:`ServicePicker.after_fork` redraws it
+  (and discards pre-drawn random choices), so workers forked from one master do not all send
+  their first request to the same node.
 - No locks: ``next()`` on a cycle is a single C call under the GIL, so concurrent threads and
   greenlets never see a torn state (each pick advances the shared cycle by exactly one; a
   free-threaded build might skip or repeat a step, which round-robin tolerates). A lazy build may
@@ -21,13 +25,16 @@ from __future__ import annotations
 
 import random as _random_module
 import time
+from array import array
 from bisect import bisect_left as _bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from itertools import cycle
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import xxhash
 
+from clustermap.balance.draws import uniform_stream
 from clustermap.balance.hashing import (
     MAGLEV_TABLE_SIZE,
     build_ketama,
@@ -35,6 +42,7 @@ from clustermap.balance.hashing import (
     canonical_name,
     ketama_hash,
     ketama_name,
+    maglev_digest,
 )
 from clustermap.balance.schedule import smooth_wrr
 from clustermap.errors import NoAvailableNode
@@ -46,9 +54,12 @@ __all__ = [
     "STRATEGIES",
     "ExpiringPicker",
     "LoadSource",
+    "MaglevTable",
     "ServicePicker",
+    "eligible_nodes",
     "live_ejections",
     "make_picker",
+    "wants_maglev",
 ]
 
 #: Strategy names :meth:`ServicePicker.pick` accepts: model.STRATEGIES plus ``weighted_random``.
@@ -79,18 +90,36 @@ class LoadSource(Protocol):
 
 
 _xxh64 = xxhash.xxh64_intdigest
-# Bound methods of the module-level generator, which CPython reseeds in every forked child.
+# A bound method of the module-level generator, which CPython reseeds in every forked child.
 _random = _random_module.random
-_getrandbits = _random_module.getrandbits
-#: Extra random bits beyond ceil(log2(n)): a draw is rejected (and redrawn) with p < 1/256.
-_SLACK_BITS: Final = 8
 
 
-def _uniform_params(n: int) -> tuple[int, int]:
-    """(bits, limit) for an exactly uniform index: ``x = getrandbits(bits)``, accepted when
-    ``x < limit`` (a multiple of ``n``), index ``x % n``. ``limit`` is 0 when ``n`` is 0."""
-    bits = max(n - 1, 0).bit_length() + _SLACK_BITS
-    return bits, ((1 << bits) // n * n) if n else 0
+class MaglevTable(NamedTuple):
+    """A Maglev table made elsewhere (the sidecar), as a worker finds it in the region.
+
+    ``entries[slot]`` is an index into the eligible nodes in canonical order; ``nodes`` and
+    ``digest`` (:func:`~clustermap.balance.hashing.maglev_digest`) say which nodes it was built
+    over, so a picker uses it only for exactly its own eligible set.
+    """
+
+    entries: Sequence[int]
+    nodes: int
+    digest: int
+
+
+def wants_maglev(service: Service) -> bool:
+    """Whether keyed picks are expected on ``service``, hashed by Maglev: its default strategy
+    is ``consistent_hash``, or its meta says ``hash=maglev`` explicitly. The sidecar publishes a
+    table for these (docs/hashing.md); other services build theirs on a first keyed pick."""
+    kind = service.meta.get("hash")
+    if service.strategy == "consistent_hash":
+        return kind is None or kind == "maglev"
+    return kind == "maglev"
+
+
+def eligible_nodes(service: Service) -> tuple[Node, ...]:
+    """The nodes picks may go to, in canonical order (the input of every strategy)."""
+    return _eligible(service)[0]
 
 
 def _rank(node: Node) -> tuple[int, str, list[tuple[str, str]]]:
@@ -167,6 +196,22 @@ def _eligible_among(
     return tuple(unique), panic, why
 
 
+class _Calls:
+    """An endless iterator whose ``next()`` calls ``fn``: stands in for a strategy's iterator
+    until its first use builds it, or when there is no node (``fn`` raises)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Node]) -> None:
+        self.fn = fn
+
+    def __iter__(self) -> _Calls:
+        return self
+
+    def __next__(self) -> Node:
+        return self.fn()
+
+
 class ServicePicker:
     """Picks nodes of one service version; cheap to call, built once per version per process.
 
@@ -175,43 +220,43 @@ class ServicePicker:
     """
 
     __slots__ = (
-        "_bits",
-        "_count",
-        "_default",
         "_hash",
         "_ketama",
-        "_limit",
         "_load",
-        "_lr_bits",
-        "_lr_bits2",
         "_lr_count",
-        "_lr_count2",
+        "_lr_i",
         "_lr_ids",
+        "_lr_j",
         "_lr_lat",
-        "_lr_limit",
-        "_lr_limit2",
         "_lr_nodes",
+        "_maglev_source",
         "_nodes_list",
-        "_rr_next",
+        "_random",
+        "_rr",
         "_schedule",
-        "_wbits",
-        "_wcount",
         "_why",
-        "_wlimit",
-        "_wrr_next",
+        "_wrandom",
+        "_wrr",
         "default",
+        "default_it",
         "default_strategy",
         "ejected",
         "expires_ns",
         "feedback_slots",
+        "iters",
         "load_source",
         "maglev",
+        "maglev_shared",
         "nodes",
         "panic",
         "service",
     )
 
-    def __init__(self, service: Service) -> None:
+    def __init__(
+        self,
+        service: Service,
+        maglev_source: Callable[[], MaglevTable | None] | None = None,
+    ) -> None:
         self.service = service
         #: Positions (in ``service.nodes``) of the nodes ejected by feedback, and the wall clock
         #: (ns) at which the first of them returns (0: none); see :class:`ExpiringPicker`.
@@ -220,21 +265,23 @@ class ServicePicker:
         )
         self.nodes, self.panic, self._why = _eligible(service, self.ejected)
         self._nodes_list = list(self.nodes)
-        self._count = len(self._nodes_list)
-        self._bits, self._limit = _uniform_params(self._count)
         self._hash = service.meta.get("hash", "maglev")
-        #: The Maglev table (node per slot) once the first keyed pick built it, else None.
-        self.maglev: list[Node] | None = None
+        #: The Maglev table once the first keyed pick made it, else None: ``maglev[slot]`` is an
+        #: index into ``nodes``. A view of the region's pages when ``maglev_shared``.
+        self.maglev: Sequence[int] | None = None
+        self.maglev_shared = False
+        self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
         self._schedule: list[Node] | None = None
-        self._wbits = self._wcount = self._wlimit = 0  # set when the schedule is built
         strategy = service.strategy
         # A strategy this client does not know (a newer server's) falls back to round-robin:
         # any eligible node is a correct answer for a non-hash strategy.
         self.default_strategy = strategy if strategy in STRATEGIES else "round_robin"
-        self._rr_next: Callable[[], Node] = self._no_node
-        self._wrr_next: Callable[[], Node] = self._build_weighted
-        self._default: Callable[[], Node] | None = self._no_node
+        no_node = _Calls(self._no_node)
+        self._rr: Iterator[Node] = no_node
+        self._random: Iterator[Node] = no_node
+        self._wrr: Iterator[Node] = _Calls(self._build_weighted)
+        self._wrandom: Iterator[Node] = _Calls(self._build_weighted_random)
         #: Where least_request finds the machine-wide in-flight counts (set by the client).
         self.load_source: LoadSource | None = None
         #: The client's cache: ``id(node)`` -> word index of this process's feedback entry.
@@ -243,38 +290,53 @@ class ServicePicker:
         self._lr_nodes: list[Node] = []
         self._lr_ids: list[int] = []
         self._lr_lat: list[int] = []
-        self._lr_bits = self._lr_limit = self._lr_count = 0
-        self._lr_bits2 = self._lr_limit2 = self._lr_count2 = 0
+        self._lr_count = 0
+        # Pre-drawn indices of least_request's two choices (draws.py), made on first use.
+        self._lr_i: Iterator[int] = iter(())
+        self._lr_j: Iterator[int] = iter(())
         self.after_fork()
 
     # -- per-process state -------------------------------------------------------------------
 
     def after_fork(self) -> None:
-        """Redraw the round-robin and weighted start offsets (call in a forked child)."""
+        """Redraw the round-robin and weighted start offsets and discard pre-drawn random
+        choices (call in a forked child)."""
         nodes = self._nodes_list
         if nodes:
             start = int(_random() * len(nodes))
-            self._rr_next = cycle(nodes[start:] + nodes[:start]).__next__
+            self._rr = cycle(nodes[start:] + nodes[:start])
+            self._random = uniform_stream(nodes)
+        if self._lr_count > 1:
+            self._lr_streams()
+        self._bind_schedule()
+
+    def _bind_schedule(self) -> None:
         schedule = self._schedule
         if schedule is not None:
             start = int(_random() * len(schedule))
-            self._wrr_next = cycle(schedule[start:] + schedule[:start]).__next__
+            self._wrr = cycle(schedule[start:] + schedule[:start])
+            self._wrandom = uniform_stream(schedule)
         self._bind_default()
 
     def _bind_default(self) -> None:
+        #: Each key-less strategy as an iterator whose ``next()`` is a pick: a C-level call for
+        #: the client's hot path (``next(it)`` costs less than calling a bound ``__next__``).
+        #: consistent_hash needs a key and goes through :meth:`pick`.
+        self.iters: dict[str, Iterator[Node]] = {
+            "round_robin": self._rr,
+            "random": self._random,
+            "weighted": self._wrr,
+            "weighted_random": self._wrandom,
+        }
+        #: The default strategy's iterator, and its ``next`` as a no-argument pick.
+        self.default_it: Iterator[Node] = self.iters[self._default_name()]
+        self.default: Callable[[], Node] = self.default_it.__next__
+
+    def _default_name(self) -> str:
         strategy = self.default_strategy
-        if not self._nodes_list:
-            self._default = self._no_node
-        elif strategy == "round_robin":
-            self._default = self._rr_next
-        elif strategy == "weighted":
-            self._default = self._wrr_next
-        elif strategy == "weighted_random":
-            self._default = self.weighted_random
-        else:  # random, and consistent_hash without a key (Envoy picks a random host)
-            self._default = None  # pick() inlines random()
-        #: The no-argument pick of the default strategy, as one call (the client's hot path).
-        self.default: Callable[[], Node] = self._default or self.random
+        if strategy not in self.iters:  # consistent_hash without a key: random, as Envoy does
+            return "random"
+        return strategy
 
     def _no_node(self) -> Node:
         raise NoAvailableNode(self._why)
@@ -286,92 +348,49 @@ class ServicePicker:
         the service's default strategy. A key is ignored by non-hash strategies."""
         if strategy is None:
             if key is None:
-                default = self._default
-                if default is not None:
-                    return default()
-                x = _getrandbits(self._bits)  # random, inlined: saves a Python call
-                if x < self._limit:
-                    return self._nodes_list[x % self._count]
-                return self._random_slow()
-            table = self.maglev
-            if table is not None:
-                if isinstance(key, str):
-                    key = key.encode()
-                return table[_xxh64(key) % _M]
-            return self._consistent_hash_slow(key)
-        # Explicit strategies inline, most common first: each saves a Python call.
-        if strategy == "round_robin":
-            return self._rr_next()
-        if strategy == "random":
-            x = _getrandbits(self._bits)
-            if x < self._limit:
-                return self._nodes_list[x % self._count]
-            return self._random_slow()
-        if strategy == "weighted":
-            return self._wrr_next()
+                return next(self.default_it)
+            return self.consistent_hash(key)
+        it = self.iters.get(strategy)
+        if it is not None:
+            return next(it)
         if strategy == "consistent_hash":
             if key is None:
                 raise TypeError("pick(strategy='consistent_hash') needs a key")
             return self.consistent_hash(key)
-        if strategy == "weighted_random":
-            return self.weighted_random()
         if strategy == "least_request":
             return self.least_request()
         raise ValueError(f"unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
 
     def round_robin(self) -> Node:
         """The next node in canonical order, from this process's random start."""
-        return self._rr_next()
+        return next(self._rr)
 
     def random(self) -> Node:
-        """A uniformly random eligible node.
-
-        ``getrandbits`` plus a rejected draw now and then is exactly uniform and, at ~60 ns,
-        faster than ``nodes[int(random() * n)]`` (``int(float)`` alone costs ~50 ns)."""
-        x = _getrandbits(self._bits)
-        if x < self._limit:
-            return self._nodes_list[x % self._count]
-        return self._random_slow()
-
-    def _random_slow(self) -> Node:
-        limit = self._limit
-        if not limit:
-            raise NoAvailableNode(self._why)
-        bits = self._bits
-        x = _getrandbits(bits)
-        while x >= limit:
-            x = _getrandbits(bits)
-        return self._nodes_list[x % self._count]
+        """A uniformly random eligible node (from a stream of pre-drawn choices)."""
+        return next(self._random)
 
     def weighted(self) -> Node:
         """The next node of the smooth weighted round-robin schedule."""
-        return self._wrr_next()
+        return next(self._wrr)
 
     def weighted_random(self) -> Node:
         """A random node with probability proportional to its weight: a uniform schedule slot."""
-        x = _getrandbits(self._wbits)
-        if x < self._wlimit:
-            return self._schedule[x % self._wcount]  # type: ignore[index]
-        return self._weighted_random_slow()
-
-    def _weighted_random_slow(self) -> Node:
-        schedule = self._schedule
-        if schedule is None:
-            schedule = self._weighted_schedule()
-        bits, limit, count = self._wbits, self._wlimit, self._wcount
-        x = _getrandbits(bits)
-        while x >= limit:
-            x = _getrandbits(bits)
-        return schedule[x % count]
+        return next(self._wrandom)
 
     def consistent_hash(self, key: str | bytes) -> Node:
         """The node owning ``key`` (Maglev unless ``service.meta["hash"]`` says otherwise)."""
         table = self.maglev
         if table is not None:
-            if isinstance(key, str):
-                key = key.encode()
-            return table[_xxh64(key) % _M]
+            return self._maglev_pick(table, key)
         return self._consistent_hash_slow(key)
+
+    def _maglev_pick(self, table: Sequence[int], key: str | bytes) -> Node:
+        try:
+            return self._nodes_list[
+                table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
+            ]
+        except IndexError:
+            return self._maglev_mismatch(key)
 
     def least_request(self) -> Node:
         """Power of two choices: of two distinct random nodes, the one with the lower expected
@@ -380,18 +399,15 @@ class ServicePicker:
         Without feedback, a random node (P2C with equal costs)."""
         load = self._load
         if load is not None:
-            x = _getrandbits(self._lr_bits)
-            y = _getrandbits(self._lr_bits2)
-            if x < self._lr_limit and y < self._lr_limit2:
-                i = x % self._lr_count
-                j = y % self._lr_count2
-                if j >= i:
-                    j += 1
-                # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
-                ids, lat = self._lr_ids, self._lr_lat
-                if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
-                    return self._lr_nodes[j]
-                return self._lr_nodes[i]
+            i = next(self._lr_i)
+            j = next(self._lr_j)
+            if j >= i:
+                j += 1
+            # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
+            ids, lat = self._lr_ids, self._lr_lat
+            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+                return self._lr_nodes[j]
+            return self._lr_nodes[i]
         return self._least_request_slow()
 
     def _least_request_slow(self) -> Node:
@@ -400,10 +416,10 @@ class ServicePicker:
         nodes, count = self._lr_nodes, self._lr_count
         if not count:
             raise NoAvailableNode(self._why)
-        i = self._draw(self._lr_bits, self._lr_limit, count)
         if count == 1:
             return nodes[0]
-        j = self._draw(self._lr_bits2, self._lr_limit2, count - 1)
+        i = next(self._lr_i)
+        j = next(self._lr_j)
         if j >= i:
             j += 1
         load = self._load
@@ -413,12 +429,11 @@ class ServicePicker:
                 return nodes[j]
         return nodes[i]
 
-    @staticmethod
-    def _draw(bits: int, limit: int, count: int) -> int:
-        x = _getrandbits(bits)
-        while x >= limit:
-            x = _getrandbits(bits)
-        return x % count
+    def _lr_streams(self) -> None:
+        """Two exactly uniform streams: ``i`` over the candidates, ``j`` over the others."""
+        count = self._lr_count
+        self._lr_i = uniform_stream(range(count))
+        self._lr_j = uniform_stream(range(count - 1))
 
     def _build_least_request(self) -> None:
         nodes = self._nodes_list
@@ -426,7 +441,9 @@ class ServicePicker:
             return
         candidates = nodes
         if len({n.weight for n in nodes}) > 1:
-            candidates = self._schedule or self._weighted_schedule()
+            if self._schedule is None:
+                self._weighted_schedule()
+            candidates = self._schedule or nodes
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
@@ -441,32 +458,60 @@ class ServicePicker:
             self._lr_ids, self._lr_lat = ids, lat
         self._lr_nodes = list(candidates)
         count = len(candidates)
-        self._lr_bits, self._lr_limit = _uniform_params(count)
-        self._lr_bits2, self._lr_limit2 = _uniform_params(count - 1)
-        self._lr_count, self._lr_count2 = count, count - 1
+        self._lr_count = count
+        if count > 1:
+            self._lr_streams()
         if view is not None and overlay is not None and count > 1:
             self._load = view[0]  # last: the fast path runs only once everything is set
 
     # -- lazy builds -------------------------------------------------------------------------
 
-    def _weighted_schedule(self) -> list[Node]:
+    def _build_weighted(self) -> Node:
+        self._weighted_schedule()
+        return next(self._wrr)
+
+    def _build_weighted_random(self) -> Node:
+        self._weighted_schedule()
+        return next(self._wrandom)
+
+    def _weighted_schedule(self) -> None:
         nodes = self._nodes_list
         if not nodes:
             raise NoAvailableNode(self._why)
-        schedule = [nodes[i] for i in smooth_wrr([n.weight for n in nodes])]
-        self._schedule = schedule
-        self._wcount = len(schedule)
-        self._wbits, self._wlimit = _uniform_params(len(schedule))
-        return schedule
+        if self._schedule is None:
+            self._schedule = [nodes[i] for i in smooth_wrr([n.weight for n in nodes])]
+        self._bind_schedule()
 
-    def _build_weighted(self) -> Node:
-        schedule = self._schedule
-        if schedule is None:
-            schedule = self._weighted_schedule()
-        start = int(_random() * len(schedule))
-        self._wrr_next = cycle(schedule[start:] + schedule[:start]).__next__
-        self._bind_default()
-        return self._wrr_next()
+    def _maglev_mismatch(self, key: str | bytes) -> Node:
+        """A table entry that is not a node index: a shared table not made for these nodes
+        (docs/region-format.md says when a reader could see one). Build our own instead."""
+        self.maglev = None
+        self.maglev_shared = False
+        self._maglev_source = None
+        return self._consistent_hash_slow(key)
+
+    def _shared_maglev(self) -> Sequence[int] | None:
+        """The published table, if there is one and it was built over exactly our nodes."""
+        source = self._maglev_source
+        found = source() if source is not None else None
+        if found is None or found.nodes != len(self._nodes_list) or len(found.entries) != _M:
+            return None
+        nodes = self._nodes_list
+        if found.digest != maglev_digest(
+            [canonical_name(n) for n in nodes], [n.weight for n in nodes]
+        ):
+            return None
+        return found.entries
+
+    def _maglev_table(self) -> Sequence[int]:
+        """The published table if it fits our nodes, else one built here."""
+        table = self._shared_maglev()
+        self.maglev_shared = table is not None
+        if table is None:
+            nodes = self._nodes_list
+            index = build_maglev([canonical_name(n) for n in nodes], [n.weight for n in nodes])
+            table = array("B" if len(nodes) <= 256 else "H", index)
+        return table
 
     def _consistent_hash_slow(self, key: str | bytes) -> Node:
         ring = self._ketama
@@ -479,11 +524,8 @@ class ServicePicker:
             raise NoAvailableNode(self._why)
         kind = self._hash
         if kind == "maglev":
-            names = [canonical_name(n) for n in nodes]
-            index = build_maglev(names, [n.weight for n in nodes])
-            table = list(map(nodes.__getitem__, index))
-            self.maglev = table
-            return table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
+            table = self.maglev = self._maglev_table()
+            return self._maglev_pick(table, key)  # guarded: a bad shared entry falls back
         if kind in ("ketama", "ketama_libmemcached"):
             style = "libmemcached" if kind == "ketama_libmemcached" else "ketama"
             points, owners = build_ketama(
@@ -503,38 +545,52 @@ class ExpiringPicker(ServicePicker):
     """The picker of a service with ejected nodes: every pick first reads the clock, so the
     ejections end on time even when no sidecar is left to republish the service.
 
-    Only services with ejections pay for it (one clock read and one Python call per pick). Keyed
-    picks go through :meth:`consistent_hash`: ``maglev`` stays None so that the client's inlined
-    table lookup, which cannot check the clock, is skipped.
+    Only services with ejections pay for it (one clock read and two Python calls per pick):
+    ``iters`` and ``default_it`` are wrapped in checking iterators. Keyed picks go through
+    :meth:`consistent_hash`: ``maglev`` stays None (the table is kept in ``_table``) so that the
+    client's inlined table lookup, which cannot check the clock, is skipped. A table the sidecar
+    published was built over the nodes without ejections; its digest does not match ours, so
+    this picker builds its own (:meth:`ServicePicker._shared_maglev`).
     """
 
     __slots__ = ("_inner", "_table")
 
-    def __init__(self, service: Service) -> None:
-        self._table: list[Node] | None = None
-        super().__init__(service)
+    def __init__(
+        self,
+        service: Service,
+        maglev_source: Callable[[], MaglevTable | None] | None = None,
+    ) -> None:
+        self._table: Sequence[int] | None = None
+        super().__init__(service, maglev_source)
 
     def _bind_default(self) -> None:
         super()._bind_default()
-        self._inner = self.default
+        self._inner = self.iters
         if self.expires_ns:
-            self.default = self._checked_default
+            self.iters = {name: _Calls(partial(self._checked, name)) for name in self._inner}
+            self.default_it = self.iters[self._default_name()]
+            self.default = self.default_it.__next__
 
-    def _checked_default(self) -> Node:
-        if _time_ns() >= self.expires_ns:
+    def _checked(self, name: str) -> Node:
+        if self.expires_ns and _time_ns() >= self.expires_ns:
             self._expire()
-        return self._inner()
+        return next(self._inner[name])
 
     def _expire(self) -> None:
         """Rebuild in place with the ejections still running at the current time."""
         source = self.load_source
-        self.__init__(self.service)  # type: ignore[misc]
+        self.__init__(self.service, self._maglev_source)  # type: ignore[misc]
         self.load_source = source
 
     def pick(self, key: str | bytes | None = None, strategy: str | None = None) -> Node:
         if self.expires_ns and _time_ns() >= self.expires_ns:
             self._expire()
         return super().pick(key, strategy)
+
+    def least_request(self) -> Node:
+        if self.expires_ns and _time_ns() >= self.expires_ns:
+            self._expire()
+        return super().least_request()
 
     def consistent_hash(self, key: str | bytes) -> Node:
         if self.expires_ns and _time_ns() >= self.expires_ns:
@@ -543,16 +599,23 @@ class ExpiringPicker(ServicePicker):
 
     def _consistent_hash_slow(self, key: str | bytes) -> Node:
         table = self._table
+        if table is None and self._hash == "maglev" and self._nodes_list:
+            table = self._table = self._maglev_table()
         if table is not None:
-            return table[_xxh64(key.encode() if isinstance(key, str) else key) % _M]
-        node = super()._consistent_hash_slow(key)
-        self._table, self.maglev = self.maglev, None
-        return node
+            return self._maglev_pick(table, key)
+        return super()._consistent_hash_slow(key)  # ketama, or an error
+
+    def _maglev_mismatch(self, key: str | bytes) -> Node:
+        self._table = None
+        return super()._maglev_mismatch(key)
 
 
-def make_picker(service: Service) -> ServicePicker:
-    """The picker for ``service``: an :class:`ExpiringPicker` when it has ejected nodes."""
+def make_picker(
+    service: Service, maglev_source: Callable[[], MaglevTable | None] | None = None
+) -> ServicePicker:
+    """The picker for ``service``: an :class:`ExpiringPicker` when it has ejected nodes.
+    ``maglev_source`` gives the table the sidecar published, if any (see ServicePicker)."""
     overlay = service.overlay
     if overlay is not None and overlay.ejected:
-        return ExpiringPicker(service)
-    return ServicePicker(service)
+        return ExpiringPicker(service, maglev_source)
+    return ServicePicker(service, maglev_source)

@@ -36,7 +36,7 @@ Slot 0 holds the meta record, slot 1 the directory, slots 2.. one service each.
 
 Record (immutable once its slot points at it)::
 
-    0   4  kind (u32): 1 meta, 2 directory, 3 service, 4 txn
+    0   4  kind (u32): 1 meta, 2 directory, 3 service, 4 txn, 5 table
     4   4  payload length (u32)
     8   8  version (u64): equals the slot version that points at it
     16  8  checksum (u64): xxh3_64(payload, seed=version)
@@ -44,6 +44,19 @@ Record (immutable once its slot points at it)::
 
 A reader trusts a record only if kind, version (== the slot version it read) and checksum all
 match, so a record overwritten, half-written or seen out of order is retried, never returned.
+
+A service record may be followed, at ``off + align64(24 + n)``, by a **table** record (kind 5,
+same version) holding the service's Maglev table: no slot points at it, it lives and dies with
+its service record. Payload (binary)::
+
+    0   4  b"MGLV"
+    4   4  table size M (u32)
+    8   4  node count (u32): the eligible nodes the table indexes, in canonical order
+    12  4  entry width in bytes (u32): 1 if node count <= 256, else 2
+    16  8  nodes digest (u64): balance.hashing.maglev_digest of those nodes
+    24  .. M entries (u8 or u16), node indices
+
+Readers that do not know kind 5 never see it (the service record's length excludes it).
 """
 
 from __future__ import annotations
@@ -51,9 +64,10 @@ from __future__ import annotations
 import array
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from mmap import mmap
+from typing import Any, Final, overload
 
 import msgpack
 import xxhash
@@ -69,6 +83,7 @@ __all__ = [
     "KIND_DIRECTORY",
     "KIND_META",
     "KIND_SERVICE",
+    "KIND_TABLE",
     "KIND_TXN",
     "LAST_SYNC_OFF",
     "MAGIC",
@@ -87,16 +102,20 @@ __all__ = [
     "decode_directory",
     "decode_meta",
     "decode_service",
+    "decode_table",
     "decode_txn",
     "encode_directory",
     "encode_header",
     "encode_meta",
     "encode_record",
     "encode_service",
+    "encode_table",
     "encode_txn",
     "parse_header",
     "parse_record_header",
+    "table_payload",
     "verify_payload",
+    "with_table",
 ]
 
 MAGIC: Final = b"CLMAPRGN"
@@ -120,8 +139,11 @@ KIND_META: Final = 1
 KIND_DIRECTORY: Final = 2
 KIND_SERVICE: Final = 3
 KIND_TXN: Final = 4
+KIND_TABLE: Final = 5
 
 _STATIC = struct.Struct("<8sIIQQI4xQQQ")  # magic .. file id: 64 bytes
+_TABLE = struct.Struct("<4sIIIQ")  # magic, size, node count, width, nodes digest
+TABLE_MAGIC: Final = b"MGLV"
 RECORD_HEADER: Final = struct.Struct("<IIQQ")  # kind, length, version, checksum
 MAX_PAYLOAD: Final = (1 << 32) - 1
 
@@ -364,6 +386,71 @@ def decode_service(payload: bytes | memoryview) -> Service:
     except (TypeError, ValueError) as exc:
         raise CorruptRegion(f"malformed service record: {exc}") from None
     return Service(name, nodes, strategy, panic, revision, meta, overlay)
+
+
+def encode_table(index: Sequence[int], nodes: int, digest: int) -> bytes:
+    """A table payload: ``index[slot]`` (each ``< nodes``) as u8 or u16 entries, little-endian."""
+    width = 1 if nodes <= 256 else 2
+    entries = array.array("B" if width == 1 else "H", index)
+    if width == 2 and sys.byteorder == "big":
+        entries.byteswap()
+    return _TABLE.pack(TABLE_MAGIC, len(index), nodes, width, digest) + entries.tobytes()
+
+
+@overload
+def decode_table(payload: memoryview) -> tuple[memoryview, int, int, int]: ...
+@overload
+def decode_table(payload: bytes) -> tuple[bytes, int, int, int]: ...
+
+
+def decode_table(payload: bytes | memoryview) -> tuple[bytes | memoryview, int, int, int]:
+    """``(entries, width, node count, nodes digest)`` of a verified table payload; ``entries``
+    is a slice of ``payload`` (a view stays a view). Raises :class:`CorruptRegion`."""
+    if len(payload) < _TABLE.size:
+        raise CorruptRegion("truncated table record")
+    magic, size, nodes, width, digest = _TABLE.unpack_from(payload, 0)
+    if magic != TABLE_MAGIC or width not in (1, 2) or len(payload) != _TABLE.size + size * width:
+        raise CorruptRegion("malformed table record")
+    if nodes > (1 << (8 * width)) or nodes == 0:
+        raise CorruptRegion(f"table record: {nodes} nodes in {width}-byte entries")
+    return payload[_TABLE.size :], width, nodes, digest
+
+
+def with_table(service_record: bytes, table_record: bytes) -> bytes:
+    """A service record followed by its table record at the next 64-byte boundary."""
+    return service_record + bytes(align(len(service_record)) - len(service_record)) + table_record
+
+
+@overload
+def table_payload(buf: memoryview, off: int, version: int, limit: int) -> memoryview | None: ...
+@overload
+def table_payload(buf: bytes | mmap, off: int, version: int, limit: int) -> bytes | None: ...
+
+
+def table_payload(
+    buf: bytes | memoryview | mmap, off: int, version: int, limit: int
+) -> bytes | memoryview | None:
+    """The verified payload of the table record attached to the service record at ``off``
+    (which must have ``version``), or None: no table there, or not one of this version.
+
+    ``buf`` is the file's bytes (an mmap slices into copies, a memoryview into views) and
+    ``limit`` its size. Nothing is retried: the caller has already verified the service record,
+    and a table that does not verify is absent (an older writer may have reused its space).
+    """
+    hdr = RECORD_HEADER.size
+    if not 0 <= off <= limit - hdr:
+        return None
+    kind, length, rversion, _ = parse_record_header(buf[off : off + hdr])
+    if kind != KIND_SERVICE or rversion != version:
+        return None
+    t = off + align(hdr + length)
+    if t > limit - hdr:
+        return None
+    kind, length, rversion, digest = parse_record_header(buf[t : t + hdr])
+    if kind != KIND_TABLE or rversion != version or t + hdr + length > limit:
+        return None
+    payload = buf[t + hdr : t + hdr + length]
+    return payload if verify_payload(payload, version, digest) else None
 
 
 def encode_txn(generation: int, entries: list[tuple[int, int, int]]) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sys
 import time
 from typing import Final
 
@@ -109,6 +110,7 @@ class RegionReader:
         self._mm = mm
         self._size = size
         self.words = memoryview(mm).cast("Q")
+        self._view = memoryview(mm)
         self._dir = {}
         self._dir_version = -1
         self._bad = {}
@@ -197,6 +199,33 @@ class RegionReader:
                 )
             if attempt > 16:
                 time.sleep(min(0.001, 0.00001 * attempt))
+
+    def maglev_table(self, slot: int, version: int) -> tuple[memoryview, int, int] | None:
+        """``(entries, node count, nodes digest)`` of the Maglev table published with version
+        ``version`` of the service in ``slot``, or None if there is none (an older writer, a
+        service the writer publishes no table for, or the slot has moved on).
+
+        ``entries`` is a view of the region's pages, shared by every worker: no copy. It stays
+        valid as long as the slot holds ``version`` (the caller checks that word before each
+        use, as for the service itself) and the writer does not reuse the space it occupies,
+        which it does only after the slot has moved on and a grace period has passed.
+        """
+        words, base = self.words, (L.HEADER_SIZE + slot * L.SLOT_SIZE) // 8
+        if int(words[base]) & _MASK != version or version == 0:
+            return None
+        off = int(words[base + 1])
+        if off < self.header.data_offset:
+            return None
+        payload = L.table_payload(self._view, off, version, self._size)
+        if payload is None or int(words[base]) & _MASK != version:
+            return None
+        try:
+            entries, width, nodes, digest = L.decode_table(payload)
+        except CorruptRegion:
+            return None
+        if width == 2 and sys.byteorder != "little":
+            return None  # entries are little-endian; a big-endian reader builds its own
+        return entries.cast("B" if width == 1 else "H"), nodes, digest
 
     def meta(self) -> L.Meta:
         while True:

@@ -17,6 +17,10 @@ slots, so a publish is all-or-nothing whatever instant the writer died at.
 When the data area or the slot table is full, the writer builds a larger (or compacted) file
 beside the live one, sets RETIRED in the old file's slots, renames the new one over the path and
 keeps the old one open for a grace period; readers move over on their own.
+
+Services that are picked by key get their Maglev table built here, once per machine, and
+published right after their record (:mod:`clustermap.region.tables`); workers index those
+pages in place, so the space of a replaced table is reused only after a grace period.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from clustermap.region import election, trust
 from clustermap.region import layout as L
 from clustermap.region.alloc import Allocator
 from clustermap.region.lock import LockTimeout, RobustMutex
+from clustermap.region.tables import TABLE_BUDGET_S, build_table, table_input
 
 __all__ = ["RegionWriter", "WriterStats"]
 
@@ -78,6 +83,7 @@ class _Entry:
     offset: int
     size: int  # bytes reserved (record rounded up to DATA_ALIGN)
     digest: int  # xxh3_64 of the payload, to skip unchanged upserts
+    table: int = 0  # nodes digest of the table record after it, 0 if none
 
 
 class RegionWriter:
@@ -103,6 +109,10 @@ class RegionWriter:
         self.recovered = 0  # updates repaired after a dead writer, since open
         self.last_stats: WriterStats | None = None
         self._retiring: list[tuple[float, int, mmap.mmap]] = []
+        #: Hashed services published without their table (over an update's build budget).
+        self._owed: dict[str, Service] = {}
+        #: Extents that held a table workers may still be indexing: (free after, offset, size).
+        self._quarantine: list[tuple[float, int, int]] = []
         self._election_fd = self._elect(float(wait))
         try:
             self._open_or_create()
@@ -232,10 +242,19 @@ class RegionWriter:
                 log.error("%s: slot %d points at an invalid record; dropping it", self.path, slot)
                 self._store_slot(slot, 0, 0)
                 continue
+            table = 0
+            found = L.table_payload(mm, off, version, hdr.file_size)
+            if found is not None and slot >= L.FIRST_SERVICE_SLOT:
+                try:
+                    table = L.decode_table(found)[3]
+                    end = off + L.align(end - off) + L.RECORD_HEADER.size + len(found)
+                except CorruptRegion:
+                    table = 0
             size = L.align(end - off)
-            self._slots[slot] = _Entry(off, size, xxhash.xxh3_64_intdigest(payload))
+            self._slots[slot] = _Entry(off, size, xxhash.xxh3_64_intdigest(payload), table)
             used.append((off, size))
         self._alloc = Allocator(hdr.data_offset, hdr.file_size, used)
+        self._quarantine = []
         service_slots = {s for s in self._slots if s >= L.FIRST_SERVICE_SLOT}
         self._dir: dict[str, int] = {}
         try:
@@ -352,10 +371,16 @@ class RegionWriter:
         """Publish changed services, removed services and new meta as one update.
 
         Upserts whose content equals what the region holds are skipped, so a full map costs only
-        what changed. Nothing is visible to readers until the whole update is.
+        what changed. Nothing is visible to readers until the whole update is. Maglev tables of
+        changed hashed services are built first, outside the lock, within
+        :data:`~clustermap.region.tables.TABLE_BUDGET_S`; tables left over are published by the
+        next updates (including :meth:`touch`).
         """
+        upserts = list(upserts)
+        removals = set(removals)
+        tables = self._prepare_tables(upserts, removals)
         with self._locked():
-            stats = self._publish_locked(list(upserts), set(removals), meta)
+            stats = self._publish_locked(upserts, removals, meta, tables)
             if sync_ns is not None:
                 self._write_word(L.LAST_SYNC_OFF, sync_ns)
         self._close_retired()
@@ -373,13 +398,91 @@ class RegionWriter:
         )
 
     def touch(self, sync_ns: int | None = None) -> None:
-        """Record a successful sync that changed nothing."""
+        """Record a successful sync that changed nothing (and publish tables still owed)."""
+        if self._owed:
+            self.publish(sync_ns=time.time_ns() if sync_ns is None else sync_ns)
+            return
         with self._locked():
             self._write_word(L.LAST_SYNC_OFF, time.time_ns() if sync_ns is None else sync_ns)
 
+    @property
+    def tables_owed(self) -> int:
+        """Hashed services published without their Maglev table, for now."""
+        return len(self._owed)
+
+    def _prepare_tables(
+        self, upserts: list[Service], removals: set[str]
+    ) -> dict[str, tuple[int, bytes | None]]:
+        """Table payloads (with their nodes digests) for this update, by service name.
+
+        A table whose nodes did not change is not rebuilt: None stands for the one the region
+        holds, which is copied only if the service's record is rewritten. Owed tables
+        whose service is not in this update are paid back with what is left of the budget, by
+        appending their service to ``upserts``.
+        """
+        tables: dict[str, tuple[int, bytes | None]] = {}
+        for name in removals:
+            self._owed.pop(name, None)
+        named = {s.name for s in upserts}
+        owed = [s for name, s in self._owed.items() if name not in named]
+        for name in named:
+            self._owed.pop(name, None)
+        start = time.monotonic()
+        built = 0
+        for s in [*upserts, *owed]:
+            given = table_input(s)
+            if given is None:
+                self._owed.pop(s.name, None)
+                continue
+            slot = self._dir.get(s.name)
+            if slot is not None and self._slots[slot].table == given.digest:
+                tables[s.name] = (given.digest, None)
+            elif built and time.monotonic() - start >= TABLE_BUDGET_S:
+                self._owed[s.name] = s
+                continue
+            else:
+                tables[s.name] = (given.digest, build_table(given))
+                built += 1
+            if s.name in self._owed:
+                del self._owed[s.name]
+                upserts.append(s)
+        return tables
+
+    def _published_table(self, name: str) -> bytes | None:
+        """A copy of the payload of ``name``'s published table, if it has one."""
+        slot = self._dir.get(name)
+        if slot is None or not self._slots[slot].table:
+            return None
+        version, off = self._slot(slot)
+        found = L.table_payload(self._mm, off, version & ~L.RETIRED, self._hdr.file_size)
+        return bytes(found) if found is not None else None
+
+    def _release(self, entry: _Entry) -> None:
+        """Free a replaced record's space; one with a table only after the grace period, since
+        workers index tables in place (docs/region-format.md)."""
+        if entry.table:
+            self._quarantine.append((time.monotonic() + _GRACE_S, entry.offset, entry.size))
+        else:
+            self._alloc.free(entry.offset, entry.size)
+
+    def _release_quarantined(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for until, off, size in self._quarantine:
+            if now >= until:
+                self._alloc.free(off, size)
+            else:
+                keep.append((until, off, size))
+        self._quarantine = keep
+
     def _publish_locked(
-        self, upserts: list[Service], removals: set[str], meta: L.Meta | None
+        self,
+        upserts: list[Service],
+        removals: set[str],
+        meta: L.Meta | None,
+        tables: Mapping[str, tuple[int, bytes | None]],
     ) -> WriterStats:
+        self._release_quarantined()
         gen = self._gen + 1
         pending: list[_Pending] = []
         seen: set[str] = set()
@@ -390,12 +493,22 @@ class RegionWriter:
             seen.add(s.name)
             payload = L.encode_service(s)
             digest = xxhash.xxh3_64_intdigest(payload)
+            table = tables.get(s.name)
+            tag = table[0] if table is not None else 0
             slot = self._dir.get(s.name)
-            if slot is not None and self._slots[slot].digest == digest:
+            old = self._slots[slot] if slot is not None else None
+            if old is not None and old.digest == digest and old.table == tag:
                 unchanged += 1
                 continue
             record = L.encode_record(L.KIND_SERVICE, gen, payload)
-            pending.append(_Pending(-1 if slot is None else slot, s.name, record, digest))
+            body = None
+            if table is not None:  # None in it: the table the region holds, nodes unchanged
+                body = table[1] if table[1] is not None else self._published_table(s.name)
+            if body is not None:
+                record = L.with_table(record, L.encode_record(L.KIND_TABLE, gen, body))
+            else:
+                tag = 0
+            pending.append(_Pending(-1 if slot is None else slot, s.name, record, digest, tag))
         removals = {n for n in removals if n in self._dir and n not in seen}
         new_names = [p.name for p in pending if p.slot < 0 and p.name is not None]
         if meta is not None and meta != self._meta:
@@ -456,7 +569,7 @@ class RegionWriter:
                     raise _NoSpace
                 self._mm[off : off + len(p.record)] = p.record
                 target = directory[p.name] if p.name is not None else p.slot
-                placed.append((target, _Entry(off, size, p.digest)))
+                placed.append((target, _Entry(off, size, p.digest, p.table)))
             entries = [(slot, gen, e.offset) for slot, e in placed]
             entries += [(self._dir[n], 0, 0) for n in removals]
             txn = L.encode_record(L.KIND_TXN, gen, L.encode_txn(gen, entries))
@@ -492,11 +605,10 @@ class RegionWriter:
         for slot, entry in placed:
             old = self._slots.get(slot)
             if old is not None:
-                self._alloc.free(old.offset, old.size)
+                self._release(old)
             self._slots[slot] = entry
         for name in removals:
-            old = self._slots.pop(self._dir[name])
-            self._alloc.free(old.offset, old.size)
+            self._release(self._slots.pop(self._dir[name]))
         self._dir = directory
         self._gen = gen
         if meta is not None:
@@ -542,9 +654,9 @@ class RegionWriter:
         self._swap(self._build(records, meta_rec, gen=gen, last_sync=last_sync))
 
     def _record_bytes(self, slot: int) -> bytes:
+        """The record in ``slot`` with whatever follows it in its extent (a table record)."""
         e = self._slots[slot]
-        _, length, _, _ = L.parse_record_header(self._mm[e.offset : e.offset + 24])
-        return self._mm[e.offset : e.offset + 24 + length]
+        return self._mm[e.offset : e.offset + e.size]
 
     def _build(
         self,
@@ -735,6 +847,7 @@ class _Pending(NamedTuple):
     name: str | None
     record: bytes
     digest: int
+    table: int = 0
 
 
 def _refuse_untrusted(path: str) -> None:

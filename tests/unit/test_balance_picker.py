@@ -251,3 +251,21 @@ def test_threads_never_raise_and_pick_only_eligible() -> None:
     total: Counter[str] = sum(seen, Counter())
     # next() on a cycle is one C call under the GIL: not even a skipped or repeated step.
     assert total == {n.address: 8 * per_thread // 16 for n in nodes}
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "weighted", "weighted_random"])
+def test_strategy_calls_are_the_strategies(strategy: str) -> None:
+    """``iters`` (the client's inlined path) serves the same strategy as pick(strategy=...)."""
+    nodes = tuple(up(i, weight=i) for i in range(1, 5))
+    picker = ServicePicker(svc(*nodes, down(1)))
+    counts = Counter(next(picker.iters[strategy]).address for _ in range(10_000))
+    assert set(counts) == addrs(nodes)
+    if strategy in ("weighted", "weighted_random"):
+        assert counts[up(4).address] > 3 * counts[up(1).address]
+    assert type(picker.iters[strategy]).__name__ in ("cycle", "chain")  # C, after a lazy build
+
+
+def test_random_default_is_a_c_level_stream() -> None:
+    picker = ServicePicker(svc(*(up(i) for i in range(1, 9)), strategy="random"))
+    assert type(picker.default_it).__name__ == "chain"  # next() on it runs no Python code
+    assert {picker.pick().address for _ in range(500)} == {up(i).address for i in range(1, 9)}

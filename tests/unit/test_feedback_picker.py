@@ -7,10 +7,12 @@ from collections import Counter
 
 import pytest
 
-from clustermap.balance.picker import ExpiringPicker, ServicePicker, make_picker
+from clustermap.balance.hashing import MAGLEV_TABLE_SIZE
+from clustermap.balance.picker import ExpiringPicker, MaglevTable, ServicePicker, make_picker
 from clustermap.errors import CorruptRegion
 from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region import layout as L
+from clustermap.region.tables import build_table, table_input
 
 NODES = tuple(Node("10.0.0.1", 80 + i) for i in range(4))
 
@@ -69,6 +71,72 @@ def test_ejections_expire_on_the_workers_clock_without_a_sidecar() -> None:
     assert 81 in {p.pick(key=f"k{i}").port for i in range(400)}
     # An ejection absurdly far in the future is garbage, not a verdict.
     assert 81 in ports(make_picker(service((1, 10 * 24 * 3600))))
+
+
+def wait_past(seconds_from_now: float) -> None:
+    """Wait until the wall clock has passed an ejection's own deadline."""
+    until = time.time_ns() + int(seconds_from_now * 1e9)
+    while time.time_ns() <= until:
+        time.sleep(0.01)
+
+
+def test_the_clients_iterators_expire_ejections_for_every_strategy() -> None:
+    """The client picks through ``next(picker.default_it)`` and ``next(picker.iters[name])``:
+    those, and an iterator taken before the expiry, must check the clock too."""
+    p = make_picker(service((1, 1.0)))  # long enough for a loaded machine
+    assert p.maglev is None  # keyed picks cannot go through the client's inlined lookup
+    held = dict(p.iters)
+    for name in ("round_robin", "random", "weighted", "weighted_random"):
+        assert 81 not in {next(p.iters[name]).port for _ in range(200)}, name
+    assert 81 not in {next(p.default_it).port for _ in range(200)}
+    wait_past(1.0)
+    assert 81 in {next(p.default_it).port for _ in range(400)}
+    for name in ("round_robin", "random", "weighted", "weighted_random"):
+        assert 81 in {next(p.iters[name]).port for _ in range(400)}, name
+        assert 81 in {next(held[name]).port for _ in range(400)}, name
+
+
+def test_a_published_table_is_not_used_while_nodes_are_ejected() -> None:
+    """The sidecar's table is built over the nodes without ejections: a picker with ejections
+    must not index it (its digest differs) and builds its own; once they expire it uses it."""
+    plain = Service("api", NODES, strategy="consistent_hash")
+    given = table_input(plain)
+    assert given is not None
+    entries, width, count, digest = L.decode_table(build_table(given))
+    published = MaglevTable(memoryview(entries).cast("B" if width == 1 else "H"), count, digest)
+    calls = []
+
+    def source() -> MaglevTable:
+        calls.append(1)
+        return published
+
+    shared = make_picker(plain, source)
+    keys = [f"k{i}" for i in range(2000)]
+    assert [shared.pick(key=k).port for k in keys[:1]]
+    assert shared.maglev_shared
+    owners = {k: shared.pick(key=k).port for k in keys}
+    assert 81 in owners.values()
+
+    ejected = Service(
+        "api",
+        NODES,
+        strategy="consistent_hash",
+        overlay=Overlay(tuple(range(10, 14)), (Ejection(1, time.time_ns() + 1_000_000_000, "x"),)),
+    )
+    p = make_picker(ejected, source)
+    assert isinstance(p, ExpiringPicker)
+    moved = {k: p.pick(key=k).port for k in keys}
+    assert calls
+    assert not p.maglev_shared
+    assert p.maglev is None
+    assert 81 not in moved.values()
+    # Maglev's minimal disruption: only the ejected node's keys moved.
+    assert all(moved[k] == owners[k] for k in keys if owners[k] != 81)
+    wait_past(1.0)
+    assert {k: p.consistent_hash(k).port for k in keys} == owners
+    assert p.maglev_shared
+    assert p.maglev is None
+    assert len(published.entries) == MAGLEV_TABLE_SIZE
 
 
 def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:

@@ -116,3 +116,47 @@ def test_well_formed_msgpack_of_the_wrong_shape_is_corrupt() -> None:
     for value in bad:
         with pytest.raises(CorruptRegion):
             L.decode_service(msgpack.packb(value))
+
+
+def _region_with_table(index: list[int], nodes: int, version: int = 7) -> tuple[bytes, int]:
+    service = L.encode_record(L.KIND_SERVICE, version, L.encode_service(Service("s", ())))
+    table = L.encode_record(L.KIND_TABLE, version, L.encode_table(index, nodes, 0xABC))
+    return b"\0" * 64 + L.with_table(service, table), 64
+
+
+@pytest.mark.parametrize(("nodes", "width"), [(3, 1), (256, 1), (257, 2), (1000, 2)])
+def test_table_record_round_trip(nodes: int, width: int) -> None:
+    index = [i % nodes for i in range(101)]
+    buf, off = _region_with_table(index, nodes)
+    payload = L.table_payload(memoryview(buf), off, 7, len(buf))
+    assert payload is not None
+    entries, got_width, got_nodes, digest = L.decode_table(payload)
+    assert (got_width, got_nodes, digest) == (width, nodes, 0xABC)
+    assert list(entries.cast("B" if width == 1 else "H")) == index
+
+
+def test_table_of_another_version_or_kind_is_absent() -> None:
+    buf, off = _region_with_table([0, 1, 2], 3)
+    assert L.table_payload(buf, off, 8, len(buf)) is None  # another publish's
+    assert L.table_payload(buf, off + 64, 7, len(buf)) is None  # not a service record there
+    assert L.table_payload(buf, off, 7, len(buf) - 1) is None  # runs past the end
+    plain = b"\0" * 64 + L.encode_record(L.KIND_SERVICE, 7, L.encode_service(Service("s", ())))
+    assert L.table_payload(plain + bytes(200), 64, 7, len(plain) + 200) is None
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=400))
+def test_garbage_after_a_service_record_is_never_a_table(garbage: bytes) -> None:
+    service = L.encode_record(L.KIND_SERVICE, 7, L.encode_service(Service("s", ())))
+    buf = L.with_table(service, garbage)
+    payload = L.table_payload(buf, 0, 7, len(buf))
+    if payload is not None:  # only a record whose checksum verifies gets this far
+        with contextlib.suppress(CorruptRegion):
+            L.decode_table(payload)
+
+
+def test_malformed_table_payloads_are_corrupt() -> None:
+    good = L.encode_table([0, 1], 2, 1)
+    for bad in (good[:10], b"XXXX" + good[4:], good + b"\0", L.encode_table([0], 0, 1)):
+        with pytest.raises(CorruptRegion):
+            L.decode_table(bad)

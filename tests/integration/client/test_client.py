@@ -199,3 +199,34 @@ def test_default_strategy_comes_from_the_map(region_path: Path) -> None:
     publish(region_path, Service("w", (Node("a", 1, 3), Node("b", 1, 1)), strategy="weighted"))
     cm = ClusterMap(region_path)
     assert Counter(cm.pick("w").host for _ in range(400)) == {"a": 300, "b": 100}
+
+
+def test_forked_children_draw_their_own_random_picks(region_path: Path) -> None:
+    """Random picks are drawn in batches: a batch drawn before the fork must not be served again
+    in every child (the at-fork hook drops it and the reseeded generator draws anew)."""
+    publish(region_path, Service("r", NODES, strategy="random"))
+    cm = clustermap.open(region_path)
+    cm.pick("r")  # the master holds a batch of draws, as a preloaded app's would
+    cm.pick("r", strategy="least_request")  # and least_request's two streams of indices
+    sequences, least = [], []
+    for _ in range(6):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its first picks, default and explicit
+            os.close(r)
+            picks = [cm.pick("r").address for _ in range(6)]
+            picks += [cm.pick("r", strategy="random").address for _ in range(6)]
+            picks.append("|")
+            picks += [cm.pick("r", strategy="least_request").address for _ in range(8)]
+            os.write(w, " ".join(picks).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            drawn, lr = f.read().split("|")
+            sequences.append(drawn)
+            least.append(lr)
+        os.waitpid(pid, 0)
+    assert all(sequences)
+    assert all(least)
+    assert len(set(sequences)) == len(sequences), sequences
+    assert len(set(least)) == len(least), least

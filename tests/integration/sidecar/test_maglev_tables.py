@@ -1,0 +1,91 @@
+"""A real cm-sidecar publishes the Maglev table of a hashed service once; worker processes find
+it after a real change on the server, all the same, equal to docs/hashing.md, and build none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import clustermap
+from tests.support.procs import Child, wait_for
+from tests.support.stack import ServerProc, SidecarProc
+from tests.unit.test_balance_docs import VECTORS
+
+# A worker: waits until the service has each expected node count in turn, then makes its first
+# keyed picks of that version and reports what its picker used.
+WORKER = r"""
+import hashlib, json, sys, time
+from array import array
+import clustermap
+cm = clustermap.open(sys.argv[1])
+keys = json.loads(sys.argv[3])
+for count in map(int, sys.argv[2].split(",")):
+    deadline = time.monotonic() + 60
+    while len(cm.service("cache-svc").nodes) != count:
+        if time.monotonic() > deadline:
+            sys.exit(f"never saw {count} nodes")
+        time.sleep(0.005)
+    picks = [cm.pick("cache-svc", k).address for k in keys]
+    picker = cm.picker("cache-svc")
+    table = picker.maglev
+    print(json.dumps({
+        "nodes": count,
+        "picks": picks,
+        "shared": picker.maglev_shared,
+        "region_view": isinstance(table, memoryview) and type(table.obj).__name__ == "mmap",
+        "sha256": hashlib.sha256(array("I", table).tobytes()).hexdigest(),
+    }), flush=True)
+"""
+
+
+def test_sidecar_table_after_a_change_is_shared_identical_and_documented(
+    region_dir: Path,
+) -> None:
+    clusters = region_dir / "clusters.toml"
+    clusters.write_text('[clusters.cache-svc]\nstrategy = "consistent_hash"\n')
+    region = region_dir / "test.region"
+    rows = VECTORS["maglev-a"]
+    names = [r[0] for r in rows]
+    keys = [json.loads(r[0]) for r in VECTORS["maglev-keys"]]
+    documented = [r[2] for r in VECTORS["maglev-keys"]]
+    table_sha = dict(VECTORS["maglev-a-table"])["sha256(table as u32 little-endian)"]
+    server = ServerProc("--clusters", str(clusters))
+    sidecar = None
+    workers: list[Child] = []
+    try:
+        for name in names[:-1]:  # set A without its last node
+            host, _, port = name.rpartition(":")
+            server.register("cache-svc", host.strip("[]"), int(port))
+        sidecar = SidecarProc(region, [server.address])
+        sidecar.wait_synced()
+        workers = [
+            Child.python(
+                "-c", WORKER, str(region), f"{len(names) - 1},{len(names)}", json.dumps(keys)
+            )
+            for _ in range(3)
+        ]
+        before = [json.loads(w.readline(timeout=60)) for w in workers]
+        assert all(r["shared"] and r["region_view"] for r in before), before
+        assert len({r["sha256"] for r in before}) == 1
+        # The change: set A's last node registers; every worker's first keyed picks of the new
+        # version use the table the sidecar published with it.
+        host, _, port = names[-1].rpartition(":")
+        server.register("cache-svc", host.strip("[]"), int(port))
+        after = [json.loads(w.readline(timeout=60)) for w in workers]
+        for r in after:
+            assert r["nodes"] == len(names)
+            assert r["shared"], r  # no worker built a table: it came from the region
+            assert r["region_view"], r
+            assert r["sha256"] == table_sha  # equals docs/hashing.md, in every process
+            assert r["picks"] == documented
+        cm = clustermap.open(region)
+        wait_for(lambda: len(cm.service("cache-svc").nodes) == len(names))
+        assert [cm.pick("cache-svc", k).address for k in keys] == documented
+        for w in workers:
+            assert w.wait(timeout=30) == 0, w.stderr()
+    finally:
+        for w in workers:
+            w.close()
+        if sidecar is not None:
+            sidecar.close()
+        server.close()
