@@ -18,7 +18,18 @@ from typing import Final
 
 from clustermap._pb.clustermap.v1 import map_pb2, subscription_pb2
 from clustermap.checksum import service_digest
-from clustermap.model import DOWN, DRAIN, STRATEGIES, UP, Node, Service
+from clustermap.model import (
+    DELTA,
+    DOWN,
+    DRAIN,
+    FULL,
+    NOT_MODIFIED,
+    NOT_READY,
+    STRATEGIES,
+    UP,
+    Node,
+    Service,
+)
 
 __all__ = [
     "DELTA",
@@ -41,11 +52,6 @@ __all__ = [
 
 #: Largest node weight the protocol allows (the server rejects more; decoders reject more).
 MAX_WEIGHT: Final = 65535
-
-NOT_MODIFIED: Final = "not_modified"
-DELTA: Final = "delta"
-FULL: Final = "full"
-NOT_READY: Final = "not_ready"
 
 _STATUS_TO_PB: Final = {
     UP: map_pb2.NODE_STATUS_UP,

@@ -175,8 +175,7 @@ def _connect(args: argparse.Namespace) -> Iterator[_Conn]:
         conn.close()
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_fmt = model.format_address
 
 
 # -- commands ---------------------------------------------------------------------------------

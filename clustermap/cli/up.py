@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from clustermap.client import DEFAULT_REGION, default_region_path
+from clustermap.client import default_region_path
+from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.errors import ClusterMapError
 
 __all__ = ["add_commands"]
@@ -47,7 +48,7 @@ _START_TIMEOUT_S = 60.0
 
 
 def add_commands(sub: Any) -> None:
-    from clustermap.cli.main import DEFAULT_SERVER, server_address
+    from clustermap.cli.main import server_address
 
     p = sub.add_parser("up", help="run cm-server and cm-sidecar locally, in the foreground")
     p.add_argument(

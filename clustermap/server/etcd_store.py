@@ -60,7 +60,7 @@ import grpc
 from clustermap._pb.etcd.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from clustermap._pb.etcd.mvccpb import kv_pb2
 from clustermap.checksum import service_digest, update_checksum
-from clustermap.model import UP, Node, Service
+from clustermap.model import UP, Node, Service, format_address, parse_address
 from clustermap.server.store import StoredService
 
 __all__ = ["EtcdError", "EtcdStore", "NodeEntry", "parse_etcd_url"]
@@ -85,10 +85,11 @@ def parse_etcd_url(url: str) -> tuple[list[str], str]:
         raise ValueError(f"{url!r} is not etcd://HOST:PORT[,HOST:PORT...][/prefix]")
     endpoints = []
     for ep in parts.netloc.split(","):
-        host, sep, port = ep.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{ep!r} in {url!r} is not HOST:PORT")
-        endpoints.append(f"{host.strip('[]')}:{port}")
+        try:
+            host, port = parse_address(ep)
+        except ValueError:
+            raise ValueError(f"{ep!r} in {url!r} is not HOST:PORT") from None
+        endpoints.append(f"{host}:{port}")  # unbracketed: _Client splits at the last colon
     path = parts.path.strip("/")
     prefix = f"/{path}/" if path else DEFAULT_PREFIX
     return endpoints, prefix
@@ -136,16 +137,15 @@ class _Client:
         v4: list[str] = []
         v6: list[str] = []
         for ep in endpoints:
-            host, _, port = ep.rpartition(":")
+            host, port = parse_address(ep)
             try:
-                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise EtcdError(f"cannot resolve etcd endpoint {ep}: {exc}") from None
             for family, *_, sockaddr in infos[:1]:
-                if family == socket.AF_INET6:
-                    v6.append(f"[{sockaddr[0]}]:{port}")
-                else:
-                    v4.append(f"{sockaddr[0]}:{port}")
+                (v6 if family == socket.AF_INET6 else v4).append(
+                    format_address(str(sockaddr[0]), port)
+                )
         # one static address list per channel: gRPC's ipv4:/ipv6: targets take one family
         self.target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
         self.timeout = timeout

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from clustermap.defaults import DEFAULT_SERVER
+from clustermap.model import format_address, parse_address
 from clustermap.rules import MAX_META_BYTES
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ __all__ = ["Config", "ServerApp", "main", "parse_args"]
 
 log = logging.getLogger("clustermap.server")
 
-DEFAULT_LISTEN = "127.0.0.1:7700"
+DEFAULT_LISTEN = DEFAULT_SERVER
 SERVICE_NAMES = (
     "clustermap.v1.Registry",
     "clustermap.v1.Subscription",
@@ -252,9 +254,10 @@ def check(cfg: Config) -> None:
     for flag, value in (("--listen", cfg.listen), ("--metrics-listen", cfg.metrics_listen)):
         if value is None:
             continue
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"{flag} {value!r} is not HOST:PORT")
+        try:
+            parse_address(value, allow_zero=True)
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r} is not HOST:PORT") from None
 
 
 class ServerApp:
@@ -423,12 +426,12 @@ class ServerApp:
         self.server.start()
         self.prober.start()
         cfg = self.cfg
-        host = cfg.listen.rpartition(":")[0]
+        host = parse_address(cfg.listen, allow_zero=True)[0]
         log.info(
             "listening",
             extra={
                 "event": "listening",
-                "address": f"{host}:{self.port}",
+                "address": format_address(host, self.port),
                 "epoch": self.registry.epoch,
                 "store": "memory" if self._etcd is None else self._etcd.prefix,
                 "heartbeat_ttl": cfg.heartbeat_ttl,
@@ -485,14 +488,14 @@ class ServerApp:
 def _check_bindable(listen: str) -> None:
     """Refuse an address we cannot bind (in use, not local, privileged) in one plain line, before
     gRPC tries and logs its own internal error line first."""
-    host, _, port = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not port.isdigit() or int(port) == 0:
+    try:
+        host, port = parse_address(listen, allow_zero=True)
+    except ValueError:
+        return  # gRPC says what is wrong with it
+    if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(
-            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     for family, kind, proto, _, sockaddr in infos:

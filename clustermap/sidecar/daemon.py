@@ -299,7 +299,7 @@ class Sidecar:
             self.metrics.failovers.inc()
         answer = polled.answer
         if answer.kind == NOT_READY:
-            self._count("not_ready", "not_ready")
+            self._count(NOT_READY, NOT_READY)
             log.info(
                 "%s is warming up (ready in %.1f s); keeping the map",
                 polled.server,
