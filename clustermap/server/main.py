@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -25,12 +24,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from clustermap.defaults import DEFAULT_SERVER
 from clustermap.model import format_address, parse_address
 from clustermap.rules import MAX_META_BYTES
+from clustermap.signals import SignalQueue
 
 if TYPE_CHECKING:
     from clustermap.server.etcd_store import EtcdStore
@@ -402,7 +401,6 @@ class ServerApp:
                 self._metrics_server = self.metrics.serve(cfg.metrics_listen)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
-        self._signals: list[int] = []
         self._ready_reported = self.registry.ready()
 
     def _set_ready(self, ready: bool) -> None:
@@ -413,16 +411,8 @@ class ServerApp:
         self.health.set("clustermap.v1.Registry", serving)
         self.health.set("clustermap.v1.Inspection", serving)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)  # only record it: the main loop acts
-
     def run(self) -> int:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)).install()
         self.server.start()
         self.prober.start()
         cfg = self.cfg
@@ -444,8 +434,7 @@ class ServerApp:
         )
         try:
             while True:
-                while self._signals:
-                    signum = self._signals.pop(0)
+                while (signum := signals.pop()) is not None:
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return self.handle_term(signum)
                     log.info(
@@ -458,16 +447,9 @@ class ServerApp:
                 if not self._ready_reported and self.registry.ready():
                     self._ready_reported = True
                     self._set_ready(True)
-                select.select([wake_r], [], [], self.registry.tick())
-                try:
-                    while wake_r.recv(512):
-                        pass
-                except BlockingIOError:
-                    pass
+                signals.wait(self.registry.tick())
         finally:
-            signal.set_wakeup_fd(old_fd)
-            wake_r.close()
-            wake_w.close()
+            signals.close(handlers=False)  # as before: a late signal is queued, not fatal
 
     def handle_term(self, signum: int) -> int:
         name = signal.Signals(signum).name
