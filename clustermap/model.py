@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from clustermap.rules import MAX_PORT
+
 __all__ = [
     "DELTA",
     "DOWN",
@@ -143,8 +145,8 @@ def parse_address(
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"{text!r} is not HOST:PORT")
-    if check_port and not (0 if allow_zero else 1) <= int(port) < 65536:
-        raise ValueError(f"{text!r}: port outside {0 if allow_zero else 1}-65535")
+    if check_port and not (0 if allow_zero else 1) <= int(port) <= MAX_PORT:
+        raise ValueError(f"{text!r}: port outside {0 if allow_zero else 1}-{MAX_PORT}")
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 

@@ -26,7 +26,7 @@ HOMES = {
 }
 
 
-def _string_constants(tree: ast.Module) -> list[ast.Constant]:
+def _string_constants(tree: ast.Module) -> list[tuple[str, int]]:
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
@@ -36,7 +36,7 @@ def _string_constants(tree: ast.Module) -> list[ast.Constant]:
         and isinstance(node.body[0].value, ast.Constant)
     }
     return [
-        node
+        (node.value, node.lineno)
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
@@ -53,17 +53,27 @@ def test_literal_lives_in_its_home_only(literal: str) -> None:
     home = PACKAGE / HOMES[literal]
     found = []
     for path in _sources():
-        for const in _string_constants(ast.parse(path.read_text(encoding="utf-8"))):
-            if literal in const.value:
-                found.append((path, const.lineno))
+        for value, lineno in _string_constants(ast.parse(path.read_text(encoding="utf-8"))):
+            if literal in value:
+                found.append((path, lineno))
     assert [f for f in found if f[0] != home] == [], f"{literal!r} restated outside {home.name}"
     assert [f for f in found if f[0] == home], f"{literal!r} missing from {home.name}"
+
+
+def test_port_and_weight_limits_live_in_rules_only() -> None:
+    found = []
+    for path in _sources():
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Constant) and ast.get_source_segment(text, node) == "65535":
+                found.append((path.name, node.lineno))
+    assert [f for f in found if f[0] != "rules.py"] == []  # MAX_PORT, MAX_WEIGHT
 
 
 def test_scan_sees_a_restated_default(tmp_path: Path) -> None:
     source = 'X = "127.0.0.1:7700"\n\n\ndef f():\n    """127.0.0.1:7700 in a docstring."""\n'
     consts = _string_constants(ast.parse(source))
-    assert [c.lineno for c in consts if defaults.DEFAULT_SERVER in c.value] == [1]
+    assert [line for value, line in consts if defaults.DEFAULT_SERVER in value] == [1]
 
 
 def test_address_parse_and_format_round_trip() -> None:
