@@ -21,12 +21,12 @@ import random
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Final
 
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
 from clustermap.balance.picker import make_picker
+from clustermap.defaults import DEFAULT_REGION
 from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
 from clustermap.feedback.calls import Call, CustomCall, record
 from clustermap.feedback.worker import Feedback
@@ -34,8 +34,6 @@ from clustermap.model import Ejection, Node, Overlay, Service
 from clustermap.region.reader import RegionReader
 
 __all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
-
-DEFAULT_REGION: Final = "/dev/shm/clustermap/default.region"
 
 _xxh64 = xxhash.xxh64_intdigest
 _new = object.__new__

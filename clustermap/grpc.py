@@ -152,7 +152,7 @@ class _Pool:
 
 
 def _target(node: Node) -> str:
-    return f"[{node.host}]:{node.port}" if ":" in node.host else f"{node.host}:{node.port}"
+    return node.address
 
 
 class Channel:

@@ -12,9 +12,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from clustermap.rules import MAX_PORT
+
 __all__ = [
+    "DELTA",
     "DOWN",
     "DRAIN",
+    "FULL",
+    "NOT_MODIFIED",
+    "NOT_READY",
+    "POLL_KINDS",
     "STATUSES",
     "STRATEGIES",
     "UP",
@@ -22,6 +29,7 @@ __all__ = [
     "Node",
     "Overlay",
     "Service",
+    "format_address",
     "parse_address",
 ]
 
@@ -33,6 +41,14 @@ STATUSES: Final = (UP, DOWN, DRAIN)
 
 #: Load-balancing strategy names accepted by ``pick(strategy=...)`` and in a service's options.
 STRATEGIES: Final = ("round_robin", "random", "weighted", "consistent_hash")
+
+#: Poll answer kinds, named once for the server (which answers) and the sidecar (which reads):
+#: nothing changed; the changed services only; the whole map; the server is still warming up.
+NOT_MODIFIED: Final = "not_modified"
+DELTA: Final = "delta"
+FULL: Final = "full"
+NOT_READY: Final = "not_ready"
+POLL_KINDS: Final = (NOT_MODIFIED, DELTA, FULL, NOT_READY)
 
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -54,9 +70,7 @@ class Node(NamedTuple):
     @property
     def address(self) -> str:
         """``host:port``, with IPv6 literals bracketed so the string can be dialled as is."""
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def healthy(self) -> bool:
@@ -118,15 +132,24 @@ class Service:
         return tuple(n for n in self.nodes if n.healthy)
 
 
-def parse_address(text: str, *, check_port: bool = True) -> tuple[str, int]:
+def parse_address(
+    text: str, *, check_port: bool = True, allow_zero: bool = False
+) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong.
 
-    ``check_port=False`` checks the syntax only, for callers that leave the rules to the
-    authority they forward the address to (cmctl's registrations: cm-server validates them).
+    The one HOST:PORT parser of the package. ``check_port=False`` checks the syntax only, for
+    callers that leave the rules to the authority they forward the address to (cmctl's
+    registrations: cm-server validates them). ``allow_zero=True`` accepts port 0 ("any free
+    port"), for addresses we listen on.
     """
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"{text!r} is not HOST:PORT")
-    if check_port and not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r}: port outside 1-65535")
+    if check_port and not (0 if allow_zero else 1) <= int(port) <= MAX_PORT:
+        raise ValueError(f"{text!r}: port outside {0 if allow_zero else 1}-{MAX_PORT}")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, IPv6 literals bracketed: the inverse of :func:`parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -37,8 +37,10 @@ __all__ = [
     "MAX_META_ENTRIES",
     "MAX_META_KEY",
     "MAX_META_VALUE",
+    "MAX_PORT",
     "MAX_SERVICE_NAME",
     "MAX_TTL",
+    "MAX_WEIGHT",
     "MAX_ZONE_ID",
     "META_KEY_PATTERN",
     "MIN_TTL",
@@ -64,6 +66,10 @@ MAX_META_VALUE: Final = 512
 #: Keys plus values of one node's (or service's) metadata, UTF-8 encoded.
 MAX_META_BYTES: Final = 4096
 MIN_TTL: Final = 0.1
+#: Ports are 1-MAX_PORT (0, "any free port", only where we listen).
+MAX_PORT: Final = 65535
+#: Largest node weight the protocol allows (the server rejects more; decoders reject more).
+MAX_WEIGHT: Final = 65535
 MAX_TTL: Final = 3600.0
 #: At most this many characters of a rejected input appear in an error message.
 ECHO: Final = 80

@@ -18,7 +18,19 @@ from typing import Final
 
 from clustermap._pb.clustermap.v1 import map_pb2, subscription_pb2
 from clustermap.checksum import service_digest
-from clustermap.model import DOWN, DRAIN, STRATEGIES, UP, Node, Service
+from clustermap.model import (
+    DELTA,
+    DOWN,
+    DRAIN,
+    FULL,
+    NOT_MODIFIED,
+    NOT_READY,
+    STRATEGIES,
+    UP,
+    Node,
+    Service,
+)
+from clustermap.rules import MAX_PORT, MAX_WEIGHT
 
 __all__ = [
     "DELTA",
@@ -39,13 +51,6 @@ __all__ = [
     "status_to_pb",
 ]
 
-#: Largest node weight the protocol allows (the server rejects more; decoders reject more).
-MAX_WEIGHT: Final = 65535
-
-NOT_MODIFIED: Final = "not_modified"
-DELTA: Final = "delta"
-FULL: Final = "full"
-NOT_READY: Final = "not_ready"
 
 _STATUS_TO_PB: Final = {
     UP: map_pb2.NODE_STATUS_UP,
@@ -99,8 +104,8 @@ def node_to_pb(
 def node_from_pb(msg: map_pb2.Node, where: str = "node") -> Node:
     if not msg.host:
         raise WireError(f"{where}: empty host")
-    if not 1 <= msg.port <= 65535:
-        raise WireError(f"{where}: port {msg.port} outside 1-65535")
+    if not 1 <= msg.port <= MAX_PORT:
+        raise WireError(f"{where}: port {msg.port} outside 1-{MAX_PORT}")
     if msg.weight > MAX_WEIGHT:
         raise WireError(f"{where}: weight {msg.weight} above {MAX_WEIGHT}")
     return Node(

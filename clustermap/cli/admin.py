@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 from clustermap import model, rules
 from clustermap.errors import ClusterMapError
+from clustermap.signals import SignalQueue
 
 __all__ = ["AdminError", "add_commands", "parse_address"]
 
@@ -175,8 +173,7 @@ def _connect(args: argparse.Namespace) -> Iterator[_Conn]:
         conn.close()
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_fmt = model.format_address
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -225,16 +222,7 @@ def _keepalive(
     from clustermap._pb.clustermap.v1 import registry_pb2
 
     grpc = conn.grpc
-    stop: list[int] = []
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.append(signum)  # only record; the loop below acts
-
-    old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = SignalQueue((signal.SIGINT, signal.SIGTERM)).install()
     interval = max(ttl / 3, 0.05)
     # A call may take up to the TTL: on a busy machine an answer slower than the heartbeat
     # interval still renews the lease, and giving up on it early would let the lease lapse.
@@ -243,7 +231,7 @@ def _keepalive(
     deadline = min(conn.timeout, max(ttl, interval))
     try:
         while not stop:
-            select.select([wake_r], [], [], interval)
+            stop.wait(interval)
             if stop:
                 break
             try:
@@ -284,11 +272,7 @@ def _keepalive(
             print(f"cmctl: deregister failed: {conn.describe(exc)}", file=sys.stderr)
         return 0
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        signal.set_wakeup_fd(old_fd)
-        wake_r.close()
-        wake_w.close()
+        stop.close()
 
 
 def _deregister(args: argparse.Namespace) -> int:

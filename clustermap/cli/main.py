@@ -13,12 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from clustermap import model
-from clustermap.client import DEFAULT_REGION
+from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.errors import ClusterMapError
 
 __all__ = ["main"]
-
-DEFAULT_SERVER = "127.0.0.1:7700"
 
 
 def server_address(text: str) -> str:

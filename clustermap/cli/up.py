@@ -26,8 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from clustermap.client import DEFAULT_REGION, default_region_path
+from clustermap.client import default_region_path
+from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.errors import ClusterMapError
+from clustermap.signals import SignalQueue
 
 __all__ = ["add_commands"]
 
@@ -47,7 +49,7 @@ _START_TIMEOUT_S = 60.0
 
 
 def add_commands(sub: Any) -> None:
-    from clustermap.cli.main import DEFAULT_SERVER, server_address
+    from clustermap.cli.main import server_address
 
     p = sub.add_parser("up", help="run cm-server and cm-sidecar locally, in the foreground")
     p.add_argument(
@@ -144,13 +146,7 @@ class _Child:
 
 def up(args: argparse.Namespace) -> int:
     region = args.region or default_region_path()
-    stopping: list[int] = []
-
-    def queue(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-
-    signal.signal(signal.SIGINT, queue)
-    signal.signal(signal.SIGTERM, queue)
+    stopping = SignalQueue((signal.SIGINT, signal.SIGTERM)).install()
     with tempfile.TemporaryDirectory(prefix="cmctl-up-") as tmp:
         server_cmd = [_bin("cm-server"), "--listen", args.listen, "--warmup", "0.1"]
         if args.demo:
@@ -185,7 +181,7 @@ def up(args: argparse.Namespace) -> int:
                         raise ClusterMapError(
                             f"{child.name} exited with status {child.proc.returncode}"
                         )
-                time.sleep(0.2)
+                stopping.wait(0.2)
             return 0
         finally:
             if sidecar is not None:  # the sidecar first: the region stays readable
@@ -213,7 +209,7 @@ def _banner(listen: str, region: str) -> str:
     )
 
 
-def _await_server(address: str, server: _Child, stopping: list[int]) -> str:
+def _await_server(address: str, server: _Child, stopping: SignalQueue) -> str:
     """Until *our* server listens (it logged so: it bound the port itself) and answers; its
     epoch, to recognise its map in the region."""
     import grpc
@@ -236,11 +232,11 @@ def _await_server(address: str, server: _Child, stopping: list[int]) -> str:
                     pass
             if time.monotonic() > deadline:
                 raise ClusterMapError(f"cm-server did not start serving on {address}")
-            time.sleep(0.05)
+            stopping.wait(0.05)
     return ""
 
 
-def _await_writer(region: str, sidecar: _Child, stopping: list[int]) -> None:
+def _await_writer(region: str, sidecar: _Child, stopping: SignalQueue) -> None:
     """Until our sidecar holds the region (its pid is the region's writer)."""
     from clustermap.region.reader import RegionReader
 
@@ -257,7 +253,7 @@ def _await_writer(region: str, sidecar: _Child, stopping: list[int]) -> None:
             pass
         if time.monotonic() > deadline:
             raise ClusterMapError(f"cm-sidecar did not open {region}")
-        time.sleep(0.05)
+        stopping.wait(0.05)
 
 
 def _register_demo(address: str) -> int:
@@ -292,7 +288,7 @@ def _register_demo(address: str) -> int:
 
 
 def _await_region(
-    region: str, sidecar: _Child, epoch: str, revision: int, stopping: list[int]
+    region: str, sidecar: _Child, epoch: str, revision: int, stopping: SignalQueue
 ) -> None:
     """Until our sidecar has published our server's map (at ``revision`` or later)."""
     from clustermap.region.reader import RegionReader
@@ -315,4 +311,4 @@ def _await_region(
             pass
         if time.monotonic() > deadline:
             raise ClusterMapError(f"cm-sidecar did not publish the map into {region}")
-        time.sleep(0.05)
+        stopping.wait(0.05)

@@ -10,12 +10,12 @@ picked by the map, so ejected and unhealthy nodes are skipped), *when* (jittered
 from __future__ import annotations
 
 import contextlib
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from clustermap.errors import ClusterMapError
 from clustermap.feedback.budget import BudgetRule, RetryBudget, budget_for
+from clustermap.retry import full_jitter
 
 if TYPE_CHECKING:
     from clustermap.client import ClusterMap
@@ -27,11 +27,8 @@ __all__ = ["Attempts", "RequestFailed", "jittered_backoff", "with_tried"]
 _DRAWS = 8
 
 
-def jittered_backoff(
-    retry: int, base: float, cap: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Full jitter: uniform(0, min(cap, base * 2**(retry-1))) seconds before retry ``retry``."""
-    return rand() * min(cap, base * 2.0 ** max(0, retry - 1))
+#: Full jitter: uniform(0, min(cap, base * 2**(retry-1))) seconds before retry ``retry``.
+jittered_backoff = full_jitter
 
 
 class RequestFailed(Exception):

@@ -146,8 +146,7 @@ def target_of(
 
 
 def node_netloc(node: Node) -> str:
-    host = f"[{node.host}]" if ":" in node.host else node.host
-    return f"{host}:{node.port}"
+    return node.address
 
 
 def rewrite(url: str, node: Node) -> str:

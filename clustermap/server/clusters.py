@@ -30,6 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from clustermap.model import parse_address
 from clustermap.server.registry import StaticNode
 from clustermap.server.validation import (
     Host,
@@ -99,10 +100,11 @@ class Cluster:
 def _parse_node(item: _Node | str) -> _Node:
     if isinstance(item, _Node):
         return item
-    host, sep, port = item.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"node {item!r} is not HOST:PORT")
-    return _Node(host=host.strip("[]"), port=int(port))
+    try:
+        host, port = parse_address(item, check_port=False)  # _Node checks the port's range
+    except ValueError:
+        raise ValueError(f"node {item!r} is not HOST:PORT") from None
+    return _Node(host=host, port=port)
 
 
 def load_clusters(path: str | Path) -> list[Cluster]:

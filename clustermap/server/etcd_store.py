@@ -60,7 +60,8 @@ import grpc
 from clustermap._pb.etcd.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from clustermap._pb.etcd.mvccpb import kv_pb2
 from clustermap.checksum import service_digest, update_checksum
-from clustermap.model import UP, Node, Service
+from clustermap.model import UP, Node, Service, format_address, parse_address
+from clustermap.retry import Retry
 from clustermap.server.store import StoredService
 
 __all__ = ["EtcdError", "EtcdStore", "NodeEntry", "parse_etcd_url"]
@@ -71,11 +72,18 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX: Final = "/clustermap/"
 _RETRYABLE: Final = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Attempts of one call: 50 ms doubling to 0.5 s between them, until the call's deadline.
+_RETRY: Final = Retry(delay=0.05, backoff=2.0, max_delay=0.5)
 _STOP: Final = object()
 
 
 class EtcdError(Exception):
     """etcd cannot be reached or refused a request (after retries)."""
+
+
+def _retryable(exc: Exception) -> bool:
+    """UNAVAILABLE (member down, leader election) or a slow attempt: another try may succeed."""
+    return isinstance(exc, grpc.RpcError) and exc.code() in _RETRYABLE
 
 
 def parse_etcd_url(url: str) -> tuple[list[str], str]:
@@ -85,10 +93,11 @@ def parse_etcd_url(url: str) -> tuple[list[str], str]:
         raise ValueError(f"{url!r} is not etcd://HOST:PORT[,HOST:PORT...][/prefix]")
     endpoints = []
     for ep in parts.netloc.split(","):
-        host, sep, port = ep.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{ep!r} in {url!r} is not HOST:PORT")
-        endpoints.append(f"{host.strip('[]')}:{port}")
+        try:
+            host, port = parse_address(ep)
+        except ValueError:
+            raise ValueError(f"{ep!r} in {url!r} is not HOST:PORT") from None
+        endpoints.append(f"{host}:{port}")  # unbracketed: _Client splits at the last colon
     path = parts.path.strip("/")
     prefix = f"/{path}/" if path else DEFAULT_PREFIX
     return endpoints, prefix
@@ -136,16 +145,15 @@ class _Client:
         v4: list[str] = []
         v6: list[str] = []
         for ep in endpoints:
-            host, _, port = ep.rpartition(":")
+            host, port = parse_address(ep)
             try:
-                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise EtcdError(f"cannot resolve etcd endpoint {ep}: {exc}") from None
             for family, *_, sockaddr in infos[:1]:
-                if family == socket.AF_INET6:
-                    v6.append(f"[{sockaddr[0]}]:{port}")
-                else:
-                    v4.append(f"{sockaddr[0]}:{port}")
+                (v6 if family == socket.AF_INET6 else v4).append(
+                    format_address(str(sockaddr[0]), port)
+                )
         # one static address list per channel: gRPC's ipv4:/ipv6: targets take one family
         self.target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
         self.timeout = timeout
@@ -171,19 +179,12 @@ class _Client:
         request timeout; another member answers at once). Every request we send is safe to
         repeat: writes are guarded by ``mod_revision`` compares, a repeated lease grant only
         leaves an unused lease to expire."""
-        delay = 0.05
-        deadline = time.monotonic() + max(self.timeout, attempt_timeout)
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                return fn(
-                    request, timeout=max(0.05, min(attempt_timeout, remaining)), wait_for_ready=True
-                )
-            except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or deadline - time.monotonic() <= delay:
-                    raise
-                time.sleep(delay)  # backoff between attempts of one call
-                delay = min(delay * 2, 0.5)
+        return _RETRY.within(max(self.timeout, attempt_timeout))(
+            lambda remaining: fn(
+                request, timeout=max(0.05, min(attempt_timeout, remaining)), wait_for_ready=True
+            ),
+            _retryable,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -434,24 +435,19 @@ class EtcdStore:
 
     def keepalive(self, lease: int) -> int:
         """Renew ``lease``; its TTL, or 0 if it no longer exists."""
-        delay = 0.05
-        deadline = time.monotonic() + self._client.timeout
-        while True:
-            try:
-                call = self._client.lease.LeaseKeepAlive(
-                    iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease)]),
-                    timeout=max(0.05, min(1.0, deadline - time.monotonic())),
-                    wait_for_ready=True,
-                )
-                for resp in call:
-                    call.cancel()
-                    return max(0, int(resp.TTL))
-                return 0
-            except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+
+        def attempt(remaining: float) -> int:
+            call = self._client.lease.LeaseKeepAlive(
+                iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease)]),
+                timeout=max(0.05, min(1.0, remaining)),
+                wait_for_ready=True,
+            )
+            for resp in call:
+                call.cancel()
+                return max(0, int(resp.TTL))
+            return 0
+
+        return _RETRY.within(self._client.timeout)(attempt, _retryable)
 
     def revoke(self, lease: int) -> None:
         """Revoke ``lease`` (its keys go with it); an unknown lease is not an error."""

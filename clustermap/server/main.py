@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -25,10 +24,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
+from clustermap.defaults import DEFAULT_SERVER
+from clustermap.model import format_address, parse_address
 from clustermap.rules import MAX_META_BYTES
+from clustermap.signals import SignalQueue
 
 if TYPE_CHECKING:
     from clustermap.server.etcd_store import EtcdStore
@@ -38,7 +39,7 @@ __all__ = ["Config", "ServerApp", "main", "parse_args"]
 
 log = logging.getLogger("clustermap.server")
 
-DEFAULT_LISTEN = "127.0.0.1:7700"
+DEFAULT_LISTEN = DEFAULT_SERVER
 SERVICE_NAMES = (
     "clustermap.v1.Registry",
     "clustermap.v1.Subscription",
@@ -252,9 +253,10 @@ def check(cfg: Config) -> None:
     for flag, value in (("--listen", cfg.listen), ("--metrics-listen", cfg.metrics_listen)):
         if value is None:
             continue
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"{flag} {value!r} is not HOST:PORT")
+        try:
+            parse_address(value, allow_zero=True)
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r} is not HOST:PORT") from None
 
 
 class ServerApp:
@@ -399,7 +401,6 @@ class ServerApp:
                 self._metrics_server = self.metrics.serve(cfg.metrics_listen)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
-        self._signals: list[int] = []
         self._ready_reported = self.registry.ready()
 
     def _set_ready(self, ready: bool) -> None:
@@ -410,25 +411,17 @@ class ServerApp:
         self.health.set("clustermap.v1.Registry", serving)
         self.health.set("clustermap.v1.Inspection", serving)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)  # only record it: the main loop acts
-
     def run(self) -> int:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)).install()
         self.server.start()
         self.prober.start()
         cfg = self.cfg
-        host = cfg.listen.rpartition(":")[0]
+        host = parse_address(cfg.listen, allow_zero=True)[0]
         log.info(
             "listening",
             extra={
                 "event": "listening",
-                "address": f"{host}:{self.port}",
+                "address": format_address(host, self.port),
                 "epoch": self.registry.epoch,
                 "store": "memory" if self._etcd is None else self._etcd.prefix,
                 "heartbeat_ttl": cfg.heartbeat_ttl,
@@ -441,8 +434,7 @@ class ServerApp:
         )
         try:
             while True:
-                while self._signals:
-                    signum = self._signals.pop(0)
+                while (signum := signals.pop()) is not None:
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return self.handle_term(signum)
                     log.info(
@@ -455,16 +447,9 @@ class ServerApp:
                 if not self._ready_reported and self.registry.ready():
                     self._ready_reported = True
                     self._set_ready(True)
-                select.select([wake_r], [], [], self.registry.tick())
-                try:
-                    while wake_r.recv(512):
-                        pass
-                except BlockingIOError:
-                    pass
+                signals.wait(self.registry.tick())
         finally:
-            signal.set_wakeup_fd(old_fd)
-            wake_r.close()
-            wake_w.close()
+            signals.close(handlers=False)  # as before: a late signal is queued, not fatal
 
     def handle_term(self, signum: int) -> int:
         name = signal.Signals(signum).name
@@ -485,14 +470,14 @@ class ServerApp:
 def _check_bindable(listen: str) -> None:
     """Refuse an address we cannot bind (in use, not local, privileged) in one plain line, before
     gRPC tries and logs its own internal error line first."""
-    host, _, port = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not port.isdigit() or int(port) == 0:
+    try:
+        host, port = parse_address(listen, allow_zero=True)
+    except ValueError:
+        return  # gRPC says what is wrong with it
+    if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(
-            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     for family, kind, proto, _, sockaddr in infos:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from clustermap.model import parse_address
 from clustermap.server.registry import Registry
 
 __all__ = ["ServerMetrics"]
@@ -59,6 +60,6 @@ class ServerMetrics:
         self.refused.inc()
 
     def serve(self, listen: str) -> Any:
-        host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(int(port), host.strip("[]"), registry=self.prom)
+        host, port = parse_address(listen, allow_zero=True)
+        server, _thread = start_http_server(port, host, registry=self.prom)
         return server

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from clustermap.model import DOWN, UP
+from clustermap.model import DOWN, UP, format_address
 from clustermap.server.clusters import Cluster, ProbeSpec
 from clustermap.server.registry import Registry
 
@@ -140,7 +140,7 @@ class Prober:
                     extra={
                         "event": "probe",
                         "service": t.service,
-                        "node": f"{t.host}:{t.port}",
+                        "node": format_address(t.host, t.port),
                         "status": verdict,
                         "detail": detail,
                     },

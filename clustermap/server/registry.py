@@ -39,7 +39,16 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
-from clustermap.model import UP, Node, Service
+from clustermap.model import (
+    DELTA,
+    FULL,
+    NOT_MODIFIED,
+    NOT_READY,
+    UP,
+    Node,
+    Service,
+    format_address,
+)
 from clustermap.rules import clip
 from clustermap.server.store import MapStore, StoredService
 from clustermap.server.validation import NodeAddress, NodeUpdate, Registration, ServiceOptions
@@ -67,11 +76,6 @@ log = logging.getLogger("clustermap.server.registry")
 
 REGISTERED: Final = "registered"
 STATIC: Final = "static"
-
-NOT_MODIFIED: Final = "not_modified"
-DELTA: Final = "delta"
-FULL: Final = "full"
-NOT_READY: Final = "not_ready"
 
 _DEFAULT_OPTIONS: Final = ServiceOptions()
 _MASK64: Final = (1 << 64) - 1
@@ -589,5 +593,4 @@ class Registry:
 
 
 def _addr(key: tuple[str, int]) -> str:
-    host, port = key
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(*key)

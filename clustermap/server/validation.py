@@ -23,15 +23,16 @@ from clustermap.model import STATUSES, STRATEGIES
 from clustermap.rules import (
     MAX_META_BYTES,
     MAX_META_ENTRIES,
+    MAX_PORT,
     MAX_SERVICE_NAME,
     MAX_TTL,
+    MAX_WEIGHT,
     MIN_TTL,
     check_host,
     check_meta,
     check_service_name,
     check_ttl,
 )
-from clustermap.wire import MAX_WEIGHT
 
 __all__ = [
     "MAX_META_BYTES",
@@ -51,7 +52,7 @@ __all__ = [
 
 ServiceName = Annotated[str, AfterValidator(check_service_name)]
 Host = Annotated[str, AfterValidator(check_host)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(ge=1, le=MAX_PORT)]
 Weight = Annotated[int, Field(ge=0, le=MAX_WEIGHT)]
 Meta = Annotated[dict[str, str], AfterValidator(check_meta)]
 

@@ -20,13 +20,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from clustermap.client import DEFAULT_REGION
+from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.feedback.layout import MAX_EJECTION_S, MAX_ENTRIES, MAX_IDS, MAX_ROWS
 from clustermap.model import parse_address
 
 __all__ = ["DEFAULT_SERVER", "SidecarSettings"]
-
-DEFAULT_SERVER = "127.0.0.1:7700"
 
 
 class SidecarSettings(BaseSettings):

@@ -7,16 +7,12 @@ the metrics thread only reads gauges. Signal handlers only queue the signal and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import select
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from types import FrameType
 from typing import Final
 
 from clustermap.errors import ClusterMapError
@@ -33,6 +29,7 @@ from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
 from clustermap.sidecar.outlier import OutlierPolicy
 from clustermap.sidecar.poller import Poller, PollFailed
 from clustermap.sidecar.validate import shown_name
+from clustermap.signals import SignalQueue
 from clustermap.wire import FULL, NOT_READY
 
 __all__ = ["Sidecar"]
@@ -56,14 +53,13 @@ class Sidecar:
         self.published: dict[str, Service] = {}
         self.meta = Meta()
         self.counters: dict[str, int] = {}
-        self._signals: list[int] = []
+        self._signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self._running = True
         self._last_ok = 0.0  # monotonic time of the last successful sync
         self._meta_at = 0.0
         self._snapshot_at = 0.0
         self._snapshot_dirty = False
         self._quarantine_shown: dict[str, str] | None = None  # as last set in the metrics
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.feedback: FeedbackHub | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -110,23 +106,13 @@ class Sidecar:
         return 0
 
     def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._queue_signal)
-
-    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"!")
+        self._signals.install()
 
     def _sleep(self, seconds: float) -> None:
-        ready, _, _ = select.select([self._wake_r], [], [], max(seconds, 0.0))
-        if ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 512)
+        self._signals.wait(seconds)
 
     def _dispatch_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.pop(0)
+        while (sig := self._signals.pop()) is not None:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 self.handle_term(sig)
             elif sig == signal.SIGHUP:
@@ -299,7 +285,7 @@ class Sidecar:
             self.metrics.failovers.inc()
         answer = polled.answer
         if answer.kind == NOT_READY:
-            self._count("not_ready", "not_ready")
+            self._count(NOT_READY, NOT_READY)
             log.info(
                 "%s is warming up (ready in %.1f s); keeping the map",
                 polled.server,

@@ -17,8 +17,8 @@ import grpc
 
 from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
 from clustermap.checksum import service_digest
+from clustermap.retry import Backoff
 from clustermap.sidecar.config import SidecarSettings
-from clustermap.sidecar.retry import Backoff
 from clustermap.sidecar.validate import invalid_services
 from clustermap.wire import PollAnswer, Rejected, WireError, poll_answer_from_pb, poll_request
 
