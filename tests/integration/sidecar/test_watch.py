@@ -4,6 +4,9 @@ the region, as workers see it; the meta's counters say how each change came."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,7 +19,7 @@ from clustermap._pb.clustermap.v1 import subscription_pb2, subscription_pb2_grpc
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from tests.support.procs import wait_for
-from tests.support.stack import ServerProc, SidecarProc
+from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
 
 # The server answers on the stream every half second even when nothing changes; the sidecar
 # gives up on a stream silent for 10 s (generous: the machine is loaded).
@@ -40,8 +43,26 @@ def watching(region: Path, server: str | None = None) -> bool:
     return m.mode == "watch" and not m.stale and (server is None or m.server == server)
 
 
-def watcher(region: Path, servers: list[str]) -> SidecarProc:
-    return SidecarProc(region, servers, "--watch", env=WATCH_ENV)
+def watcher(region: Path, servers: list[str], *args: str) -> SidecarProc:
+    return SidecarProc(region, servers, "--watch", *args, env=WATCH_ENV)
+
+
+def cmctl_status(region: Path, *args: str) -> str:
+    out = subprocess.run(
+        [CMCTL, "--region", str(region), "status", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in {url}")
 
 
 @pytest.fixture
@@ -67,6 +88,12 @@ def test_changes_reach_the_region_by_the_stream(server: ServerProc, region_path:
         assert after.get("polls", 0) == before.get("polls", 0), (before, after)  # no poll
         assert after["watch"] > before["watch"], (before, after)
         assert after.get("delta", 0) > before.get("delta", 0), (before, after)
+        st = json.loads(cmctl_status(region_path, "--json"))
+        assert st["mode"] == "watch", st
+        assert st["stream_age_seconds"] >= 0, st
+        assert st["stream_reconnects"] == 0, st
+        rows = dict(line.split(None, 1) for line in cmctl_status(region_path).splitlines())
+        assert rows["mode"].startswith("watch, stream up"), rows
     finally:
         sidecar.close()
 
@@ -77,7 +104,9 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
     first = ServerProc(*KEEPALIVE)
     first.register("a", "10.0.0.1", 80)
     first.register("a", "10.0.0.2", 80)
-    sidecar = watcher(region_path, [first.address])
+    port = free_port()
+    sidecar = watcher(region_path, [first.address], "--metrics", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/metrics"
     second: ServerProc | None = None
     try:
         sidecar.wait_synced()
@@ -88,6 +117,9 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
         assert m.mode == "poll", m
         assert addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"}
         assert m.counters.get("watch_fallbacks") == 1, m.counters
+        assert metric(url, "clustermap_sidecar_watch_fallbacks_total") == 1
+        assert metric(url, "clustermap_sidecar_watching") == 0
+        assert json.loads(cmctl_status(region_path, "--json"))["mode"] == "poll"
         # The same address again, restarted empty: protection keeps the map meanwhile.
         second = ServerProc(*KEEPALIVE, port=first.port)
         wait_for(lambda: watching(region_path), what="the stream to resume")
@@ -104,6 +136,11 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
         assert not m.protected, m
         assert m.mode == "watch", m
         assert m.counters.get("watch_reconnects", 0) >= 1, m.counters
+        assert metric(url, "clustermap_sidecar_watch_reconnects_total") >= 1
+        assert metric(url, "clustermap_sidecar_watching") == 1
+        st = json.loads(cmctl_status(region_path, "--json"))
+        assert st["mode"] == "watch", st
+        assert st["stream_reconnects"] >= 1, st
     finally:
         sidecar.close()
         first.close()
