@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,6 +17,7 @@ import pytest
 
 import clustermap
 from clustermap._pb.clustermap.v1 import subscription_pb2, subscription_pb2_grpc
+from clustermap.feedback import layout as FL
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from tests.support.procs import wait_for
@@ -65,6 +67,13 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"no {name} in {url}")
 
 
+def min_nodes(region: Path, stop: threading.Event, seen: list[int]) -> None:
+    """Until ``stop``: the node count of every map a worker could read."""
+    reader = RegionReader(region)
+    while not stop.is_set():
+        seen.append(sum(len(s.nodes) for s in reader.snapshot().services.values()))
+
+
 @pytest.fixture
 def server() -> Iterator[ServerProc]:
     s = ServerProc(*KEEPALIVE)
@@ -108,9 +117,13 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
     sidecar = watcher(region_path, [first.address], "--metrics", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/metrics"
     second: ServerProc | None = None
+    stop, seen = threading.Event(), [0]
+    observer = threading.Thread(target=min_nodes, args=(region_path, stop, seen))
     try:
         sidecar.wait_synced()
         wait_for(lambda: watching(region_path), what="the stream to be up")
+        seen.clear()
+        observer.start()
         first.kill()  # SIGKILL: no goodbye on the stream
         wait_for(lambda: meta(region_path).stale, what="the map to go stale")
         m = meta(region_path)
@@ -125,6 +138,11 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
         wait_for(lambda: watching(region_path), what="the stream to resume")
         assert addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"}
         assert meta(region_path).protected
+        stop.set()
+        observer.join()
+        assert min(seen) == 2, "a worker saw the map shrink"
+        # Re-registered one by one: protection lets a drop of half the nodes through, so only
+        # the end state is checked from here.
         second.register("a", "10.0.0.1", 80)
         second.register("a", "10.0.0.2", 80)
         second.register("a", "10.0.0.3", 80)
@@ -142,6 +160,9 @@ def test_server_killed_mid_stream_keeps_the_map_then_the_stream_resumes(
         assert st["mode"] == "watch", st
         assert st["stream_reconnects"] >= 1, st
     finally:
+        stop.set()
+        if observer.is_alive():
+            observer.join()
         sidecar.close()
         first.close()
         if second is not None:
@@ -225,3 +246,31 @@ def test_a_bad_answer_on_the_stream_is_rejected_and_resynced(
     finally:
         sidecar.close()
         proxy.close()
+
+
+def test_the_feedback_sweep_keeps_its_period_while_watching(
+    server: ServerProc, region_path: Path
+) -> None:
+    # Polls 10 s apart: only the wait loop's own schedule can sweep 20 times in 30 s.
+    server.register("a", "10.0.0.1", 80)
+    sidecar = SidecarProc(region_path, [server.address], "--watch", interval=10, env=WATCH_ENV)
+    load = Path(str(region_path) + ".load")
+
+    def sweep() -> int:
+        with open(load, "rb") as f:
+            return int.from_bytes(f.read(64)[FL.SWEEP_OFF : FL.SWEEP_OFF + 8], "little")
+
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: watching(region_path), what="the stream to be up")
+        sweeps: set[int] = set()
+
+        def twenty() -> bool:
+            sweeps.add(sweep())
+            return len(sweeps) >= 20
+
+        wait_for(twenty, 30, "20 sweeps")
+        server.register("a", "10.0.0.2", 80)  # and the stream still delivers meanwhile
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"}, 10)
+    finally:
+        sidecar.close()
