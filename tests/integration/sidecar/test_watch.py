@@ -274,3 +274,68 @@ def test_the_feedback_sweep_keeps_its_period_while_watching(
         wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"}, 10)
     finally:
         sidecar.close()
+
+
+def test_a_malformed_answer_on_the_stream_ends_it_and_the_map_stays_good(
+    server: ServerProc, region_path: Path
+) -> None:
+    def garble(resp: subscription_pb2.PollResponse) -> None:
+        resp.kind = 99  # type: ignore[assignment]  # no such kind: refused by clustermap.wire
+
+    proxy = TamperingProxy(server.address, garble)
+    server.register("a", "10.0.0.1", 80)
+    sidecar = watcher(region_path, [proxy.address])
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: watching(region_path), what="the stream to be up")
+        server.register("a", "10.0.0.2", 80)  # the delta carrying this one is garbled
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
+        wait_for(lambda: watching(region_path), what="the stream to be up again")
+        c = meta(region_path).counters
+        assert proxy.tampered == 1
+        assert c.get("watch_fallbacks") == 1, c
+        assert "checksum_mismatches" not in c, c
+    finally:
+        sidecar.close()
+        proxy.close()
+
+
+class SilentProxy(TamperingProxy):
+    """Forwards streams, except that the first one goes silent (open, nothing sent) after its
+    first answer: a cut network that no error reports."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, lambda resp: None)
+        self.tampered = 1  # never tamper
+        self.streams = 0
+
+    def Watch(self, request, context):  # type: ignore[no-untyped-def]
+        self.streams += 1
+        if self.streams == 1:
+            yield self.stub.Poll(request, timeout=5)
+            while context.is_active():
+                threading.Event().wait(0.1)
+            return
+        yield from super().Watch(request, context)
+
+
+def test_a_silent_stream_is_given_up_and_a_new_one_opened(
+    server: ServerProc, region_path: Path
+) -> None:
+    proxy = SilentProxy(server.address)
+    server.register("a", "10.0.0.1", 80)
+    sidecar = SidecarProc(
+        region_path, [proxy.address], "--watch", env={"CLUSTERMAP_WATCH_SILENCE": "2"}
+    )
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: proxy.streams >= 2, 60, "a second stream after the silence")
+        wait_for(lambda: watching(region_path), what="the new stream to be up")
+        server.register("a", "10.0.0.2", 80)
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
+        c = meta(region_path).counters
+        assert c.get("watch_fallbacks", 0) >= 1, c
+        assert c.get("watch_reconnects", 0) >= 1, c
+    finally:
+        sidecar.close()
+        proxy.close()
