@@ -20,6 +20,7 @@ from clustermap.feedback.status import feedback_status
 from clustermap.model import STRATEGIES, Ejection, Node, Service
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
+from clustermap.region.layout import Meta
 from clustermap.rules import printable
 
 __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
@@ -155,11 +156,25 @@ def status_json(
         "services": len(snap.services),
         "nodes": sum(len(s.nodes) for s in snap.services.values()),
         "counters": dict(meta.counters),
+        **_mode_json(meta),
         "quarantined": [
             {"service": name, "reason": why} for name, why in sorted(meta.quarantined.items())
         ],
         "ejected": ejected_json(snap.services),
         "feedback": feedback_status(reader.path),
+    }
+
+
+def _mode_json(meta: Meta) -> dict[str, Any]:
+    """How the sidecar follows the server (``cm-sidecar --watch``): poll, or watch with the
+    stream's age and how often it was opened again."""
+    watch = meta.mode == "watch" and meta.stream_since_ns > 0
+    age = (time.time_ns() - meta.stream_since_ns) / 1e9 if watch else None
+    return {
+        "mode": "watch" if watch else "poll",
+        "stream_age_seconds": None if age is None else round(age, 3),
+        "stream_reconnects": meta.counters.get("watch_reconnects", 0),
+        "stream_fallbacks": meta.counters.get("watch_fallbacks", 0),
     }
 
 
@@ -230,6 +245,7 @@ def status(args: argparse.Namespace) -> int:
         ("revision", f"{st['revision']} (generation {st['generation']}, epoch {st['epoch']})"),
         ("last sync", "never" if st["age_seconds"] is None else f"{st['age_seconds']:.3f} s ago"),
         ("source", f"{st['source']} {st['server']}".strip()),
+        ("mode", _mode_text(st)),
         ("stale", "yes" if st["stale"] else "no"),
         ("protected", "yes" if st["protected"] else "no"),
         ("reason", st["reason"] or "-"),
@@ -255,6 +271,18 @@ def status(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<12} {v}")
     return 0
+
+
+def _mode_text(st: dict[str, Any]) -> str:
+    if st["mode"] == "watch":
+        text = f"watch, stream up {st['stream_age_seconds']:.1f} s"
+    elif st["stream_fallbacks"]:
+        text = "poll (stream down; reconnecting)"
+    else:
+        text = "poll"
+    if st["stream_reconnects"] or st["stream_fallbacks"]:
+        text += f", {st['stream_reconnects']} reconnects, {st['stream_fallbacks']} fallbacks"
+    return text
 
 
 def _alive_word(alive: bool | None) -> str:

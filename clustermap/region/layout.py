@@ -252,6 +252,10 @@ class Meta:
     #: Services whose latest version from the server the sidecar could not accept (name ->
     #: reason): they keep their last good nodes. Absent from records of older writers.
     quarantined: Mapping[str, str] = field(default_factory=dict)
+    #: How the sidecar follows the server: "poll", or "watch" while its stream is up (then
+    #: ``stream_since_ns`` is the wall clock the stream opened at). Absent from older writers.
+    mode: str = ""
+    stream_since_ns: int = 0
 
 
 def encode_meta(m: Meta) -> bytes:
@@ -266,6 +270,8 @@ def encode_meta(m: Meta) -> bytes:
             "server": m.server,
             "counters": dict(m.counters),
             "quarantined": dict(m.quarantined),
+            "mode": m.mode,
+            "stream_since_ns": m.stream_since_ns,
         }
     )
 
@@ -296,6 +302,8 @@ def decode_meta(payload: bytes | memoryview) -> Meta:
             server=_str(d.get("server", "")),
             counters=counters,
             quarantined=quarantined,
+            mode=_str(d.get("mode", "")),
+            stream_since_ns=_int(d.get("stream_since_ns", 0)),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CorruptRegion(f"malformed meta record: {exc}") from None

@@ -43,6 +43,17 @@ class SidecarSettings(BaseSettings):
     jitter: float = Field(
         default=0.1, ge=0, lt=1, description="each interval varies randomly by this fraction"
     )
+    watch: bool = Field(
+        default=False,
+        description="hold a Watch stream instead of polling; poll every `interval` while it is "
+        "down",
+    )
+    watch_silence: float = Field(
+        default=35.0,
+        gt=0,
+        description="watch: seconds without an answer before the stream counts as dead "
+        "(cm-server sends a keepalive every 15 s)",
+    )
     timeout: float = Field(default=2.0, gt=0, description="deadline of one poll, seconds")
     services: Annotated[list[str], NoDecode] = Field(
         default=[], description="subscribe to these services only (default: all)"

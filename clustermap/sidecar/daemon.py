@@ -1,19 +1,24 @@
 """The sidecar's main loop: poll, merge, protect, publish; signals queued and dispatched here.
 
 Threads: the main thread owns everything (the mirror, the guard, the region writer, the poller);
-the metrics thread only reads gauges. Signal handlers only queue the signal and wake the loop
-(gunicorn's arbiter pattern), so no handler ever runs inside a publish.
+the metrics thread only reads gauges; with ``--watch`` the stream thread (sidecar/watcher.py) only
+queues what it reads and wakes the loop, which applies it like a poll answer. Signal handlers only
+queue the signal and wake the loop (gunicorn's arbiter pattern), so no handler ever runs inside a
+publish.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Final
+
+from prometheus_client import Counter
 
 from clustermap.errors import ClusterMapError
 from clustermap.model import Service, parse_address
@@ -29,8 +34,9 @@ from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
 from clustermap.sidecar.outlier import OutlierPolicy
 from clustermap.sidecar.poller import Poller, PollFailed
 from clustermap.sidecar.validate import shown_name
+from clustermap.sidecar.watcher import Watcher
 from clustermap.signals import SignalQueue
-from clustermap.wire import FULL, NOT_READY
+from clustermap.wire import FULL, NOT_READY, PollAnswer
 
 __all__ = ["Sidecar"]
 
@@ -61,6 +67,13 @@ class Sidecar:
         self._snapshot_dirty = False
         self._quarantine_shown: dict[str, str] | None = None  # as last set in the metrics
         self.feedback: FeedbackHub | None = None
+        self.watcher: Watcher | None = None
+        self._stream_since = 0.0  # monotonic time the live stream opened; 0: no live stream
+        self._stream_since_ns = 0
+        self._stream_server = ""
+        self._stream_ready = False  # the live stream's last answer was not NOT_READY
+        self._heard = 0.0  # monotonic time of the live stream's last answer
+        self._streams = 0  # streams that came up
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -76,6 +89,8 @@ class Sidecar:
             self._install_signals()
             self._warm_start()
             self._start_feedback()
+            if s.watch:
+                self._start_watch()
             if s.metrics:
                 host, port = parse_address(s.metrics)
                 try:
@@ -92,9 +107,13 @@ class Sidecar:
                 self._dispatch_signals()
                 if not self._running:
                     break
-                self.poll_once()
+                if self._watching():
+                    self._touch()
+                else:
+                    self.poll_once()
                 self._idle(s.interval * (1 + s.jitter * (2 * random.random() - 1)))
         finally:
+            self._stop_watch()
             if self.feedback is not None:
                 self.feedback.close()
             if http is not None:
@@ -107,6 +126,9 @@ class Sidecar:
 
     def _install_signals(self) -> None:
         self._signals.install()
+
+    def _wake(self) -> None:
+        self._signals.wake()
 
     def _sleep(self, seconds: float) -> None:
         self._signals.wait(seconds)
@@ -137,8 +159,11 @@ class Sidecar:
             )
             new = new.model_copy(update={"region": self.settings.region})
         self.poller.close()
+        self._stop_watch()
         self.settings = new
         self.poller = Poller(new)
+        if new.watch:
+            self._start_watch()
         self.guard.policy = _policy(new)
         if self.feedback is not None:
             self.feedback.outliers.policy = _outlier_policy(new)
@@ -180,23 +205,26 @@ class Sidecar:
         )
 
     def _idle(self, seconds: float) -> None:
-        """Wait ``seconds`` (a signal cuts it short), sweeping the feedback rows meanwhile."""
+        """Wait ``seconds`` (a signal cuts it short), applying what the stream brings and
+        sweeping the feedback rows meanwhile."""
         hub = self.feedback
-        if hub is None:
-            self._sleep(seconds)
-            return
         deadline = time.monotonic() + seconds
         period = self.settings.feedback_interval
+        next_sweep = time.monotonic()
         while not self._signals:
-            t0 = time.monotonic()
-            self.sweep_feedback()
+            self._drain_stream()
             now = time.monotonic()
+            if hub is not None and now >= next_sweep:
+                self.sweep_feedback()
+                t1 = time.monotonic()
+                # Sweeping takes at most a quarter of a core: a slow sweep (many busy workers on
+                # a loaded machine) stretches the period instead of eating the machine.
+                next_sweep = t1 + max(period, 3 * (t1 - now))
+                now = t1
             left = deadline - now
             if left <= 0:
                 return
-            # Sweeping takes at most a quarter of a core: a slow sweep (many busy workers on a
-            # loaded machine) stretches the period instead of eating the machine.
-            self._sleep(min(max(period, 3 * (now - t0)), left))
+            self._sleep(min(left, next_sweep - now) if hub is not None else left)
 
     def sweep_feedback(self) -> None:
         hub = self.feedback
@@ -223,6 +251,95 @@ class Sidecar:
             self.writer.publish(upserts)
         self.metrics.ejected.set(len(hub.outliers.ejected_ids()))
         self.metrics.feedback_rows.set(hub.rows_in_use)
+
+    # -- the Watch stream (--watch; sidecar/watcher.py) ------------------------------------------
+
+    def _start_watch(self) -> None:
+        self.watcher = Watcher(self.settings, self._wake)
+        self.watcher.resume_from(self.mirror.epoch, self.mirror.revision)
+        self.watcher.start()
+        log.info("watch: holding a stream from %s; polling until it is up", self.settings.server[0])
+
+    def _stop_watch(self) -> None:
+        if self.watcher is None:
+            return
+        self.watcher.close()
+        self.watcher = None
+        self._stream_since = 0.0
+        self.metrics.watching.set(0)
+
+    def _watching(self) -> bool:
+        """Whether the stream is up (then the loop does not poll); ends a silent one."""
+        if self.watcher is None or not self._stream_since:
+            return False
+        silent = time.monotonic() - self._heard
+        if silent > self.settings.watch_silence:
+            self._stream_lost(self._stream_server, f"no answer for {silent:.1f} s")
+            self.watcher.restart()
+            return False
+        return True
+
+    def _drain_stream(self) -> None:
+        w = self.watcher
+        while w is not None:
+            try:
+                event = w.events.get_nowait()
+            except queue.Empty:
+                return
+            if event.stream != w.stream:
+                continue  # from a stream already ended here
+            if event.answer is None:
+                self._stream_lost(event.server, event.error)
+            else:
+                self._stream_answer(event.server, event.answer)
+
+    def _stream_answer(self, server: str, answer: PollAnswer) -> None:
+        assert self.watcher is not None
+        self._heard = time.monotonic()
+        if not self._stream_since:
+            self._stream_since = self._heard
+            self._stream_since_ns = time.time_ns()
+            self._stream_server = server
+            self._streams += 1
+            if self._streams > 1:
+                self._count("watch_reconnects")
+                self.metrics.watch_reconnects.inc()
+            self.metrics.watching.set(1)
+            log.info("watch: stream from %s is up; not polling", server)
+        self._count("watch")
+        self._stream_ready = answer.kind != NOT_READY
+        if not self._apply(server, answer, by_stream=True):
+            # rejected: resync as after a bad poll answer, from nothing, on a new stream
+            self._stream_lost(server, "an answer was rejected; resyncing")
+            self.watcher.restart()
+
+    def _stream_lost(self, server: str, why: str) -> None:
+        if not self._stream_since:
+            log.debug("watch: no stream from %s: %s", server, why)
+            return
+        self._stream_since = 0.0
+        self._count("watch_fallbacks")
+        self.metrics.watch_fallbacks.inc()
+        self.metrics.watching.set(0)
+        log.warning(
+            "watch: stream from %s lost (%s); polling every %.2f s while reconnecting",
+            server,
+            why,
+            self.settings.interval,
+        )
+        meta = replace(self.meta, mode="poll", stream_since_ns=0, counters=dict(self.counters))
+        self.writer.publish(meta=meta)
+        self.meta = meta
+        self._meta_at = time.monotonic()
+
+    def _touch(self) -> None:
+        """The stream is up and has nothing new: the map is as fresh as the server's."""
+        if not self._stream_ready:
+            return
+        now_ns = time.time_ns()
+        self.writer.touch(now_ns)
+        self._last_ok = time.monotonic()
+        self.metrics.synced(now_ns / 1e9)
 
     # -- warm start -------------------------------------------------------------------------------
 
@@ -283,25 +400,33 @@ class Sidecar:
         if polled.failovers:
             self._count("failovers")
             self.metrics.failovers.inc()
-        answer = polled.answer
+        self._count("polls")
+        self._apply(polled.server, polled.answer)
+
+    def _apply(self, server: str, answer: PollAnswer, by_stream: bool = False) -> bool:
+        """The one merge path of poll and stream answers: mirror and checksum, protection,
+        publish. False when the answer was rejected (the mirror is reset for a resync)."""
+        outcomes = self.metrics.watch_answers if by_stream else self.metrics.polls
         if answer.kind == NOT_READY:
-            self._count(NOT_READY, NOT_READY)
+            self._count(NOT_READY, NOT_READY, outcomes)
             log.info(
-                "%s is warming up (ready in %.1f s); keeping the map",
-                polled.server,
-                answer.retry_after,
+                "%s is warming up (ready in %.1f s); keeping the map", server, answer.retry_after
             )
             if not self._last_ok and not self.published:  # no map yet: say why in the region
-                self._mark_stale(f"{polled.server} is warming up; no map from it yet")
-            return
+                self._mark_stale(f"{server} is warming up; no map from it yet")
+            return True
         try:
             change = self.mirror.apply(answer, self.published)
         except ChecksumMismatch as exc:
-            self._count("checksum_mismatches", "checksum_mismatch")
+            self._count("checksum_mismatches", "checksum_mismatch", outcomes)
             log.warning("%s; resyncing with a full map", exc)
             self.mirror.reset()
-            return
-        self._count(answer.kind, answer.kind)
+            if self.watcher is not None:
+                self.watcher.resume_from("", 0)
+            return False
+        if self.watcher is not None:
+            self.watcher.resume_from(self.mirror.epoch, self.mirror.revision)
+        self._count(answer.kind, answer.kind, outcomes)
         if not change and not self.guard.holding:
             decision = Decision()  # nothing changed and nothing is held: nothing to decide
         else:
@@ -329,11 +454,14 @@ class Sidecar:
             stale=False,
             protected=decision.protected,
             reason=decision.reason,
-            server=polled.server,
+            server=server,
             counters=dict(self.counters),
             quarantined=quarantined,
+            mode="watch" if self._stream_since else "poll",
+            stream_since_ns=self._stream_since_ns if self._stream_since else 0,
         )
         self._publish(decision.upserts, decision.removals, meta)
+        return True
 
     def _quarantined(self) -> dict[str, str]:
         """The mirror's quarantined services, named safely for operators' terminals; logged
@@ -392,10 +520,10 @@ class Sidecar:
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
-    def _count(self, counter: str, outcome: str | None = None) -> None:
+    def _count(self, counter: str, outcome: str | None = None, by: Counter | None = None) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + 1
         if outcome is not None:
-            self.metrics.polls.labels(outcome).inc()
+            (by or self.metrics.polls).labels(outcome).inc()
 
     def _refresh_gauges(self) -> None:
         m = self.metrics

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait while another sidecar writes this region",
     )
     p.add_argument(
+        "--watch",
+        action="store_true",
+        default=None,
+        help="hold a Watch stream instead of polling; poll while it is down",
+    )
+    p.add_argument(
         "--no-protect",
         dest="protect",
         action="store_false",
@@ -78,6 +84,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "metrics",
         "services",
         "standby",
+        "watch",
         "protect",
         "token_file",
         "tls_ca",

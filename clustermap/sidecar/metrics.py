@@ -28,6 +28,25 @@ class Metrics:
             "Polls answered by a server other than the first tried",
             registry=r,
         )
+        self.watch_answers = Counter(
+            "clustermap_sidecar_watch_answers",
+            "Answers read from the Watch stream, by outcome (--watch)",
+            ["outcome"],
+            registry=r,
+        )
+        self.watch_reconnects = Counter(
+            "clustermap_sidecar_watch_reconnects",
+            "Watch streams opened again after one was lost",
+            registry=r,
+        )
+        self.watch_fallbacks = Counter(
+            "clustermap_sidecar_watch_fallbacks",
+            "Times the Watch stream was lost and the sidecar fell back to polling",
+            registry=r,
+        )
+        self.watching = Gauge(
+            "clustermap_sidecar_watching", "1 while the Watch stream is up", registry=r
+        )
         self.protections = Counter(
             "clustermap_sidecar_protections",
             "Updates held back (in part or whole) by protection",

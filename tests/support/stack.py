@@ -112,7 +112,12 @@ class SidecarProc:
     """A real ``cm-sidecar`` publishing ``region`` from ``servers``."""
 
     def __init__(
-        self, region: Path, servers: Sequence[str], *args: str, interval: float = 0.1
+        self,
+        region: Path,
+        servers: Sequence[str],
+        *args: str,
+        interval: float = 0.1,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.region = region
         self.argv = [
@@ -125,7 +130,10 @@ class SidecarProc:
             *args,
         ]
         self.child = Child(
-            self.argv, env=python_env(CLUSTERMAP_BACKOFF_BASE="0.1", CLUSTERMAP_BACKOFF_MAX="0.5")
+            self.argv,
+            env=python_env(
+                CLUSTERMAP_BACKOFF_BASE="0.1", CLUSTERMAP_BACKOFF_MAX="0.5", **(env or {})
+            ),
         )
 
     @property
