@@ -70,7 +70,7 @@ class Config:
     tls_client_ca: str | None = None
     max_workers: int = 8
     max_watchers: int = 4
-    max_reflection: int = 1
+    max_reflection: int = 2
     max_services: int = 20_000
     max_nodes_per_service: int = 5_000
     max_meta_bytes: int = MAX_META_BYTES
@@ -157,7 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument(
         "--max-reflection-streams",
         type=int,
-        default=1,
+        default=2,
         help="concurrent reflection streams, each holding a worker; 0: no reflection "
         "(default %(default)s)",
     )

@@ -3,7 +3,9 @@
 A reflection stream is bidirectional and holds a gRPC worker thread for as long as the client
 keeps it open, so eight idle ``grpcurl``-style streams used to take every worker and starve
 Register and Poll (issue 17). Like Watch streams, reflection streams are capped
-(``--max-reflection-streams``, default 1; 0 turns reflection off): one more is refused
+(``--max-reflection-streams``, default 2 — a client such as grpcio's descriptor database
+opens a stream per lookup, and the last one may not be released yet when it opens the next;
+0 turns reflection off): one more is refused
 RESOURCE_EXHAUSTED at once, and the cap is counted into the workers that Watch and reflection
 together may hold, so unary calls always find a free worker.
 """
