@@ -22,7 +22,7 @@ from clustermap.sidecar.config import SidecarSettings
 from clustermap.sidecar.validate import invalid_services
 from clustermap.wire import PollAnswer, Rejected, WireError, poll_answer_from_pb, poll_request
 
-__all__ = ["PollFailed", "Polled", "Poller"]
+__all__ = ["PollFailed", "Polled", "Poller", "subscription_stubs"]
 
 log = logging.getLogger("clustermap.sidecar")
 
@@ -40,6 +40,30 @@ class Polled:
     failovers: int  # servers that failed before this one answered, this round
 
 
+def subscription_stubs(
+    settings: SidecarSettings, options: list[tuple[str, int]]
+) -> tuple[dict[str, grpc.Channel], dict[str, subscription_pb2_grpc.SubscriptionStub]]:
+    """One channel and Subscription stub per configured server, in failover order: the same
+    credentials, message limit and no gRPC-level retries (failover and backoff are ours), plus
+    the caller's ``options`` (keepalive pings differ between polling and a held stream)."""
+    credentials = _credentials(settings)
+    opts = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.enable_retries", 0),
+        *options,
+    ]
+    channels: dict[str, grpc.Channel] = {}
+    stubs: dict[str, subscription_pb2_grpc.SubscriptionStub] = {}
+    for server in settings.server:
+        if credentials is None:
+            channel = grpc.insecure_channel(server, options=opts)
+        else:
+            channel = grpc.secure_channel(server, credentials, options=opts)
+        channels[server] = channel
+        stubs[server] = subscription_pb2_grpc.SubscriptionStub(channel)
+    return channels, stubs
+
+
 class Poller:
     def __init__(self, settings: SidecarSettings) -> None:
         self.settings = settings
@@ -48,21 +72,9 @@ class Poller:
         self._metadata: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        credentials = _credentials(settings)
-        options = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.enable_retries", 0),  # failover and backoff are ours
-        ]
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, subscription_pb2_grpc.SubscriptionStub] = {}
-        for server in settings.server:
-            if credentials is None:
-                channel = grpc.insecure_channel(server, options=options)
-            else:
-                channel = grpc.secure_channel(server, credentials, options=options)
-            self._channels[server] = channel
-            self._stubs[server] = subscription_pb2_grpc.SubscriptionStub(channel)
+        self._channels, self._stubs = subscription_stubs(
+            settings, [("grpc.keepalive_time_ms", 30_000)]
+        )
 
     def poll(self, epoch: str, revision: int) -> Polled:
         request = poll_request(epoch, revision, self.settings.services)

@@ -24,9 +24,8 @@ from typing import Any, Final
 
 import grpc
 
-from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
 from clustermap.sidecar.config import SidecarSettings
-from clustermap.sidecar.poller import _MAX_MESSAGE, _credentials, _rpc_error, _set_aside_invalid
+from clustermap.sidecar.poller import _rpc_error, _set_aside_invalid, subscription_stubs
 from clustermap.sidecar.retry import Backoff
 from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
 
@@ -68,22 +67,13 @@ class Watcher:
         self._metadata: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        credentials = _credentials(settings)
-        options = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", _PING_EVERY_MS),
-            ("grpc.keepalive_timeout_ms", _PING_TIMEOUT_MS),
-            ("grpc.enable_retries", 0),  # failover and backoff are ours
-        ]
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, subscription_pb2_grpc.SubscriptionStub] = {}
-        for server in settings.server:
-            if credentials is None:
-                channel = grpc.insecure_channel(server, options=options)
-            else:
-                channel = grpc.secure_channel(server, credentials, options=options)
-            self._channels[server] = channel
-            self._stubs[server] = subscription_pb2_grpc.SubscriptionStub(channel)
+        self._channels, self._stubs = subscription_stubs(
+            settings,
+            [
+                ("grpc.keepalive_time_ms", _PING_EVERY_MS),
+                ("grpc.keepalive_timeout_ms", _PING_TIMEOUT_MS),
+            ],
+        )
         self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
 
     # -- called by the main loop ------------------------------------------------------------------
