@@ -24,8 +24,8 @@ import pytest
 import clustermap
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
-from tests.integration.sidecar.test_sidecar import TamperingProxy
 from tests.support.procs import python_env, wait_for
+from tests.support.proxy import TamperingProxy
 from tests.support.stack import CM_SIDECAR, CMCTL, ServerProc, SidecarProc, free_port
 
 needs_root = pytest.mark.skipif(

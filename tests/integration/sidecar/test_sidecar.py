@@ -11,17 +11,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 
 import clustermap
-from clustermap._pb.clustermap.v1 import subscription_pb2, subscription_pb2_grpc
+from clustermap._pb.clustermap.v1 import subscription_pb2
 from clustermap.region.reader import RegionReader
 from tests.support.procs import Child, python_env, wait_for
+from tests.support.proxy import TamperingProxy
 from tests.support.stack import CMCTL, ServerProc, SidecarProc, dead_address, free_port
 
 
@@ -70,31 +68,6 @@ def test_server_changes_reach_workers_by_delta(server: ServerProc, region_path: 
         assert c.get("delta", 0) >= 3, c
     finally:
         sidecar.close()
-
-
-class TamperingProxy(subscription_pb2_grpc.SubscriptionServicer):
-    """A real gRPC server in front of cm-server that alters the first delta with ``tamper``."""
-
-    def __init__(self, upstream: str, tamper: Callable[[subscription_pb2.PollResponse], None]):
-        self.channel = grpc.insecure_channel(upstream)
-        self.stub = subscription_pb2_grpc.SubscriptionStub(self.channel)
-        self.tamper = tamper
-        self.tampered = 0
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        subscription_pb2_grpc.add_SubscriptionServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def Poll(self, request, context):  # type: ignore[no-untyped-def]
-        resp = self.stub.Poll(request, timeout=5)
-        if resp.kind == subscription_pb2.POLL_KIND_DELTA and not self.tampered:
-            self.tamper(resp)
-            self.tampered += 1
-        return resp
-
-    def close(self) -> None:
-        self.server.stop(0)
-        self.channel.close()
 
 
 def test_checksum_mismatch_after_a_delta_resyncs_with_a_full(

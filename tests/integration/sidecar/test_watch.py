@@ -8,19 +8,18 @@ import json
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 import clustermap
-from clustermap._pb.clustermap.v1 import subscription_pb2, subscription_pb2_grpc
+from clustermap._pb.clustermap.v1 import subscription_pb2
 from clustermap.feedback import layout as FL
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from tests.support.procs import wait_for
+from tests.support.proxy import TamperingProxy
 from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
 
 # The server answers on the stream every half second even when nothing changes; the sidecar
@@ -186,40 +185,6 @@ def test_failover_to_the_second_server_when_the_first_dies(region_path: Path) ->
         sidecar.close()
         first.close()
         second.close()
-
-
-class TamperingProxy(subscription_pb2_grpc.SubscriptionServicer):
-    """A real gRPC server in front of cm-server that alters the first delta with ``tamper``,
-    on polls and streams alike."""
-
-    def __init__(self, upstream: str, tamper: Callable[[subscription_pb2.PollResponse], None]):
-        self.channel = grpc.insecure_channel(upstream)
-        self.stub = subscription_pb2_grpc.SubscriptionStub(self.channel)
-        self.tamper = tamper
-        self.tampered = 0
-        self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        subscription_pb2_grpc.add_SubscriptionServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def _pass(self, resp: subscription_pb2.PollResponse) -> subscription_pb2.PollResponse:
-        if resp.kind == subscription_pb2.POLL_KIND_DELTA and not self.tampered:
-            self.tamper(resp)
-            self.tampered += 1
-        return resp
-
-    def Poll(self, request, context):  # type: ignore[no-untyped-def]
-        return self._pass(self.stub.Poll(request, timeout=5))
-
-    def Watch(self, request, context):  # type: ignore[no-untyped-def]
-        upstream = self.stub.Watch(request)
-        context.add_callback(upstream.cancel)
-        for resp in upstream:
-            yield self._pass(resp)
-
-    def close(self) -> None:
-        self.server.stop(0)
-        self.channel.close()
 
 
 def test_a_bad_answer_on_the_stream_is_rejected_and_resynced(
