@@ -22,7 +22,6 @@ parent's are neither used nor closed in the child (gunicorn's master may have ma
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -38,7 +37,8 @@ except ImportError as exc:  # pragma: no cover - grpcio is also the server's dep
 import clustermap
 from clustermap.client import ClusterMap
 from clustermap.feedback.budget import BudgetRule
-from clustermap.feedback.retries import Attempts, RequestFailed, jittered_backoff
+from clustermap.feedback.calls import Call
+from clustermap.feedback.retries import Attempts, Outcome, RequestFailed, jittered_backoff
 from clustermap.model import Node
 
 __all__ = [
@@ -109,11 +109,21 @@ class _Options:
         key = self.key(request) if callable(self.key) else self.key
         return Attempts(self.map, self.service, key, self.strategy, self.subset, self.budget)
 
+    def judge(self, call: Call, exc: grpc.RpcError, attempts: Attempts) -> Outcome[Any]:
+        """A failed call: the node's fault (a failure code) or not (the node answered with an
+        application error), and whether it may be retried elsewhere."""
+        code = exc.code()
+        if code in self.failure_codes:
+            call.mark_failed()
+        else:
+            call.mark_ok()
+        return Outcome(error=exc, retry=self.may_retry(code, attempts))
+
     def may_retry(self, code: grpc.StatusCode | None, attempts: Attempts) -> bool:
         return code in self.retry_codes and attempts.retries < self.max_retries
 
-    def backoff(self, attempts: Attempts) -> float:
-        return jittered_backoff(attempts.retries, self.backoff_base, self.backoff_max)
+    def backoff(self, retry: int) -> float:
+        return jittered_backoff(retry, self.backoff_base, self.backoff_max)
 
 
 def _remaining(timeout: float | None, start: float) -> float | None:
@@ -265,29 +275,18 @@ class _UnaryUnary:
         o = self._channel._o
         start = time.monotonic()
         attempts = o.attempts(request)
-        try:
-            call = attempts.first()
-            while True:
-                error: grpc.RpcError | None = None
-                with call:
-                    try:
-                        answer: tuple[Any, grpc.Call] = self._callable(call.node).with_call(
-                            request, timeout=_remaining(timeout, start), **kwargs
-                        )
-                        return answer
-                    except grpc.RpcError as exc:
-                        error = exc
-                        if exc.code() in o.failure_codes:
-                            call.mark_failed()
-                        else:  # the node answered: an application error is not its fault
-                            call.mark_ok()
-                nxt = attempts.retry(o.may_retry(error.code(), attempts))
-                if nxt is None:
-                    raise attempts.fail(error)
-                time.sleep(o.backoff(attempts))
-                call = nxt
-        finally:
-            attempts.close()
+
+        def attempt(call: Call) -> Outcome[tuple[Any, grpc.Call]]:
+            with call:
+                try:
+                    answer: tuple[Any, grpc.Call] = self._callable(call.node).with_call(
+                        request, timeout=_remaining(timeout, start), **kwargs
+                    )
+                except grpc.RpcError as exc:
+                    return o.judge(call, exc, attempts)
+            return Outcome(answer)
+
+        return attempts.run(attempt, o.backoff)
 
     def future(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("clustermap.grpc: use the blocking call, or AioChannel")
@@ -377,28 +376,18 @@ class _AioUnaryUnary:
         o = self._channel._o
         start = time.monotonic()
         attempts = o.attempts(request)
-        try:
-            call = attempts.first()
-            while True:
-                error: grpc.RpcError | None = None
-                with call:
-                    mc = self._channel.channel_for(call.node).unary_unary(
-                        self._method,
-                        request_serializer=self._serializer,
-                        response_deserializer=self._deserializer,
-                    )
-                    try:
-                        return await mc(request, timeout=_remaining(timeout, start), **kwargs)
-                    except grpc.RpcError as exc:
-                        error = exc
-                        if exc.code() in o.failure_codes:
-                            call.mark_failed()
-                        else:
-                            call.mark_ok()
-                nxt = attempts.retry(o.may_retry(error.code(), attempts))
-                if nxt is None:
-                    raise attempts.fail(error)
-                await asyncio.sleep(o.backoff(attempts))
-                call = nxt
-        finally:
-            attempts.close()
+
+        async def attempt(call: Call) -> Outcome[Any]:
+            with call:
+                mc = self._channel.channel_for(call.node).unary_unary(
+                    self._method,
+                    request_serializer=self._serializer,
+                    response_deserializer=self._deserializer,
+                )
+                try:
+                    answer = await mc(request, timeout=_remaining(timeout, start), **kwargs)
+                except grpc.RpcError as exc:
+                    return o.judge(call, exc, attempts)
+            return Outcome(answer)
+
+        return await attempts.run_async(attempt, o.backoff)

@@ -9,9 +9,12 @@ picked by the map, so ejected and unhealthy nodes are skipped), *when* (jittered
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from clustermap.errors import ClusterMapError
 from clustermap.feedback.budget import BudgetRule, RetryBudget, budget_for
@@ -21,7 +24,9 @@ if TYPE_CHECKING:
     from clustermap.client import ClusterMap
     from clustermap.feedback.calls import Call
 
-__all__ = ["Attempts", "RequestFailed", "jittered_backoff", "with_tried"]
+__all__ = ["Attempts", "Outcome", "RequestFailed", "jittered_backoff", "with_tried"]
+
+A = TypeVar("A")
 
 #: Picks drawn to find a node not tried yet before giving up on retrying.
 _DRAWS = 8
@@ -65,6 +70,17 @@ def with_tried(exc: BaseException, service: str, tried: Sequence[str]) -> BaseEx
     exc.tried = tuple(tried)  # type: ignore[attr-defined]
     exc.service = service  # type: ignore[attr-defined]
     return exc
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[A]):
+    """One attempt, as the protocol judged it: its answer or its error, and whether the
+    protocol's policy allows another attempt after it (the budget and the node are asked by
+    :class:`Attempts`)."""
+
+    answer: A | None = None
+    error: BaseException | None = None
+    retry: bool = False
 
 
 class Attempts:
@@ -152,3 +168,56 @@ class Attempts:
     def close(self) -> None:
         self._release()
         self._budget.end()
+
+    # -- the loop, once for blocking and once for asyncio callers -----------------------------
+
+    def run(
+        self,
+        attempt: Callable[[Call], Outcome[A]],
+        backoff: Callable[[int], float],
+        discard: Callable[[A], object] = lambda _: None,
+    ) -> A:
+        """Attempts until one may not be retried: ``attempt`` sends the request through the
+        given call (inside ``with call``) and judges it; a retried answer is ``discard``-ed (its
+        connection released) and the next attempt waits ``backoff(retries)`` seconds. Returns
+        the last answer or raises the last error marked with the nodes tried; closes."""
+        try:
+            call = self.first()
+            while True:
+                outcome = attempt(call)
+                nxt = self.retry(outcome.retry)
+                if nxt is None:
+                    return self._last(outcome)
+                if outcome.answer is not None:
+                    discard(outcome.answer)
+                time.sleep(backoff(self.retries))
+                call = nxt
+        finally:
+            self.close()
+
+    async def run_async(
+        self,
+        attempt: Callable[[Call], Awaitable[Outcome[A]]],
+        backoff: Callable[[int], float],
+        discard: Callable[[A], Awaitable[object]] | None = None,
+    ) -> A:
+        """:meth:`run` for coroutines: the same loop, awaiting the attempt, discard and sleep."""
+        try:
+            call = self.first()
+            while True:
+                outcome = await attempt(call)
+                nxt = self.retry(outcome.retry)
+                if nxt is None:
+                    return self._last(outcome)
+                if outcome.answer is not None and discard is not None:
+                    await discard(outcome.answer)
+                await asyncio.sleep(backoff(self.retries))
+                call = nxt
+        finally:
+            self.close()
+
+    def _last(self, outcome: Outcome[A]) -> A:
+        if outcome.error is not None:
+            raise self.fail(outcome.error)
+        assert outcome.answer is not None
+        return outcome.answer

@@ -8,9 +8,7 @@ transport never blocks the event loop; its one wait, the backoff before a retry,
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +17,8 @@ import httpx
 import clustermap
 from clustermap.client import ClusterMap
 from clustermap.errors import ClusterMapError, UnknownService
-from clustermap.feedback.retries import Attempts
+from clustermap.feedback.calls import Call
+from clustermap.feedback.retries import Attempts, Outcome
 from clustermap.http._policy import ATTEMPT_HEADER, Failure, Policy, Target, target_of_host
 from clustermap.model import Node
 
@@ -124,21 +123,32 @@ class _Routing:
             self.map, target.service, key, self.strategy, self.subset, self.policy.budget
         )
 
+    def _feedback(self, call: Call, response: httpx.Response) -> None:
+        if self.policy.is_failure(response.status_code):
+            call.mark_failed()
+
     def _judge(
-        self,
-        request: httpx.Request,
-        attempts: Attempts,
-        response: httpx.Response | None,
-        error: httpx.TransportError | None,
+        self, request: httpx.Request, attempts: Attempts, got: httpx.Response | httpx.TransportError
     ) -> bool:
         """Whether the policy allows another attempt after this one."""
-        if response is not None:
+        if isinstance(got, httpx.Response):
+            if got.status_code not in self.policy.retry_statuses:
+                return False
             failure = Failure.STATUS
         else:
-            assert error is not None
-            failure = _failure(error)
+            failure = _failure(got)
         replayable = isinstance(request.stream, httpx.ByteStream)
         return self.policy.may_retry(failure, request.method, replayable, attempts.retries)
+
+
+def _discard(response: httpx.Response) -> None:
+    response.read()
+    response.close()
+
+
+async def _adiscard(response: httpx.Response) -> None:
+    await response.aread()
+    await response.aclose()
 
 
 class Transport(_Routing, httpx.BaseTransport):
@@ -178,39 +188,21 @@ class Transport(_Routing, httpx.BaseTransport):
         target = self._target(request)
         if target is None:
             return inner.handle_request(request)
-        policy = self.policy
         attempts = self._attempts(request, target)
-        try:
-            call = attempts.first()
-            while True:
-                error: httpx.TransportError | None = None
-                response: httpx.Response | None = None
-                with call:
-                    try:
-                        response = inner.handle_request(
-                            _to_node(request, target, call.node, attempts.retries + 1)
-                        )
-                    except httpx.TransportError as exc:
-                        call.mark_failed()
-                        error = exc
-                    else:
-                        if policy.is_failure(response.status_code):
-                            call.mark_failed()
-                if response is not None and response.status_code not in policy.retry_statuses:
-                    return response
-                nxt = attempts.retry(self._judge(request, attempts, response, error))
-                if nxt is None:
-                    if error is not None:
-                        raise attempts.fail(error)
-                    assert response is not None
-                    return response
-                if response is not None:
-                    response.read()
-                    response.close()
-                time.sleep(policy.backoff(attempts.retries))
-                call = nxt
-        finally:
-            attempts.close()
+
+        def attempt(call: Call) -> Outcome[httpx.Response]:
+            with call:
+                try:
+                    response = inner.handle_request(
+                        _to_node(request, target, call.node, attempts.retries + 1)
+                    )
+                except httpx.TransportError as exc:
+                    call.mark_failed()
+                    return Outcome(error=exc, retry=self._judge(request, attempts, exc))
+                self._feedback(call, response)
+            return Outcome(response, retry=self._judge(request, attempts, response))
+
+        return attempts.run(attempt, self.policy.backoff, _discard)
 
     def close(self) -> None:
         if self._pid == os.getpid():
@@ -252,39 +244,21 @@ class AsyncTransport(_Routing, httpx.AsyncBaseTransport):
         target = self._target(request)
         if target is None:
             return await inner.handle_async_request(request)
-        policy = self.policy
         attempts = self._attempts(request, target)
-        try:
-            call = attempts.first()
-            while True:
-                error: httpx.TransportError | None = None
-                response: httpx.Response | None = None
-                with call:
-                    try:
-                        response = await inner.handle_async_request(
-                            _to_node(request, target, call.node, attempts.retries + 1)
-                        )
-                    except httpx.TransportError as exc:
-                        call.mark_failed()
-                        error = exc
-                    else:
-                        if policy.is_failure(response.status_code):
-                            call.mark_failed()
-                if response is not None and response.status_code not in policy.retry_statuses:
-                    return response
-                nxt = attempts.retry(self._judge(request, attempts, response, error))
-                if nxt is None:
-                    if error is not None:
-                        raise attempts.fail(error)
-                    assert response is not None
-                    return response
-                if response is not None:
-                    await response.aread()
-                    await response.aclose()
-                await asyncio.sleep(policy.backoff(attempts.retries))
-                call = nxt
-        finally:
-            attempts.close()
+
+        async def attempt(call: Call) -> Outcome[httpx.Response]:
+            with call:
+                try:
+                    response = await inner.handle_async_request(
+                        _to_node(request, target, call.node, attempts.retries + 1)
+                    )
+                except httpx.TransportError as exc:
+                    call.mark_failed()
+                    return Outcome(error=exc, retry=self._judge(request, attempts, exc))
+                self._feedback(call, response)
+            return Outcome(response, retry=self._judge(request, attempts, response))
+
+        return await attempts.run_async(attempt, self.policy.backoff, _adiscard)
 
     async def aclose(self) -> None:
         if self._pid == os.getpid():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +14,8 @@ from requests.cookies import extract_cookies_to_jar
 import clustermap
 from clustermap.client import ClusterMap
 from clustermap.errors import ClusterMapError, UnknownService
-from clustermap.feedback.retries import Attempts
+from clustermap.feedback.calls import Call
+from clustermap.feedback.retries import Attempts, Outcome
 from clustermap.http._policy import ATTEMPT_HEADER, Failure, Policy, Target, rewrite, target_of
 
 __all__ = ["NodeAdapter", "Session"]
@@ -138,45 +138,29 @@ class Session(requests.Session):
         attempts = Attempts(
             self.map, target.service, key, self.strategy, self.subset, policy.budget
         )
-        try:
-            call = attempts.first()
-            while True:
-                attempt = request.copy()
-                attempt.url = rewrite(request.url or "", call.node)
-                attempt.headers["Host"] = target.host_header
-                attempt.headers[ATTEMPT_HEADER] = str(attempts.retries + 1)
-                setattr(attempt, _TLS_NAME, target.tls_name)
-                error: requests.RequestException | None = None
-                response: requests.Response | None = None
-                with call:
-                    try:
-                        response = super().send(attempt, allow_redirects=False, **kwargs)
-                    except requests.RequestException as exc:
-                        call.mark_failed()
-                        error = exc
-                    else:
-                        if policy.is_failure(response.status_code):
-                            call.mark_failed()
-                if response is not None:
-                    if response.status_code not in policy.retry_statuses:
-                        return self._as_service(response, request)
-                    failure = Failure.STATUS
-                else:
-                    assert error is not None
-                    failure = _failure(error)
-                allowed = policy.may_retry(failure, method, replayable, attempts.retries)
-                nxt = attempts.retry(allowed)
-                if nxt is None:
-                    if error is not None:
-                        raise attempts.fail(error)
-                    assert response is not None
-                    return self._as_service(response, request)
-                if response is not None:
-                    response.close()
-                time.sleep(policy.backoff(attempts.retries))
-                call = nxt
-        finally:
-            attempts.close()
+
+        def attempt(call: Call) -> Outcome[requests.Response]:
+            sent = request.copy()
+            sent.url = rewrite(request.url or "", call.node)
+            sent.headers["Host"] = target.host_header
+            sent.headers[ATTEMPT_HEADER] = str(attempts.retries + 1)
+            setattr(sent, _TLS_NAME, target.tls_name)
+            with call:
+                try:
+                    response = super(Session, self).send(sent, allow_redirects=False, **kwargs)
+                except requests.RequestException as exc:
+                    call.mark_failed()
+                    retry = policy.may_retry(_failure(exc), method, replayable, attempts.retries)
+                    return Outcome(error=exc, retry=retry)
+                if policy.is_failure(response.status_code):
+                    call.mark_failed()
+            retry = response.status_code in policy.retry_statuses and policy.may_retry(
+                Failure.STATUS, method, replayable, attempts.retries
+            )
+            return Outcome(response, retry=retry)
+
+        response = attempts.run(attempt, policy.backoff, requests.Response.close)
+        return self._as_service(response, request)
 
     def _as_service(
         self, response: requests.Response, request: requests.PreparedRequest
