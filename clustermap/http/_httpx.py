@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -23,6 +23,8 @@ from clustermap.http._policy import ATTEMPT_HEADER, Failure, Policy, Target, tar
 from clustermap.model import Node
 
 __all__ = ["AsyncTransport", "Transport"]
+
+Inner = TypeVar("Inner", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
 
 KeyOption = str | bytes | Callable[[httpx.Request], str | bytes | None] | None
 
@@ -84,17 +86,21 @@ def _to_node(request: httpx.Request, target: Target, node: Node, attempt: int) -
     )
 
 
-class _Routing:
+class _Routing(Generic[Inner]):
     """What both transports share: options, the map lookup, the per-process inner transport."""
+
+    _inner_class: type[Inner]
 
     def __init__(
         self,
-        map: ClusterMap | None,
-        key: KeyOption,
-        strategy: str | None,
-        subset: Mapping[str, str] | None,
-        policy: Policy | None,
-        tls_server_name: str | None,
+        map: ClusterMap | None = None,
+        *,
+        key: KeyOption = None,
+        strategy: str | None = None,
+        subset: Mapping[str, str] | None = None,
+        policy: Policy | None = None,
+        tls_server_name: str | None = None,
+        **transport_kwargs: Any,
     ) -> None:
         self.map: ClusterMap = map if map is not None else clustermap._default
         self.key = key
@@ -102,6 +108,17 @@ class _Routing:
         self.subset = dict(subset) if subset else None
         self.policy = policy or Policy()
         self.tls_server_name = tls_server_name
+        self._transport_kwargs = transport_kwargs
+        self._inner: Inner = self._inner_class(**transport_kwargs)
+        self._pid = os.getpid()
+
+    @property
+    def inner(self) -> Inner:
+        """This process's wrapped transport (a new one after a fork)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._inner = self._inner_class(**self._transport_kwargs)
+        return self._inner
 
     def _is_service(self, host: str) -> bool:
         try:
@@ -151,7 +168,7 @@ async def _adiscard(response: httpx.Response) -> None:
     await response.aclose()
 
 
-class Transport(_Routing, httpx.BaseTransport):
+class Transport(_Routing[httpx.HTTPTransport], httpx.BaseTransport):
     """``httpx.Client(transport=clustermap.http.Transport())``: see docs/http.md.
 
     Options as for :class:`clustermap.http.Session`; ``transport_kwargs`` go to the wrapped
@@ -159,29 +176,7 @@ class Transport(_Routing, httpx.BaseTransport):
     again in a forked child (the parent's connections stay the parent's).
     """
 
-    def __init__(
-        self,
-        map: ClusterMap | None = None,
-        *,
-        key: KeyOption = None,
-        strategy: str | None = None,
-        subset: Mapping[str, str] | None = None,
-        policy: Policy | None = None,
-        tls_server_name: str | None = None,
-        **transport_kwargs: Any,
-    ) -> None:
-        super().__init__(map, key, strategy, subset, policy, tls_server_name)
-        self._transport_kwargs = transport_kwargs
-        self._inner = httpx.HTTPTransport(**transport_kwargs)
-        self._pid = os.getpid()
-
-    @property
-    def inner(self) -> httpx.HTTPTransport:
-        """This process's wrapped transport (a new one after a fork)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._inner = httpx.HTTPTransport(**self._transport_kwargs)
-        return self._inner
+    _inner_class = httpx.HTTPTransport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         inner = self.inner
@@ -209,35 +204,13 @@ class Transport(_Routing, httpx.BaseTransport):
             self._inner.close()
 
 
-class AsyncTransport(_Routing, httpx.AsyncBaseTransport):
+class AsyncTransport(_Routing[httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=clustermap.http.AsyncTransport())``: see docs/http.md.
 
     The same as :class:`Transport` around ``httpx.AsyncHTTPTransport``; use one per event loop.
     """
 
-    def __init__(
-        self,
-        map: ClusterMap | None = None,
-        *,
-        key: KeyOption = None,
-        strategy: str | None = None,
-        subset: Mapping[str, str] | None = None,
-        policy: Policy | None = None,
-        tls_server_name: str | None = None,
-        **transport_kwargs: Any,
-    ) -> None:
-        super().__init__(map, key, strategy, subset, policy, tls_server_name)
-        self._transport_kwargs = transport_kwargs
-        self._inner = httpx.AsyncHTTPTransport(**transport_kwargs)
-        self._pid = os.getpid()
-
-    @property
-    def inner(self) -> httpx.AsyncHTTPTransport:
-        """This process's wrapped transport (a new one after a fork)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._inner = httpx.AsyncHTTPTransport(**self._transport_kwargs)
-        return self._inner
+    _inner_class = httpx.AsyncHTTPTransport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inner = self.inner
