@@ -14,7 +14,7 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -27,6 +27,9 @@ from pydantic_settings import (
 from clustermap.defaults import DEFAULT_SERVER
 from clustermap.model import parse_address
 from clustermap.rules import MAX_META_BYTES
+
+if TYPE_CHECKING:
+    from clustermap.server.etcd_auth import EtcdCredentials
 
 __all__ = [
     "CONFIG_ENV",
@@ -186,6 +189,17 @@ class ServerSettings(BaseSettings):
     @property
     def max_reflection(self) -> int:
         return self.max_reflection_streams
+
+    def etcd_credentials(self) -> EtcdCredentials:
+        from clustermap.server.etcd_auth import EtcdCredentials
+
+        return EtcdCredentials(
+            ca=self.etcd_ca,
+            cert=self.etcd_cert,
+            key=self.etcd_key,
+            user=self.etcd_user,
+            password=self.etcd_password,
+        )
 
     @model_validator(mode="before")
     @classmethod

@@ -101,7 +101,9 @@ class ServerApp:
             from clustermap.server.etcd_store import EtcdError, EtcdStore
 
             try:
-                self._etcd = EtcdStore.from_url(cfg.store, log_size=cfg.change_log_size)
+                self._etcd = EtcdStore.from_url(
+                    cfg.store, log_size=cfg.change_log_size, credentials=cfg.etcd_credentials()
+                )
                 self.store = self._etcd
                 # the map outlives this process: no warm-up needed unless asked for
                 self.registry = EtcdRegistry(
