@@ -62,6 +62,7 @@ from clustermap._pb.etcd.mvccpb import kv_pb2
 from clustermap.checksum import service_digest, update_checksum
 from clustermap.model import UP, Node, Service, format_address, parse_address
 from clustermap.retry import Retry
+from clustermap.server.etcd_auth import EtcdAuthError, EtcdCredentials, open_channel
 from clustermap.server.store import StoredService
 
 __all__ = ["EtcdError", "EtcdStore", "NodeEntry", "parse_etcd_url"]
@@ -141,7 +142,9 @@ def _encode(doc: Mapping[str, Any]) -> bytes:
 class _Client:
     """The gRPC channel to the etcd cluster (every member; gRPC balances and fails over)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], timeout: float, credentials: EtcdCredentials | None = None
+    ) -> None:
         v4: list[str] = []
         v6: list[str] = []
         for ep in endpoints:
@@ -157,9 +160,9 @@ class _Client:
         # one static address list per channel: gRPC's ipv4:/ipv6: targets take one family
         self.target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
+        self.channel = open_channel(
             self.target,
-            options=[
+            [
                 ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
@@ -168,6 +171,9 @@ class _Client:
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
             ],
+            credentials,
+            timeout,
+            server_name=parse_address(endpoints[0])[0],
         )
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
@@ -200,6 +206,7 @@ class EtcdStore:
         *,
         log_size: int = 10_000,
         timeout: float = 5.0,
+        credentials: EtcdCredentials | None = None,
     ) -> None:
         if log_size < 1:
             raise ValueError("log_size must be positive")
@@ -212,7 +219,10 @@ class EtcdStore:
         self._sync_key = self._root + b"sync"
         self._barrier_lock = threading.Lock()
         self._barrier = 0
-        self._client = _Client(endpoints, timeout)
+        try:
+            self._client = _Client(endpoints, timeout, credentials)
+        except EtcdAuthError as exc:
+            raise EtcdError(str(exc)) from None
         self._cond = threading.Condition()
         self._epoch = ""
         self._revision = 0
@@ -248,7 +258,8 @@ class EtcdStore:
         except grpc.RpcError as exc:
             self._client.close()
             where = self._client.target.partition(":")[2]
-            raise EtcdError(f"cannot read from etcd at {where} ({exc.code().name})") from None
+            why = f"{exc.code().name}: {exc.details()}" if exc.details() else exc.code().name
+            raise EtcdError(f"cannot read from etcd at {where} ({why})") from None
         self._thread = threading.Thread(target=self._watch_loop, name="cm-etcd-watch", daemon=True)
         self._thread.start()
 

@@ -14,21 +14,19 @@ Threads and what they own:
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clustermap.defaults import DEFAULT_SERVER
 from clustermap.model import format_address, parse_address
-from clustermap.rules import MAX_META_BYTES
+from clustermap.server.config import ConfigError, ServerSettings, load_settings
 from clustermap.signals import SignalQueue
 
 if TYPE_CHECKING:
@@ -39,224 +37,13 @@ __all__ = ["Config", "ServerApp", "main", "parse_args"]
 
 log = logging.getLogger("clustermap.server")
 
-DEFAULT_LISTEN = DEFAULT_SERVER
+#: The settings (:mod:`clustermap.server.config`), under the name the Python API has always used.
+Config = ServerSettings
 SERVICE_NAMES = (
     "clustermap.v1.Registry",
     "clustermap.v1.Subscription",
     "clustermap.v1.Inspection",
 )
-
-
-class ConfigError(Exception):
-    """A bad command line or configuration file; the message is shown as is."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Everything cm-server is told; built by :func:`parse_args` (or directly, from Python)."""
-
-    listen: str = DEFAULT_LISTEN
-    store: str = "memory"
-    clusters: str | None = None
-    heartbeat_ttl: float = 10.0
-    warmup: float | None = None
-    change_log_size: int = 10_000
-    self_preservation_threshold: float = 0.5
-    self_preservation_min_nodes: int = 3
-    token: str | None = None
-    subscribe_token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    max_workers: int = 8
-    max_watchers: int = 4
-    max_reflection: int = 2
-    max_services: int = 20_000
-    max_nodes_per_service: int = 5_000
-    max_meta_bytes: int = MAX_META_BYTES
-    watch_keepalive: float = 15.0
-    max_recv_bytes: int = 1 << 20
-    max_send_bytes: int = 256 << 20
-    grace: float = 5.0
-    metrics_listen: str | None = None
-    log_format: str = "text"
-    log_level: str = "info"
-
-
-def _positive(kind: type[float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite, non-negative number")
-        return value
-
-    return parse
-
-
-def _read_secret(flag: str, path: str | None, env: str) -> str | None:
-    """The token named by ``flag`` (a file) or ``$env``; one that is named but empty is an
-    error: it would otherwise switch authentication off without a word."""
-    if path is None:
-        raw = os.environ.get(env, "")
-        if raw and not raw.strip():
-            raise ConfigError(f"${env} is blank; unset it or put the token in it")
-        return raw.strip() or None
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ConfigError(f"{flag} {path} is empty; write the token in it")
-    return token
-
-
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="cm-server", description="The ClusterMap server.")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
-    p.add_argument(
-        "--store",
-        default="memory",
-        metavar="memory|etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
-        help="where the registry lives (default: memory, this process only)",
-    )
-    p.add_argument("--clusters", metavar="FILE.toml", help="static clusters, probed actively")
-    p.add_argument("--heartbeat-ttl", type=_positive(float), default=10.0, metavar="SECONDS")
-    p.add_argument(
-        "--warmup",
-        type=_positive(float),
-        default=None,
-        metavar="SECONDS",
-        help="answer polls NOT_READY this long after start (default: the heartbeat TTL)",
-    )
-    p.add_argument("--change-log-size", type=int, default=10_000, metavar="N")
-    p.add_argument("--self-preservation-threshold", type=float, default=0.5, metavar="FRACTION")
-    p.add_argument("--self-preservation-min-nodes", type=int, default=3, metavar="N")
-    p.add_argument("--token-file", help="admin bearer token (default: $CLUSTERMAP_TOKEN)")
-    p.add_argument(
-        "--subscribe-token-file",
-        help="bearer token for Subscription/Inspection (default: $CLUSTERMAP_SUBSCRIBE_TOKEN)",
-    )
-    p.add_argument("--tls-cert", metavar="PEM")
-    p.add_argument("--tls-key", metavar="PEM")
-    p.add_argument("--tls-client-ca", metavar="PEM", help="require client certs signed by this CA")
-    p.add_argument(
-        "--max-workers",
-        type=int,
-        default=8,
-        help="gRPC worker threads (few is faster: they share one GIL; default %(default)s)",
-    )
-    p.add_argument(
-        "--max-watchers",
-        type=int,
-        default=4,
-        help="concurrent Watch streams, each holding a worker (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-reflection-streams",
-        type=int,
-        default=2,
-        help="concurrent reflection streams, each holding a worker; 0: no reflection "
-        "(default %(default)s)",
-    )
-    p.add_argument("--max-services", type=int, default=20_000, metavar="N")
-    p.add_argument("--max-nodes-per-service", type=int, default=5_000, metavar="N")
-    p.add_argument(
-        "--max-meta-bytes",
-        type=int,
-        default=MAX_META_BYTES,
-        metavar="N",
-        help="meta of one node, keys plus values (default and maximum %(default)s)",
-    )
-    p.add_argument("--watch-keepalive", type=_positive(float), default=15.0, metavar="SECONDS")
-    p.add_argument("--max-recv-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-send-bytes", type=int, default=256 << 20)
-    p.add_argument("--grace", type=_positive(float), default=5.0, metavar="SECONDS")
-    p.add_argument(
-        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics"
-    )
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    a = p.parse_args(argv)
-    token = _read_secret("--token-file", a.token_file, "CLUSTERMAP_TOKEN")
-    sub_token = _read_secret(
-        "--subscribe-token-file", a.subscribe_token_file, "CLUSTERMAP_SUBSCRIBE_TOKEN"
-    )
-    cfg = Config(
-        listen=a.listen,
-        store=a.store,
-        clusters=a.clusters,
-        heartbeat_ttl=a.heartbeat_ttl,
-        warmup=a.warmup,
-        change_log_size=a.change_log_size,
-        self_preservation_threshold=a.self_preservation_threshold,
-        self_preservation_min_nodes=a.self_preservation_min_nodes,
-        token=token,
-        subscribe_token=sub_token,
-        tls_cert=a.tls_cert,
-        tls_key=a.tls_key,
-        tls_client_ca=a.tls_client_ca,
-        max_workers=a.max_workers,
-        max_watchers=a.max_watchers,
-        max_reflection=a.max_reflection_streams,
-        max_services=a.max_services,
-        max_nodes_per_service=a.max_nodes_per_service,
-        max_meta_bytes=a.max_meta_bytes,
-        watch_keepalive=a.watch_keepalive,
-        max_recv_bytes=a.max_recv_bytes,
-        max_send_bytes=a.max_send_bytes,
-        grace=a.grace,
-        metrics_listen=a.metrics_listen,
-        log_format=a.log_format,
-        log_level=a.log_level,
-    )
-    check(cfg)
-    return cfg
-
-
-def check(cfg: Config) -> None:
-    """Reject inconsistent settings before anything starts."""
-    if cfg.store != "memory":
-        from clustermap.server.etcd_store import parse_etcd_url
-
-        try:
-            parse_etcd_url(cfg.store)
-        except ValueError as exc:
-            raise ConfigError(f"--store: {exc}") from None
-        if cfg.clusters:
-            raise ConfigError("--clusters is not supported with the etcd store yet")
-    if cfg.heartbeat_ttl < 0.1:
-        raise ConfigError("--heartbeat-ttl must be at least 0.1 seconds")
-    if cfg.change_log_size < 1:
-        raise ConfigError("--change-log-size must be positive")
-    if not 0.0 <= cfg.self_preservation_threshold <= 1.0:
-        raise ConfigError("--self-preservation-threshold must be within 0-1 (1 disables it)")
-    if cfg.max_workers < 4 or not 0 <= cfg.max_watchers <= cfg.max_workers - 2:
-        raise ConfigError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
-    if not 0 <= cfg.max_reflection <= cfg.max_workers - 2 - cfg.max_watchers:
-        raise ConfigError(
-            "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
-            "(streams hold workers; two stay free for other calls)"
-        )
-    if cfg.max_services < 1 or cfg.max_nodes_per_service < 1:
-        raise ConfigError("--max-services and --max-nodes-per-service must be positive")
-    if not 0 <= cfg.max_meta_bytes <= MAX_META_BYTES:
-        raise ConfigError(
-            f"--max-meta-bytes must be within 0-{MAX_META_BYTES} (sidecars refuse more)"
-        )
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if cfg.tls_client_ca and not cfg.tls_cert:
-        raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key")
-    for flag, value in (("--listen", cfg.listen), ("--metrics-listen", cfg.metrics_listen)):
-        if value is None:
-            continue
-        try:
-            parse_address(value, allow_zero=True)
-        except ValueError:
-            raise ConfigError(f"{flag} {value!r} is not HOST:PORT") from None
 
 
 class ServerApp:
@@ -314,7 +101,9 @@ class ServerApp:
             from clustermap.server.etcd_store import EtcdError, EtcdStore
 
             try:
-                self._etcd = EtcdStore.from_url(cfg.store, log_size=cfg.change_log_size)
+                self._etcd = EtcdStore.from_url(
+                    cfg.store, log_size=cfg.change_log_size, credentials=cfg.etcd_credentials()
+                )
                 self.store = self._etcd
                 # the map outlives this process: no warm-up needed unless asked for
                 self.registry = EtcdRegistry(
@@ -490,18 +279,26 @@ def _check_bindable(listen: str) -> None:
                 raise ConfigError(f"cannot listen on {listen}: {reason}") from None
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """The settings from ``argv`` over ``CLUSTERMAP_*`` over the TOML file over the defaults."""
+    return load_settings(argv)[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from clustermap.logs import setup_logging
 
     try:
-        cfg = parse_args(argv)
+        cfg, printing = load_settings(argv)
+        if printing:
+            print(json.dumps(cfg.shown(), indent=2, sort_keys=True))
+            return 0
         setup_logging(cfg.log_format, cfg.log_level)
         app = ServerApp(cfg)
     except ConfigError as exc:

@@ -2,7 +2,8 @@
 
 Precedence: command-line flags, then ``CLUSTERMAP_*`` environment variables, then the file named by
 ``--config`` (or ``$CLUSTERMAP_CONFIG``), then the defaults below. ``cm-sidecar --print-config``
-prints the result, and ``docs/configuration.md`` is generated from this model.
+prints the result, and ``docs/configuration.md`` is generated from this model
+(``scripts/gen-config-docs``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ class SidecarSettings(BaseSettings):
         default=50, ge=1, description="failure percentage: calls a node needs in a window"
     )
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least level logged"
+    )
 
     @field_validator("server", "services", mode="before")
     @classmethod
@@ -199,34 +202,3 @@ class SidecarSettings(BaseSettings):
                 raise ValueError(f"cannot read config file {config}: {exc.strerror}") from None
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
-
-
-def reference() -> str:
-    """``docs/configuration.md``: every setting, generated from this model (a test checks it)."""
-    lines = [
-        "# cm-sidecar configuration",
-        "",
-        "Generated from `clustermap/sidecar/config.py` by "
-        "`uv run python -m clustermap.sidecar.config > docs/configuration.md`.",
-        "",
-        "Each setting can be given as a flag where one exists (`--interval 0.5`), as an",
-        "environment variable (`CLUSTERMAP_INTERVAL=0.5`; lists comma-separated), or as a key of",
-        "the TOML file named by `--config` / `CLUSTERMAP_CONFIG` (`interval = 0.5`). Flags win",
-        "over the environment, which wins over the file. `cm-sidecar --print-config` shows the",
-        "result.",
-        "SIGHUP re-reads the environment and the file (the region path cannot change).",
-        "",
-        "| setting | environment | default | meaning |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, field in SidecarSettings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = ",".join(default) if isinstance(default, list) else default
-        lines.append(
-            f"| `{name}` | `CLUSTERMAP_{name.upper()}` | `{shown}` | {field.description or ''} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference(), end="")
