@@ -130,8 +130,14 @@ class ServerSettings(BaseSettings):
     subscribe_token_file: Path | None = setting(
         None, "file holding the subscribe token (wins over `subscribe_token`)", metavar="PATH"
     )
-    tls_cert: Path | None = setting(None, "server certificate (enables TLS)", metavar="PEM")
-    tls_key: Path | None = setting(None, "server private key", metavar="PEM")
+    # named apart from the sidecar's tls_cert/tls_key (its client certificate), so that
+    # CLUSTERMAP_TLS_CERT means one thing when both run from one environment
+    server_tls_cert: Path | None = setting(
+        None, "server certificate (enables TLS)", flag="--tls-cert", metavar="PEM"
+    )
+    server_tls_key: Path | None = setting(
+        None, "server private key", flag="--tls-key", metavar="PEM"
+    )
     tls_client_ca: Path | None = setting(
         None, "require client certificates signed by this CA (mutual TLS)", metavar="PEM"
     )
@@ -260,9 +266,9 @@ class ServerSettings(BaseSettings):
                 "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
                 "(streams hold workers; two stay free for other calls)"
             )
-        if bool(self.tls_cert) != bool(self.tls_key):
+        if bool(self.server_tls_cert) != bool(self.server_tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca and not self.tls_cert:
+        if self.tls_client_ca and not self.server_tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert/--tls-key")
         etcd = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password")
         if self.store == "memory" and any(getattr(self, n) for n in etcd):

@@ -171,9 +171,9 @@ class ServerApp:
         self._set_ready(self.registry.ready())
         _check_bindable(cfg.listen)
         try:
-            if cfg.tls_cert and cfg.tls_key:
+            if cfg.server_tls_cert and cfg.server_tls_key:
                 creds = grpc.ssl_server_credentials(
-                    [(_read_bytes(cfg.tls_key), _read_bytes(cfg.tls_cert))],
+                    [(_read_bytes(cfg.server_tls_key), _read_bytes(cfg.server_tls_cert))],
                     root_certificates=_read_bytes(cfg.tls_client_ca) if cfg.tls_client_ca else None,
                     require_client_auth=bool(cfg.tls_client_ca),
                 )
@@ -215,7 +215,7 @@ class ServerApp:
                 "store": "memory" if self._etcd is None else self._etcd.prefix,
                 "heartbeat_ttl": cfg.heartbeat_ttl,
                 "warmup": cfg.heartbeat_ttl if cfg.warmup is None else cfg.warmup,
-                "tls": bool(cfg.tls_cert),
+                "tls": bool(cfg.server_tls_cert),
                 "mtls": bool(cfg.tls_client_ca),
                 "auth": bool(cfg.token or cfg.subscribe_token),
                 "pid": os.getpid(),

@@ -125,3 +125,24 @@ def test_print_config_shows_the_result_with_secrets_masked(tmp_path: Path) -> No
     assert shown["token"] == shown["etcd_password"] == "***"
     assert "s3cret" not in r.stdout
     assert "hunter2" not in r.stdout
+
+
+def test_the_sidecars_client_certificate_is_not_the_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One environment for both commands (``cmctl up``): the sidecar's CLUSTERMAP_TLS_CERT/KEY
+    (its client certificate) must not become the server's own certificate."""
+    monkeypatch.setenv("CLUSTERMAP_TLS_CERT", "/etc/sidecar/client.pem")
+    monkeypatch.setenv("CLUSTERMAP_TLS_KEY", "/etc/sidecar/client.key")
+    s, _ = load_settings([])
+    assert s.server_tls_cert is None
+    assert s.server_tls_key is None
+    monkeypatch.setenv("CLUSTERMAP_SERVER_TLS_CERT", "/etc/server/cert.pem")
+    monkeypatch.setenv("CLUSTERMAP_SERVER_TLS_KEY", "/etc/server/key.pem")
+    s, _ = load_settings([])
+    assert (s.server_tls_cert, s.server_tls_key) == (
+        Path("/etc/server/cert.pem"),
+        Path("/etc/server/key.pem"),
+    )
+    s, _ = load_settings(["--tls-cert", "/a.pem", "--tls-key", "/a.key"])
+    assert s.server_tls_cert == Path("/a.pem")
