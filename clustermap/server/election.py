@@ -8,7 +8,8 @@ runs), over our etcd client:
    ``create_revision`` is 0 (absent), otherwise reads it back; its create revision is the
    candidate's place in line;
 3. lead once no key under ``P leader/`` has a smaller create revision (etcd's ``waitDeletes``:
-   a ``Range`` with ``max_create_revision`` = ours - 1, polled every ``ttl``/10 at most).
+   the last-created key with ``max_create_revision`` = ours - 1, polled every ``ttl``/10 at
+   most, where etcd's recipe watches it for deletion).
 
 A leader that dies stops renewing: etcd expires its lease within ``ttl`` and deletes its key,
 and the next in line leads. The :class:`~clustermap.server.store.Term` (leader key and its
@@ -59,16 +60,19 @@ class EtcdElection:
             try:
                 term = self._candidate()
                 while not stop.is_set() and self.leading(term):
-                    ahead = self._client.call(
+                    ahead = self._client.call(  # (a Range's count ignores these filters)
                         self._client.kv.Range,
                         rpc_pb2.RangeRequest(
                             key=self._root,
                             range_end=prefix_end(self._root),
                             max_create_revision=term.revision - 1,
-                            count_only=True,
+                            sort_target=rpc_pb2.RangeRequest.CREATE,
+                            sort_order=rpc_pb2.RangeRequest.DESCEND,
+                            limit=1,
+                            keys_only=True,
                         ),
                     )
-                    if ahead.count == 0:
+                    if not ahead.kvs:
                         log.info(
                             "elected: this replica probes",
                             extra={"event": "elected", "term": term.revision},

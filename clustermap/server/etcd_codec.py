@@ -86,7 +86,8 @@ def decode_record(raw: bytes) -> NodeRecord:
     doc = json.loads(raw)
     if not isinstance(doc, Mapping):
         raise ValueError("a node record is a JSON object")
-    meta = doc.get("m") or {}
+    meta = doc.get("m", {})
+    meta = {} if meta is None else meta
     if not isinstance(meta, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
