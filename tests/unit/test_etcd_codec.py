@@ -20,7 +20,7 @@ def test_node_keys_round_trip_and_other_keys_are_not_nodes() -> None:
     assert keys.parse_node(keys.leader + b"abc") is None
     assert keys.parse_node(b"/cm/o/user-svc") is None  # options keys of older versions
     for bad in (b"/cm/n/a/h/x", b"/cm/n/a/h", b"/cm/n//h/1"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"malformed|invalid literal|not enough values"):
             keys.parse_node(bad)
 
 
@@ -68,5 +68,5 @@ def test_records_of_older_versions_decode() -> None:
     ],
 )
 def test_malformed_records_are_refused(raw: bytes) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"."):  # a reason, whatever the fault
         decode_record(raw)

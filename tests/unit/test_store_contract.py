@@ -94,7 +94,9 @@ def test_commit_is_one_revision_and_reaches_the_listener(store: Any) -> None:
     before = store.rec.revision
     rec = NodeRecord(weight=3, meta={"z": "1"}, origin=STATIC, probed=False, admin_status="drain")
     rev, seen = store.commit([Put(A, rec, expect=0), Put(B, NodeRecord(), expect=0)])
-    assert rev is not None and rev > before and seen == rev
+    assert rev is not None
+    assert rev > before
+    assert seen == rev
     store.rec.reach(rev)
     assert store.rec.entries == {A: NodeEntry(rec, rev), B: NodeEntry(NodeRecord(), rev)}
 
@@ -124,7 +126,8 @@ def test_deleting_nothing_adds_no_revision(store: Any) -> None:
 
 def test_leases_keep_alive_and_revoking_deletes_their_keys(store: Any) -> None:
     lease, ttl = store.grant(5)
-    assert lease and ttl >= 5
+    assert lease
+    assert ttl >= 5
     assert store.keepalive(lease) >= 5
     rev, _ = store.commit([Put(A, NodeRecord(), lease=lease), Put(B, NodeRecord())])
     store.rec.reach(rev)

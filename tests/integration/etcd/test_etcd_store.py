@@ -124,7 +124,8 @@ def test_a_deposed_leaders_late_verdict_is_refused(make: Callable[[], Registry])
     ea.resign()  # a is cut off: its lease ends (as when it expires), b leads
     t.join(30)
     term_b = won[0]
-    assert term_b is not None and term_b != term_a
+    assert term_b is not None
+    assert term_b != term_a
     with pytest.raises(Deposed):  # a's late verdict is refused by the fence
         a.set_probe_statuses([("db", "10.0.0.1", 80, DOWN)], term_a)
     assert not ea.leading(term_a)
