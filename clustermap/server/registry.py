@@ -153,6 +153,21 @@ def _store_call(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Slot:
+    """A node's stored entry and the node it publishes (built once per change)."""
+
+    entry: NodeEntry
+    node: Node
+
+    @classmethod
+    def of(cls, key: tuple[str, int], entry: NodeEntry) -> _Slot:
+        return cls(entry, entry.record.node(*key))
+
+
+_Nodes = dict[str, dict[tuple[str, int], _Slot]]
+
+
+@dataclass(frozen=True, slots=True)
 class StoredService:
     """A service as published: its value (``service.revision`` set) and digest."""
 
@@ -247,7 +262,7 @@ class Registry:
         self._epoch = ""
         self._revision = 0
         self._checksum = 0
-        self._nodes: dict[str, dict[tuple[str, int], NodeEntry]] = {}
+        self._nodes: _Nodes = {}
         self._services: dict[str, StoredService] = {}
         self._by_lease: dict[int, NodeKey] = {}
         self._static: set[NodeKey] = set()
@@ -311,9 +326,7 @@ class Registry:
     # -- what the store reports (Listener) ------------------------------------------------
 
     def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
-        nodes: dict[str, dict[tuple[str, int], NodeEntry]] = {}
-        for (service, host, port), entry in entries.items():
-            nodes.setdefault(service, {})[(host, port)] = entry
+        nodes = _group(entries)
         services = self._build_all(nodes)
         checksum = 0
         for stored in services.values():
@@ -333,7 +346,8 @@ class Registry:
             for ev in events:
                 service, host, port = ev.key
                 records = self._nodes.get(service)
-                old = records.get((host, port)) if records else None
+                slot = records.get((host, port)) if records else None
+                old = slot.entry if slot is not None else None
                 if old is not None and old.lease:
                     self._by_lease.pop(old.lease, None)
                 if ev.entry is None:
@@ -346,7 +360,9 @@ class Registry:
                     if ev.expired and old.lease:
                         self._expired += 1
                 else:
-                    self._nodes.setdefault(service, {})[(host, port)] = ev.entry
+                    self._nodes.setdefault(service, {})[(host, port)] = _Slot.of(
+                        (host, port), ev.entry
+                    )
                     if ev.entry.lease:
                         self._by_lease[ev.entry.lease] = ev.key
                     if ev.entry.record.origin == STATIC:
@@ -358,7 +374,7 @@ class Registry:
             for name in sorted(touched):
                 old_s = self._services.get(name)
                 new_s = self._build(name, self._nodes)
-                if old_s == new_s:
+                if _same(old_s, new_s):
                     continue
                 if new_s is None:
                     del self._services[name]
@@ -385,7 +401,8 @@ class Registry:
             with self._lock:
                 records = self._nodes.get(reg.service)
                 self._check_bounds(reg.service, key[1:], records, len(self._nodes))
-                entry = records.get(key[1:]) if records else None
+                slot = records.get(key[1:]) if records else None
+            entry = slot.entry if slot is not None else None
             if entry is not None and entry.record.origin == STATIC:
                 raise Conflict(
                     f"{reg.service} {_addr(key)} is a static node (edit the clusters file)"
@@ -683,7 +700,7 @@ class Registry:
             stored = self._services.get(name)
             if stored is None:
                 raise NotFound(f"unknown service {clip(name)}")
-            origins = {k: e.record.origin for k, e in self._nodes.get(name, {}).items()}
+            origins = {k: s.entry.record.origin for k, s in self._nodes.get(name, {}).items()}
             return self._revision, stored, origins
 
     def status(self) -> Status:
@@ -714,7 +731,8 @@ class Registry:
 
     def _entry_locked(self, key: NodeKey) -> NodeEntry | None:
         records = self._nodes.get(key[0])
-        return records.get(key[1:]) if records else None
+        slot = records.get(key[1:]) if records else None
+        return slot.entry if slot is not None else None
 
     def _commit(self, ops: Sequence[Op], term: Term | None = None) -> int | None:
         """One store transaction; once the registry has seen its revision, that revision (None:
@@ -748,35 +766,28 @@ class Registry:
             return
         if entries is None:
             return
-        nodes: dict[str, dict[tuple[str, int], NodeEntry]] = {}
-        for (service, host, port), entry in entries.items():
-            nodes.setdefault(service, {})[(host, port)] = entry
-        old = {n: s.digest for n, s in self._build_all(nodes).items()}
+        old = {n: s.digest for n, s in self._build_all(_group(entries)).items()}
         with self._lock:
             now = {n: s.digest for n, s in self._services.items()}
             names = frozenset(n for n in old.keys() | now.keys() if old.get(n) != now.get(n))
             self._log.remember(revision, self._revision, names)
 
-    def _build_all(
-        self, nodes: Mapping[str, Mapping[tuple[str, int], NodeEntry]]
-    ) -> dict[str, StoredService]:
+    def _build_all(self, nodes: _Nodes) -> dict[str, StoredService]:
         built = {name: self._build(name, nodes) for name in nodes}
         return {name: s for name, s in built.items() if s is not None}
 
-    def _build(
-        self, name: str, nodes: Mapping[str, Mapping[tuple[str, int], NodeEntry]]
-    ) -> StoredService | None:
-        entries = [(k, e) for k, e in sorted(nodes.get(name, {}).items()) if e.record.probed]
-        if not entries:
+    def _build(self, name: str, nodes: _Nodes) -> StoredService | None:
+        slots = [s for _, s in sorted(nodes.get(name, {}).items()) if s.entry.record.probed]
+        if not slots:
             return None
         opts = self._options.get(name, _DEFAULT_OPTIONS)
         service = Service(
             name=name,
-            nodes=tuple(e.record.node(*k) for k, e in entries),
+            nodes=tuple(s.node for s in slots),
             strategy=opts.strategy,
             panic_threshold=opts.panic_threshold,
             meta=MappingProxyType(dict(opts.meta)),
-            revision=max(e.mod for _, e in entries),
+            revision=max(s.entry.mod for s in slots),
         )
         return StoredService(service, service_digest(service))
 
@@ -798,6 +809,23 @@ class Registry:
                 f"service {service!r} holds at most {self._max_nodes} nodes "
                 "(--max-nodes-per-service)"
             )
+
+
+def _group(entries: Mapping[NodeKey, NodeEntry]) -> _Nodes:
+    nodes: _Nodes = {}
+    for (service, host, port), entry in entries.items():
+        nodes.setdefault(service, {})[(host, port)] = _Slot.of((host, port), entry)
+    return nodes
+
+
+def _same(a: StoredService | None, b: StoredService | None) -> bool:
+    """Whether a rebuilt service is the one published (digests first: cheap, and almost always
+    what differs)."""
+    if a is None or b is None:
+        return a is b
+    return (
+        a.digest == b.digest and a.service.revision == b.service.revision and a.service == b.service
+    )
 
 
 def _mod(entry: NodeEntry | None) -> int:
