@@ -287,7 +287,8 @@ class EtcdStore:
         """One watch response → one ``changed`` call (the watch thread only)."""
         events: list[NodeEvent] = []
         revision = self._revision
-        requested = any(ev.kv.key == self.keys.dereg for ev in resp.events)
+        # revisions whose deletes a request made (a response may span several revisions)
+        requested = {ev.kv.mod_revision for ev in resp.events if ev.kv.key == self.keys.dereg}
         for ev in resp.events:
             if ev.kv.mod_revision <= self._revision:
                 continue  # already delivered (a reconnect's overlap)
@@ -298,7 +299,8 @@ class EtcdStore:
                 except (ValueError, UnicodeDecodeError):
                     continue
                 if key is not None:
-                    events.append(NodeEvent(key, None, expired=not requested))
+                    expired = ev.kv.mod_revision not in requested
+                    events.append(NodeEvent(key, None, expired=expired))
             elif (event := self._decode(ev.kv)) is not None:
                 events.append(event)
         if revision > self._revision:
