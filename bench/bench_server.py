@@ -119,7 +119,7 @@ def _encode_scale(services: int, nodes: int) -> dict[str, float]:
     t0 = time.perf_counter()
     sv.Poll(subscription_pb2.PollRequest(), ctx)
     full_after = time.perf_counter() - t0
-    epoch, rev = store.epoch, store.revision
+    epoch, rev = reg.epoch, reg.revision
     t0 = time.perf_counter()
     delta = sv.Poll(subscription_pb2.PollRequest(epoch=epoch, revision=rev - 1), ctx)
     delta_t = time.perf_counter() - t0

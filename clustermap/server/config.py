@@ -250,15 +250,13 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _store(cls, value: str) -> str:
         if value != "memory":
-            from clustermap.server.etcd_store import parse_etcd_url
+            from clustermap.server.etcd_client import parse_etcd_url
 
             parse_etcd_url(value)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
-        if self.store != "memory" and self.clusters:
-            raise ValueError("--clusters is not supported with the etcd store yet")
         if self.max_watchers > self.max_workers - 2:
             raise ValueError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
         if self.max_reflection_streams > self.max_workers - 2 - self.max_watchers:

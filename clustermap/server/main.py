@@ -30,8 +30,7 @@ from clustermap.server.config import ConfigError, ServerSettings, load_settings
 from clustermap.signals import SignalQueue
 
 if TYPE_CHECKING:
-    from clustermap.server.etcd_store import EtcdStore
-    from clustermap.server.registry import Registry
+    from clustermap.server.store import NodeStore
 
 __all__ = ["Config", "ServerApp", "main", "parse_args"]
 
@@ -73,7 +72,7 @@ class ServerApp:
             SubscriptionServicer,
             add_subscription_servicer,
         )
-        from clustermap.server.store import MapStore, MemoryStore
+        from clustermap.server.store import MemoryStore, StoreError
 
         self.cfg = cfg
         self._health_pb2 = health_pb2
@@ -81,42 +80,31 @@ class ServerApp:
             clusters = load_clusters(cfg.clusters) if cfg.clusters else []
         except ClustersError as exc:
             raise ConfigError(str(exc)) from None
-        self.store: MapStore
-        self.registry: Registry
-        self._etcd: EtcdStore | None = None
-        if cfg.store == "memory":
-            self.store = MemoryStore(log_size=cfg.change_log_size)
+        self.store: NodeStore
+        try:
+            if cfg.store == "memory":
+                self.store = MemoryStore()
+            else:
+                from clustermap.server.etcd_store import EtcdStore
+
+                self.store = EtcdStore.from_url(cfg.store, credentials=cfg.etcd_credentials())
             self.registry = Registry(
                 self.store,
                 default_ttl=cfg.heartbeat_ttl,
-                warmup=cfg.warmup,
+                # the etcd map outlives this process: no warm-up needed unless asked for
+                warmup=cfg.warmup if cfg.store == "memory" else cfg.warmup or 0.0,
                 self_preservation_threshold=cfg.self_preservation_threshold,
                 self_preservation_min_nodes=cfg.self_preservation_min_nodes,
                 options={c.name: c.options for c in clusters},
                 max_services=cfg.max_services,
                 max_nodes=cfg.max_nodes_per_service,
+                log_size=cfg.change_log_size,
             )
-        else:
-            from clustermap.server.etcd_registry import EtcdRegistry
-            from clustermap.server.etcd_store import EtcdError, EtcdStore
-
-            try:
-                self._etcd = EtcdStore.from_url(
-                    cfg.store, log_size=cfg.change_log_size, credentials=cfg.etcd_credentials()
-                )
-                self.store = self._etcd
-                # the map outlives this process: no warm-up needed unless asked for
-                self.registry = EtcdRegistry(
-                    self._etcd,
-                    default_ttl=cfg.heartbeat_ttl,
-                    warmup=cfg.warmup or 0.0,
-                    max_services=cfg.max_services,
-                    max_nodes=cfg.max_nodes_per_service,
-                )
-            except EtcdError as exc:
-                raise ConfigError(str(exc)) from None
-        self.registry.set_static({c.name: c.nodes for c in clusters if c.nodes})
-        self.prober = Prober(self.registry, clusters)
+        except StoreError as exc:
+            raise ConfigError(str(exc)) from None
+        # one replica probes: the one that leads the store's election (always so in memory)
+        election = self.store.election(cfg.heartbeat_ttl, f"{socket.gethostname()}/{os.getpid()}")
+        self.prober = Prober(self.registry, clusters, election)
         self.metrics = None
         if cfg.metrics_listen:
             from clustermap.server.metrics import ServerMetrics
@@ -212,7 +200,7 @@ class ServerApp:
                 "event": "listening",
                 "address": format_address(host, self.port),
                 "epoch": self.registry.epoch,
-                "store": "memory" if self._etcd is None else self._etcd.prefix,
+                "store": getattr(self.store, "prefix", "memory"),
                 "heartbeat_ttl": cfg.heartbeat_ttl,
                 "warmup": cfg.heartbeat_ttl if cfg.warmup is None else cfg.warmup,
                 "tls": bool(cfg.server_tls_cert),
@@ -230,9 +218,7 @@ class ServerApp:
                         "signal ignored",
                         extra={"event": "signal", "signal": signal.Signals(signum).name},
                     )
-                expired = self.registry.expire()
-                if expired and self.metrics is not None:
-                    self.metrics.expired.inc(len(expired))
+                self.registry.expire()
                 if not self._ready_reported and self.registry.ready():
                     self._ready_reported = True
                     self._set_ready(True)
@@ -248,8 +234,7 @@ class ServerApp:
         self.prober.stop()
         self.server.stop(self.cfg.grace).wait()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._etcd is not None:
-            self._etcd.close()
+        self.store.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("stopped", extra={"event": "stopped"})

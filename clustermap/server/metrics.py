@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from clustermap.model import parse_address
@@ -24,7 +24,7 @@ class _StateCollector(Collector):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         st = self._registry.status()
         for name, doc, value in (
             ("revision", "Current map revision", st.revision),
@@ -37,6 +37,10 @@ class _StateCollector(Collector):
             ("uptime_seconds", "Seconds since start", st.uptime),
         ):
             yield GaugeMetricFamily(f"clustermap_server_{name}", doc, value=value)
+        # with etcd every replica sees (and counts) every expiry: aggregate with max, not sum
+        yield CounterMetricFamily(
+            "clustermap_server_leases_expired", "Leases expired", value=st.leases_expired
+        )
 
 
 class ServerMetrics:
@@ -45,9 +49,6 @@ class ServerMetrics:
         self.prom.register(_StateCollector(registry))
         self.polls = Counter(
             "clustermap_server_polls", "Poll answers by kind", ["kind"], registry=self.prom
-        )
-        self.expired = Counter(
-            "clustermap_server_leases_expired", "Leases expired", registry=self.prom
         )
         self.refused = Counter(
             "clustermap_server_auth_refused", "Calls refused for credentials", registry=self.prom

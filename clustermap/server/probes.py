@@ -1,5 +1,12 @@
 """Active health probes for static nodes: TCP connect or HTTP GET, with rise/fall counts.
 
+One replica probes: the one leading the store's election (:meth:`NodeStore.election`; always
+this process with the in-memory store). Once elected, the prober writes the static nodes of its
+clusters file (:meth:`Registry.set_static`), then probes and writes verdicts, every write fenced
+by its term; deposed (its lease lost, or a write refused), it stops and campaigns again. A new
+leader starts with no verdicts of its own: each node's first probe decides, and is written if it
+differs from the stored one.
+
 Threading: the prober owns one scheduler thread (``cm-prober``) and a small pool of probe threads.
 Probe state (consecutive successes/failures, verdict) belongs to the target and is only touched
 by the probe thread that currently runs it (a target is never in flight twice). Changed verdicts
@@ -25,7 +32,8 @@ from dataclasses import dataclass
 
 from clustermap.model import DOWN, UP, format_address
 from clustermap.server.clusters import Cluster, ProbeSpec
-from clustermap.server.registry import Registry
+from clustermap.server.registry import Registry, RegistryError
+from clustermap.server.store import Deposed, Election, LocalElection, Term
 
 __all__ = ["Prober", "probe_once"]
 
@@ -65,8 +73,17 @@ class _Target:
 class Prober:
     """Schedules probes of every static node and reports verdicts to the registry."""
 
-    def __init__(self, registry: Registry, clusters: Iterable[Cluster], workers: int = 16) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        clusters: Iterable[Cluster],
+        election: Election | None = None,
+        workers: int = 16,
+    ) -> None:
         self._registry = registry
+        clusters = list(clusters)
+        self._static = {c.name: c.nodes for c in clusters if c.nodes}
+        self._election = election or LocalElection()
         self._targets = [
             _Target(c.name, n.host, n.port, c.probe) for c in clusters for n in c.nodes
         ]
@@ -90,8 +107,27 @@ class Prober:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._flush()
+        try:
+            while not self._stop.is_set():
+                term = self._election.campaign(self._stop)
+                if term is None:
+                    return
+                try:
+                    self._registry.set_static(self._static, term)
+                    self._lead(term)
+                except Deposed:
+                    log.warning("deposed: another replica probes now", extra={"event": "deposed"})
+                except RegistryError as exc:
+                    log.warning("probing paused: %s", exc, extra={"event": "probe_error"})
+                    self._stop.wait(1.0)
+                for t in self._targets:  # the next term starts from fresh verdicts
+                    t.verdict, t.successes, t.failures = None, 0, 0
+        finally:
+            self._election.resign()
+
+    def _lead(self, term: Term) -> None:
+        while not self._stop.is_set() and self._election.leading(term):
+            self._flush(term)
             now = time.monotonic()
             next_due = now + 1.0
             for t in self._targets:
@@ -109,7 +145,7 @@ class Prober:
             self._wake.wait(max(0.01, next_due - time.monotonic()))
             self._wake.clear()
 
-    def _flush(self) -> None:
+    def _flush(self, term: Term) -> None:
         """Hand the verdicts gathered since the last flush to the registry as one change."""
         batch = []
         while True:
@@ -118,7 +154,7 @@ class Prober:
             except queue.Empty:
                 break
         if batch:
-            self._registry.set_probe_statuses(batch)
+            self._registry.set_probe_statuses(batch, term)
 
     def _probe(self, t: _Target) -> None:
         try:

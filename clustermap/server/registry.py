@@ -1,46 +1,63 @@
 """The registry: nodes, leases, probes' verdicts and operators' overrides, turned into the map.
 
-Policy lives here; storage lives in :mod:`clustermap.server.store`. The registry owns per-node
-records (where a node came from, its lease, its probe verdict, an operator's overrides), rebuilds a
-service's published value from them after every change and writes it to the store, which bumps
-the global revision and logs the change for deltas.
+Policy lives here; storage lives in a :class:`~clustermap.server.store.NodeStore` (in memory, or
+etcd shared by many replicas). The registry writes node records to the store (each write a
+transaction guarded by the key's ``mod`` revision, retried on a conflict with another replica)
+and follows what the store reports back (:meth:`Registry.loaded`, :meth:`Registry.changed`):
+from those node records it builds each service's published value, the map checksum and the one
+change log (:mod:`clustermap.server.changelog`) that answers deltas. A write returns once the
+registry has seen its own revision (read-your-writes), so the two stores behave the same:
 
-Threading: one :class:`threading.Lock` guards every record and the store. It is taken by gRPC
-worker threads (register, heartbeat, polls...), by the main loop's expiry tick and by the probe
-thread's verdicts, each for a short, non-blocking critical section (no I/O under the lock). Watch
-streams wait on a :class:`threading.Condition` over the same lock and are woken on every revision.
+* a service exists while it has a node in the map; its ``revision`` is the newest ``mod``
+  revision of those nodes, so every replica computes the same value whenever it loaded;
+* ``Register`` grants a lease of the TTL (etcd rounds up to whole seconds, which the answer
+  reports), puts the node's record attached to it, keeping an operator's overrides, and revokes
+  the node's previous lease; ``Heartbeat`` keeps the lease alive;
+* leases expire in the store's own server with etcd (etcd's leader extends every lease on a
+  leader change, so an etcd outage does not expire the fleet); in memory the registry expires
+  them in :meth:`Registry.expire`, with self-preservation (below);
+* static nodes (clusters file) are written by the replica that leads the store's election,
+  fenced by its term (:meth:`Registry.set_static`, :meth:`Registry.set_probe_statuses`).
 
-Self-preservation: a lease is *silent* when it has not been renewed for more than half its TTL
-(clients heartbeat every TTL/3). When at least ``min_nodes`` leases exist and more than
-``threshold`` of them are silent at once, the server is more likely cut off than the fleet dead,
-so nothing expires until the silent fraction drops again; entering and leaving the mode is
-logged and exposed in poll answers and ``GetStatus``.
+Threading: one :class:`threading.Lock` guards the map. It is taken by gRPC worker threads, the
+main loop's expiry tick, the prober and the store's listener calls (the etcd watch thread), each
+for a short, non-blocking section: the registry never calls the store with the lock held. Watch
+streams wait on a :class:`threading.Condition` over the same lock, woken on every revision.
+
+Self-preservation (stores whose leases the registry expires): a lease is *silent* when it has
+not been renewed for more than half its TTL (clients heartbeat every TTL/3). When at least
+``min_nodes`` leases exist and more than ``threshold`` of them are silent at once, the server is
+more likely cut off than the fleet dead, so nothing expires until the silent fraction drops.
 
 Bounds: at most ``max_services`` services and ``max_nodes`` nodes per service (None: no bound);
-a registration beyond them is refused with :class:`Exhausted` naming the limit. Nothing under the
-lock sorts, or walks the whole map for, one caller: a filtered poll costs what it names, the
-whole map is copied (references, at C speed) at most once per revision for full answers,
-answers are put in name order after the lock is released, and the expiry tick walks a copy of
-the lease table outside the lock.
+a registration beyond them is refused with :class:`Exhausted` naming the limit (with several
+replicas, as this replica sees the map). Nothing under the lock sorts, or walks the whole map
+for, one caller: a filtered poll costs what it names, the whole map is copied (references) at
+most once per revision for full answers, answers are sorted after the lock is released.
 
 Warm-up: until ``warmup`` seconds after start the registry is not *ready*: polls are answered
 NOT_READY (never an empty or partial map from a freshly started server) while nodes re-register.
+A replica whose store view has been stale for over ``stale_after`` seconds (its etcd watch is
+down) answers polls UNAVAILABLE, so sidecars fail over to one that still follows the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import operator
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
+from clustermap.checksum import service_digest, update_checksum
 from clustermap.model import (
     DELTA,
+    DOWN,
     FULL,
     NOT_MODIFIED,
     NOT_READY,
@@ -50,7 +67,23 @@ from clustermap.model import (
     format_address,
 )
 from clustermap.rules import clip
-from clustermap.server.store import MapStore, StoredService
+from clustermap.server.changelog import ChangeLog
+from clustermap.server.store import (
+    REGISTERED,
+    STATIC,
+    Delete,
+    Deposed,
+    LeaseGone,
+    NodeEntry,
+    NodeEvent,
+    NodeKey,
+    NodeRecord,
+    NodeStore,
+    Op,
+    Put,
+    StoreError,
+    Term,
+)
 from clustermap.server.validation import NodeAddress, NodeUpdate, Registration, ServiceOptions
 
 __all__ = [
@@ -61,6 +94,7 @@ __all__ = [
     "REGISTERED",
     "STATIC",
     "Conflict",
+    "Deposed",
     "Exhausted",
     "NotFound",
     "PollResult",
@@ -69,17 +103,20 @@ __all__ = [
     "RegistryError",
     "StaticNode",
     "Status",
+    "StoredService",
     "Unavailable",
 ]
 
 log = logging.getLogger("clustermap.server.registry")
 
-REGISTERED: Final = "registered"
-STATIC: Final = "static"
-
 _DEFAULT_OPTIONS: Final = ServiceOptions()
 _MASK64: Final = (1 << 64) - 1
 _SERVICE_NAME: Final = operator.attrgetter("service.name")
+_ATTEMPTS: Final = 10
+_LEASE_LIMIT: Final = 1 << 128
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class RegistryError(Exception):
@@ -102,39 +139,40 @@ class Unavailable(RegistryError):
     """The registry cannot answer now (its store is unreachable): retry, or another server."""
 
 
-@dataclass(slots=True)
-class _Lease:
-    id: str
-    service: str
-    key: tuple[str, int]
-    ttl: float
-    renewed: float
+def _store_call(fn: Callable[P, R]) -> Callable[P, R]:
+    """The store failing (after its own retries) → :class:`Unavailable` (gRPC UNAVAILABLE)."""
 
-    def deadline(self) -> float:
-        return self.renewed + self.ttl
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+
+    return wrapper
 
 
-@dataclass(slots=True)
-class _Record:
-    host: str
-    port: int
-    origin: str
-    weight: int = 1
-    meta: Mapping[str, str] = field(default_factory=dict)
-    lease: _Lease | None = None
-    probe_status: str = UP
-    probed: bool = True
-    admin_weight: int | None = None
-    admin_status: str | None = None
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A node's stored entry and the node it publishes (built once per change)."""
 
-    def node(self) -> Node:
-        return Node(
-            host=self.host,
-            port=self.port,
-            weight=self.weight if self.admin_weight is None else self.admin_weight,
-            status=self.admin_status or self.probe_status,
-            meta=MappingProxyType(dict(self.meta)),
-        )
+    entry: NodeEntry
+    node: Node
+
+    @classmethod
+    def of(cls, key: tuple[str, int], entry: NodeEntry) -> _Slot:
+        return cls(entry, entry.record.node(*key))
+
+
+_Nodes = dict[str, dict[tuple[str, int], _Slot]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredService:
+    """A service as published: its value (``service.revision`` set) and digest."""
+
+    service: Service
+    digest: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +220,15 @@ class Status:
     overdue_leases: int
     checksum: int
     uptime: float
+    leases_expired: int = 0
 
 
 class Registry:
-    """Thread-safe registry over a :class:`MapStore` (see the module docstring)."""
+    """Thread-safe registry over a :class:`NodeStore` (see the module docstring)."""
 
     def __init__(
         self,
-        store: MapStore,
+        store: NodeStore,
         *,
         default_ttl: float = 10.0,
         warmup: float | None = None,
@@ -198,12 +237,15 @@ class Registry:
         options: Mapping[str, ServiceOptions] | None = None,
         max_services: int | None = None,
         max_nodes: int | None = None,
+        log_size: int = 10_000,
+        stale_after: float = 3.0,
+        write_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._store = store
         self._max_services = max_services
         self._max_nodes = max_nodes
         self._full: tuple[str, int, tuple[StoredService, ...]] | None = None
-        self._store = store
         self._default_ttl = default_ttl
         self._clock = clock
         self._started = clock()
@@ -212,25 +254,44 @@ class Registry:
         self._sp_threshold = self_preservation_threshold
         self._sp_min = self_preservation_min_nodes
         self._options = dict(options or {})
+        self._stale_after = stale_after
+        self._write_timeout = write_timeout
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._records: dict[str, dict[tuple[str, int], _Record]] = {}
-        self._leases: dict[str, _Lease] = {}
+        # the map, as built from the store's records (all under the lock)
+        self._epoch = ""
+        self._revision = 0
+        self._checksum = 0
+        self._nodes: _Nodes = {}
+        self._services: dict[str, StoredService] = {}
+        self._by_lease: dict[int, NodeKey] = {}
+        self._static: set[NodeKey] = set()
+        self._log = ChangeLog(log_size)
+        self._expired = 0
         self._preserving = False
         self._min_ttl = default_ttl
         self._silent = 0
         self._overdue = 0
         self._closed = False
+        store.start(self)
 
     # -- state ----------------------------------------------------------------------------
 
     @property
     def epoch(self) -> str:
-        return self._store.epoch
+        return self._epoch
+
+    @property
+    def revision(self) -> int:
+        return self._revision
 
     @property
     def default_ttl(self) -> float:
         return self._default_ttl
+
+    @property
+    def store(self) -> NodeStore:
+        return self._store
 
     def ready(self) -> bool:
         """Whether warm-up is over (checked against the clock; flips once)."""
@@ -262,149 +323,265 @@ class Registry:
     def closed(self) -> bool:
         return self._closed
 
+    # -- what the store reports (Listener) ------------------------------------------------
+
+    def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
+        nodes = _group(entries)
+        services = self._build_all(nodes)
+        checksum = 0
+        for stored in services.values():
+            checksum = update_checksum(checksum, None, stored.digest)
+        with self._lock:
+            self._epoch, self._revision, self._checksum = epoch, revision, checksum
+            self._nodes, self._services = nodes, services
+            self._by_lease = {e.lease: k for k, e in entries.items() if e.lease}
+            self._static = {k for k, e in entries.items() if e.record.origin == STATIC}
+            self._log.reset(revision)
+            self._full = None
+            self._changed.notify_all()
+
+    def changed(self, revision: int, events: Sequence[NodeEvent]) -> None:
+        with self._lock:
+            touched: set[str] = set()
+            for ev in events:
+                service, host, port = ev.key
+                records = self._nodes.get(service)
+                slot = records.get((host, port)) if records else None
+                old = slot.entry if slot is not None else None
+                if old is not None and old.lease:
+                    self._by_lease.pop(old.lease, None)
+                if ev.entry is None:
+                    if records is None or old is None:
+                        continue
+                    del records[(host, port)]
+                    if not records:
+                        del self._nodes[service]
+                    self._static.discard(ev.key)
+                    if ev.expired and old.lease:
+                        self._expired += 1
+                else:
+                    self._nodes.setdefault(service, {})[(host, port)] = _Slot.of(
+                        (host, port), ev.entry
+                    )
+                    if ev.entry.lease:
+                        self._by_lease[ev.entry.lease] = ev.key
+                    if ev.entry.record.origin == STATIC:
+                        self._static.add(ev.key)
+                    else:
+                        self._static.discard(ev.key)
+                touched.add(service)
+            changed = []
+            for name in sorted(touched):
+                old_s = self._services.get(name)
+                new_s = self._build(name, self._nodes)
+                if _same(old_s, new_s):
+                    continue
+                if new_s is None:
+                    del self._services[name]
+                else:
+                    self._services[name] = new_s
+                self._checksum = update_checksum(
+                    self._checksum,
+                    old_s.digest if old_s else None,
+                    new_s.digest if new_s else None,
+                )
+                changed.append(name)
+            self._log.append(revision, changed)
+            if revision > self._revision or changed:
+                self._revision = max(self._revision, revision)
+                self._changed.notify_all()
+
     # -- registry calls -------------------------------------------------------------------
 
+    @_store_call
     def register(self, reg: Registration) -> RegisterResult:
         ttl = self._default_ttl if reg.ttl is None else reg.ttl
-        key = (reg.host, reg.port)
-        with self._lock:
-            self._check_bounds(reg.service, key, self._records.get(reg.service), len(self._records))
-            records = self._records.setdefault(reg.service, {})
-            rec = records.get(key)
-            if rec is not None and rec.origin == STATIC:
+        key = (reg.service, reg.host, reg.port)
+        for _ in range(_ATTEMPTS):
+            with self._lock:
+                records = self._nodes.get(reg.service)
+                self._check_bounds(reg.service, key[1:], records, len(self._nodes))
+                slot = records.get(key[1:]) if records else None
+            entry = slot.entry if slot is not None else None
+            if entry is not None and entry.record.origin == STATIC:
                 raise Conflict(
                     f"{reg.service} {_addr(key)} is a static node (edit the clusters file)"
                 )
-            if rec is None:
-                rec = _Record(host=reg.host, port=reg.port, origin=REGISTERED)
-                records[key] = rec
-            if rec.lease is not None:
-                self._leases.pop(rec.lease.id, None)
-                rec.lease = None
-            rec.weight = reg.weight
-            rec.meta = dict(reg.meta)
-            lease_id = ""
-            if ttl > 0:
-                lease_id = secrets.token_hex(16)
-                rec.lease = _Lease(lease_id, reg.service, key, ttl, self._clock())
-                self._leases[lease_id] = rec.lease
-            revision = self._publish([reg.service])
-            node = rec.node()
-        log.info(
-            "registered",
-            extra={"event": "register", "service": reg.service, "node": _addr(key), "ttl": ttl},
-        )
-        return RegisterResult(lease_id, ttl, revision, node)
+            record = NodeRecord(
+                weight=reg.weight,
+                meta=dict(reg.meta),
+                admin_weight=entry.record.admin_weight if entry else None,
+                admin_status=entry.record.admin_status if entry else None,
+            )
+            lease, granted = self._store.grant(ttl) if ttl > 0 else (0, 0.0)
+            try:
+                revision = self._commit([Put(key, record, lease, _mod(entry))])
+            except LeaseGone:  # our brand-new lease vanished: try again
+                revision = None
+            if revision is None:
+                if lease:
+                    self._store.revoke(lease)
+                continue
+            if entry is not None and entry.lease and entry.lease != lease:
+                self._store.revoke(entry.lease)
+            log.info(
+                "registered",
+                extra={"event": "register", "service": reg.service, "node": _addr(key), "ttl": ttl},
+            )
+            lease_id = f"{lease:x}" if lease else ""
+            return RegisterResult(lease_id, granted, revision, record.node(reg.host, reg.port))
+        raise RegistryError("too many concurrent changes to this node; try again")
 
+    @_store_call
     def heartbeat(self, lease_id: str) -> float:
         """Renew a lease; return its TTL. :class:`NotFound` if it expired or never existed."""
-        with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                raise NotFound("unknown lease (expired, replaced or the server restarted)")
-            lease.renewed = self._clock()
-            return lease.ttl
+        try:
+            lease = int(lease_id, 16)
+        except ValueError:
+            lease = 0
+        ttl = self._store.keepalive(lease) if 0 < lease < _LEASE_LIMIT else 0.0
+        if ttl <= 0:
+            raise NotFound("unknown lease (expired, replaced or the server restarted)")
+        return ttl
 
+    @_store_call
     def deregister(self, addr: NodeAddress) -> int:
-        key = (addr.host, addr.port)
-        with self._lock:
-            rec = self._records.get(addr.service, {}).get(key)
-            if rec is None:
+        key = (addr.service, addr.host, addr.port)
+        for _ in range(_ATTEMPTS):
+            entry = self._entry(key)
+            if entry is None:
                 raise NotFound(f"no node {_addr(key)} in service {addr.service!r}")
-            if rec.origin == STATIC:
+            if entry.record.origin == STATIC:
                 raise Conflict(f"{addr.service} {_addr(key)} is a static node; use set --status")
-            self._drop(addr.service, key)
-            revision = self._publish([addr.service])
-        log.info(
-            "deregistered",
-            extra={"event": "deregister", "service": addr.service, "node": _addr(key)},
-        )
-        return revision
+            revision = self._commit([Delete(key, entry.mod)])
+            if revision is None:
+                continue
+            if entry.lease:
+                self._store.revoke(entry.lease)
+            log.info(
+                "deregistered",
+                extra={"event": "deregister", "service": addr.service, "node": _addr(key)},
+            )
+            return revision
+        raise RegistryError("too many concurrent changes to this node; try again")
 
+    @_store_call
     def update_node(self, upd: NodeUpdate) -> tuple[int, Node, str]:
         """Apply an operator's override; return (revision, node as published, origin).
 
         ``status="up"`` clears a status override (the node's own status returns: up for a
         registered node, the probes' verdict for a static one); a weight override stays until
         the node is deregistered."""
-        key = (upd.host, upd.port)
-        with self._lock:
-            rec = self._records.get(upd.service, {}).get(key)
-            if rec is None:
-                raise NotFound(f"no node {_addr(key)} in service {upd.service!r}")
+        key = (upd.service, upd.host, upd.port)
+        for _ in range(_ATTEMPTS):
+            entry = self._entry(key)
+            if entry is None:
+                break
+            record = entry.record
             if upd.status is not None:
-                rec.admin_status = None if upd.status == UP else upd.status
+                record = replace(record, admin_status=None if upd.status == UP else upd.status)
             if upd.weight is not None:
-                rec.admin_weight = upd.weight
-            revision = self._publish([upd.service])
-            node = rec.node()
-        log.info(
-            "node updated",
-            extra={
-                "event": "update",
-                "service": upd.service,
-                "node": _addr(key),
-                "weight": upd.weight,
-                "status": upd.status,
-            },
-        )
-        return revision, node, rec.origin
+                record = replace(record, admin_weight=upd.weight)
+            if record == entry.record:
+                return self._revision, record.node(upd.host, upd.port), record.origin
+            try:
+                revision = self._commit([Put(key, record, entry.lease, entry.mod)])
+            except LeaseGone:  # the lease expired meanwhile: the node is going
+                self._catch_up(self._store.barrier(self._revision))
+                continue
+            if revision is None:
+                continue
+            log.info(
+                "node updated",
+                extra={
+                    "event": "update",
+                    "service": upd.service,
+                    "node": _addr(key),
+                    "weight": upd.weight,
+                    "status": upd.status,
+                },
+            )
+            return revision, record.node(upd.host, upd.port), record.origin
+        raise NotFound(f"no node {_addr(key)} in service {upd.service!r}")
 
     # -- static clusters ----------------------------------------------------------------
 
-    def set_static(self, clusters: Mapping[str, Iterable[StaticNode]]) -> None:
-        """Install static nodes. They enter the map at their first probe verdict."""
-        with self._lock:
-            for service, nodes in clusters.items():
-                records = self._records.setdefault(service, {})
-                for n in nodes:
-                    key = (n.host, n.port)
-                    old = records.get(key)
-                    if old is not None and old.lease is not None:
-                        self._leases.pop(old.lease.id, None)
-                    records[key] = _Record(
-                        host=n.host,
-                        port=n.port,
-                        origin=STATIC,
-                        weight=n.weight,
-                        meta=dict(n.meta),
-                        probe_status="down",
-                        probed=False,
-                    )
-            self._publish(list(clusters))
+    @_store_call
+    def set_static(
+        self, clusters: Mapping[str, Iterable[StaticNode]], term: Term | None = None
+    ) -> None:
+        """Make the stored static nodes those of ``clusters``: new ones enter the map at their
+        first probe verdict, changed ones keep their verdict, others go. Fenced by ``term``."""
+        wanted = {(svc, n.host, n.port): n for svc, nodes in clusters.items() for n in nodes}
+        for _ in range(_ATTEMPTS):
+            ops: list[Op] = []
+            replaced: list[int] = []
+            with self._lock:
+                for key, n in wanted.items():
+                    entry = self._entry_locked(key)
+                    if entry is not None and entry.record.origin == STATIC:
+                        record = replace(entry.record, weight=n.weight, meta=dict(n.meta))
+                        if record == entry.record:
+                            continue
+                    else:
+                        record = NodeRecord(
+                            weight=n.weight,
+                            status=DOWN,
+                            meta=dict(n.meta),
+                            origin=STATIC,
+                            probed=False,
+                        )
+                        if entry is not None and entry.lease:
+                            replaced.append(entry.lease)
+                    ops.append(Put(key, record, 0, _mod(entry)))
+                for key in self._static - wanted.keys():
+                    ops.append(Delete(key, _mod(self._entry_locked(key))))
+            if self._commit_all(ops, term):
+                for lease in replaced:
+                    self._store.revoke(lease)
+                return
+        raise RegistryError("too many concurrent changes to static nodes; try again")
 
     def set_probe_status(self, service: str, host: str, port: int, status: str) -> bool:
         """Record a probe verdict for a static node; True if the map changed."""
         return self.set_probe_statuses([(service, host, port, status)])
 
-    def set_probe_statuses(self, verdicts: Iterable[tuple[str, str, int, str]]) -> bool:
-        """Record many probe verdicts as one change (one revision); True if the map changed."""
-        with self._lock:
-            touched = set()
-            for service, host, port, status in verdicts:
-                rec = self._records.get(service, {}).get((host, port))
-                if rec is None or rec.origin != STATIC:
-                    continue
-                if rec.probed and rec.probe_status == status:
-                    continue
-                rec.probed = True
-                rec.probe_status = status
-                touched.add(service)
-            if not touched:
+    @_store_call
+    def set_probe_statuses(
+        self, verdicts: Iterable[tuple[str, str, int, str]], term: Term | None = None
+    ) -> bool:
+        """Record many probe verdicts as one change (one revision per store transaction);
+        True if anything was written. Fenced by ``term``: :class:`Deposed` once it ended."""
+        verdicts = list(verdicts)
+        for _ in range(_ATTEMPTS):
+            ops: list[Op] = []
+            with self._lock:
+                for service, host, port, status in verdicts:
+                    entry = self._entry_locked((service, host, port))
+                    if entry is None or entry.record.origin != STATIC:
+                        continue
+                    if entry.record.probed and entry.record.status == status:
+                        continue
+                    record = replace(entry.record, probed=True, status=status)
+                    ops.append(Put((service, host, port), record, entry.lease, entry.mod))
+            if not ops:
                 return False
-            before = self._store.revision
-            return self._publish(sorted(touched)) != before
+            if self._commit_all(ops, term):
+                return True
+        raise RegistryError("too many concurrent changes to static nodes; try again")
 
     # -- expiry -------------------------------------------------------------------------
 
     def expire(self) -> list[tuple[str, str]]:
-        """Expire overdue leases unless self-preservation holds them; return what expired."""
+        """Expire overdue leases unless self-preservation holds them; return what expired.
+        Nothing to do when the store expires leases itself (etcd)."""
+        leases = self._store.leases()
+        if leases is None:
+            return []
         now = self._clock()
-        with self._lock:  # one reference copy; the walks below run outside the lock
-            leases = list(self._leases.values())
         total = len(leases)
         min_ttl = min((lease.ttl for lease in leases), default=self._default_ttl)
-        overdue = [lease for lease in leases if lease.deadline() <= now]
+        overdue = [lease.id for lease in leases if lease.deadline() <= now]
         silent = sum(1 for lease in leases if now - lease.renewed > lease.ttl / 2)
         with self._lock:
             self._min_ttl = min_ttl
@@ -429,14 +606,9 @@ class Registry:
                     )
             if protect or not overdue:
                 return []
-            touched = []
-            for lease in overdue:
-                if self._leases.get(lease.id) is not lease or lease.deadline() > now:
-                    continue  # renewed or replaced since the walk
-                self._drop(lease.service, lease.key)
-                touched.append((lease.service, _addr(lease.key)))
-            if touched:
-                self._publish(sorted({s for s, _ in touched}))
+            owners = {lease: self._by_lease.get(lease) for lease in overdue}
+        expired = self._store.expire(overdue)  # those renewed since are kept
+        touched = sorted((k[0], _addr(k)) for lease in expired if (k := owners.get(lease)))
         for service, node in touched:
             log.info("lease expired", extra={"event": "expire", "service": service, "node": node})
         return touched
@@ -445,39 +617,51 @@ class Registry:
 
     def poll(self, epoch: str, revision: int, names: frozenset[str] | None = None) -> PollResult:
         """Answer a subscriber at (``epoch``, ``revision``), optionally for ``names`` only."""
+        lost = self._store.stale_for()
+        if lost > self._stale_after:  # our view may be stale: send subscribers elsewhere
+            raise Unavailable(f"this server lost its store's watch {lost:.0f} s ago")
         ready = self.ready()
+        if epoch and epoch == self._epoch and ready:
+            with self._lock:
+                ahead = revision > self._revision
+                behind = revision < self._log.floor and not self._log.bridged(revision)
+            if ahead:  # the subscriber saw a replica further along: wait for ours
+                with contextlib.suppress(StoreError, Unavailable):  # else: a full map
+                    self._catch_up(self._store.barrier(revision), timeout=1.0)
+            elif behind:  # older than our change log: ask the store's history
+                self._bridge(revision)
         named: list[StoredService] = []  # with a filter: the named services that exist
         found: list[StoredService] = []
         removed: list[str] = []
         full: tuple[StoredService, ...] | None = None
         with self._lock:
-            store = self._store
-            current = store.revision
+            current = self._revision
             if not ready:
                 remaining = max(0.0, self._warmup - (self._clock() - self._started))
-                return PollResult(NOT_READY, store.epoch, current, 0, retry_after=remaining)
-            checksum = store.checksum
+                return PollResult(NOT_READY, self._epoch, current, 0, retry_after=remaining)
+            checksum = self._checksum
             sp = self._preserving
+            services = self._services
             if names is not None:
-                named = list(filter(None, map(store.get, names)))
-            if epoch == store.epoch and revision == current:
+                named = list(filter(None, map(services.get, names)))
+            if epoch == self._epoch and revision == current:
                 kind = NOT_MODIFIED
             else:
-                changed = store.changes_since(revision) if epoch == store.epoch else None
+                changed = self._log.since(revision) if epoch == self._epoch else None
                 if changed is None:
-                    kind, epoch = FULL, store.epoch
+                    kind, epoch = FULL, self._epoch
                     if names is not None:
                         found = named
                     elif self._full is not None and self._full[:2] == (epoch, current):
                         full = self._full[2]
                     else:
-                        found = store.snapshot()
+                        found = list(services.values())
                 else:
                     if names is not None:
                         changed = changed & names
                     kind = DELTA if changed else NOT_MODIFIED
                     for name in changed:
-                        stored = store.get(name)
+                        stored = services.get(name)
                         if stored is None:
                             removed.append(name)
                         else:
@@ -499,9 +683,7 @@ class Registry:
         """Block until the revision differs from ``revision`` (True), timeout or close (False)."""
         with self._lock:
             return (
-                self._changed.wait_for(
-                    lambda: self._closed or self._store.revision != revision, timeout
-                )
+                self._changed.wait_for(lambda: self._closed or self._revision != revision, timeout)
                 and not self._closed
             )
 
@@ -509,38 +691,105 @@ class Registry:
 
     def services(self) -> tuple[int, list[Service]]:
         with self._lock:
-            revision, snapshot = self._store.revision, self._store.snapshot()
+            revision, snapshot = self._revision, list(self._services.values())
         snapshot.sort(key=_SERVICE_NAME)
         return revision, [s.service for s in snapshot]
 
     def service(self, name: str) -> tuple[int, StoredService, dict[tuple[str, int], str]]:
         with self._lock:
-            stored = self._store.get(name)
+            stored = self._services.get(name)
             if stored is None:
                 raise NotFound(f"unknown service {clip(name)}")
-            origins = {k: r.origin for k, r in self._records.get(name, {}).items()}
-            return self._store.revision, stored, origins
+            origins = {k: s.entry.record.origin for k, s in self._nodes.get(name, {}).items()}
+            return self._revision, stored, origins
 
     def status(self) -> Status:
         ready = self.ready()
         with self._lock:
-            snapshot = self._store.snapshot()
+            snapshot = list(self._services.values())
             st = Status(
-                epoch=self._store.epoch,
-                revision=self._store.revision,
+                epoch=self._epoch,
+                revision=self._revision,
                 ready=ready,
                 self_preservation=self._preserving,
                 services=len(snapshot),
                 nodes=0,
-                leases=len(self._leases),
+                leases=len(self._by_lease),
                 silent_leases=self._silent,
                 overdue_leases=self._overdue if self._preserving else 0,
-                checksum=self._store.checksum,
+                checksum=self._checksum,
                 uptime=self._clock() - self._started,
+                leases_expired=self._expired,
             )
         return replace(st, nodes=sum(len(s.service.nodes) for s in snapshot))
 
-    # -- internals (call with the lock held) ----------------------------------------------
+    # -- internals ------------------------------------------------------------------------
+
+    def _entry(self, key: NodeKey) -> NodeEntry | None:
+        with self._lock:
+            return self._entry_locked(key)
+
+    def _entry_locked(self, key: NodeKey) -> NodeEntry | None:
+        records = self._nodes.get(key[0])
+        slot = records.get(key[1:]) if records else None
+        return slot.entry if slot is not None else None
+
+    def _commit(self, ops: Sequence[Op], term: Term | None = None) -> int | None:
+        """One store transaction; once the registry has seen its revision, that revision (None:
+        a guard failed, and the registry has caught up with the store: reread and retry)."""
+        committed, seen = self._store.commit(ops, term)
+        self._catch_up(seen if committed is None else committed)
+        return committed
+
+    def _commit_all(self, ops: Sequence[Op], term: Term | None) -> bool:
+        """``ops`` in transactions of the store's size; False if a guard failed (retry)."""
+        step = max(1, self._store.max_ops)
+        for i in range(0, len(ops), step):
+            if self._commit(ops[i : i + step], term) is None:
+                return False
+        return True
+
+    def _catch_up(self, revision: int, timeout: float | None = None) -> None:
+        with self._lock:
+            if not self._changed.wait_for(
+                lambda: self._revision >= revision or self._closed,
+                self._write_timeout if timeout is None else timeout,
+            ):
+                raise Unavailable(f"this server did not see revision {revision} of its store")
+
+    def _bridge(self, revision: int) -> None:
+        """What changed between ``revision`` and the change log, from the store's history."""
+        try:
+            entries = self._store.history(revision)
+        except StoreError as exc:
+            log.warning("history read failed: %s", exc)
+            return
+        if entries is None:
+            return
+        old = {n: s.digest for n, s in self._build_all(_group(entries)).items()}
+        with self._lock:
+            now = {n: s.digest for n, s in self._services.items()}
+            names = frozenset(n for n in old.keys() | now.keys() if old.get(n) != now.get(n))
+            self._log.remember(revision, self._revision, names)
+
+    def _build_all(self, nodes: _Nodes) -> dict[str, StoredService]:
+        built = {name: self._build(name, nodes) for name in nodes}
+        return {name: s for name, s in built.items() if s is not None}
+
+    def _build(self, name: str, nodes: _Nodes) -> StoredService | None:
+        slots = [s for _, s in sorted(nodes.get(name, {}).items()) if s.entry.record.probed]
+        if not slots:
+            return None
+        opts = self._options.get(name, _DEFAULT_OPTIONS)
+        service = Service(
+            name=name,
+            nodes=tuple(s.node for s in slots),
+            strategy=opts.strategy,
+            panic_threshold=opts.panic_threshold,
+            meta=MappingProxyType(dict(opts.meta)),
+            revision=max(s.entry.mod for s in slots),
+        )
+        return StoredService(service, service_digest(service))
 
     def _check_bounds(
         self,
@@ -550,7 +799,7 @@ class Registry:
         services: int,
     ) -> None:
         """Refuse a node beyond ``max_services`` or ``max_nodes`` (:class:`Exhausted`)."""
-        if nodes is None:
+        if not nodes:
             if self._max_services is not None and services >= self._max_services:
                 raise Exhausted(
                     f"this server holds at most {self._max_services} services (--max-services)"
@@ -561,36 +810,28 @@ class Registry:
                 "(--max-nodes-per-service)"
             )
 
-    def _drop(self, service: str, key: tuple[str, int]) -> None:
-        records = self._records.get(service, {})
-        rec = records.pop(key, None)
-        if rec is not None and rec.lease is not None:
-            self._leases.pop(rec.lease.id, None)
-        if not records:
-            self._records.pop(service, None)
 
-    def _publish(self, services: Iterable[str]) -> int:
-        writes: dict[str, Service | None] = {}
-        for name in services:
-            records = self._records.get(name, {})
-            nodes = tuple(r.node() for _, r in sorted(records.items()) if r.probed)
-            if not nodes:
-                writes[name] = None
-                continue
-            opts = self._options.get(name, _DEFAULT_OPTIONS)
-            writes[name] = Service(
-                name=name,
-                nodes=nodes,
-                strategy=opts.strategy,
-                panic_threshold=opts.panic_threshold,
-                meta=MappingProxyType(dict(opts.meta)),
-            )
-        before = self._store.revision
-        revision = self._store.apply(writes)
-        if revision != before:
-            self._changed.notify_all()
-        return revision
+def _group(entries: Mapping[NodeKey, NodeEntry]) -> _Nodes:
+    nodes: _Nodes = {}
+    for (service, host, port), entry in entries.items():
+        nodes.setdefault(service, {})[(host, port)] = _Slot.of((host, port), entry)
+    return nodes
 
 
-def _addr(key: tuple[str, int]) -> str:
-    return format_address(*key)
+def _same(a: StoredService | None, b: StoredService | None) -> bool:
+    """Whether a rebuilt service is the one published (digests first: cheap, and almost always
+    what differs)."""
+    if a is None or b is None:
+        return a is b
+    return (
+        a.digest == b.digest and a.service.revision == b.service.revision and a.service == b.service
+    )
+
+
+def _mod(entry: NodeEntry | None) -> int:
+    """The guard for a write over ``entry``: its mod revision, 0 for "still absent"."""
+    return entry.mod if entry is not None else 0
+
+
+def _addr(key: tuple[str, int] | NodeKey) -> str:
+    return format_address(*key[-2:])

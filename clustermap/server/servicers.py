@@ -34,9 +34,9 @@ from clustermap.server.registry import (
     PollResult,
     Registry,
     RegistryError,
+    StoredService,
     Unavailable,
 )
-from clustermap.server.store import StoredService
 from clustermap.server.validation import (
     MAX_SERVICE_NAME,
     NodeAddress,

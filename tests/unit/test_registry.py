@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clustermap.checksum import map_checksum
-from clustermap.model import Node, Service
+from clustermap.server.changelog import ChangeLog
 from clustermap.server.registry import (
     DELTA,
     FULL,
@@ -16,7 +16,7 @@ from clustermap.server.registry import (
     Registry,
     StaticNode,
 )
-from clustermap.server.store import MemoryStore
+from clustermap.server.store import Delete, MemoryStore
 from clustermap.server.validation import NodeAddress, NodeUpdate, Registration, ServiceOptions
 
 
@@ -30,40 +30,42 @@ class Clock:
 
 def make(**kw) -> tuple[Registry, Clock, MemoryStore]:
     clock = Clock()
-    store = MemoryStore(log_size=kw.pop("log_size", 100), epoch="E")
+    store = MemoryStore(epoch="E", clock=clock)
     kw.setdefault("warmup", 0)
-    return Registry(store, clock=clock, **kw), clock, store
+    return Registry(store, clock=clock, log_size=kw.pop("log_size", 100), **kw), clock, store
 
 
 def r(service: str, port: int, host: str = "h", **kw) -> Registration:
     return Registration(service=service, host=host, port=port, **kw)
 
 
-def test_store_revisions_and_no_op_writes() -> None:
-    store = MemoryStore(epoch="E")
-    svc = Service("a", (Node("h", 1),))
-    assert store.apply({"a": svc}) == 1
-    assert store.apply({"a": svc}) == 1  # same content: no new revision
-    assert store.apply({"b": None}) == 1  # deleting nothing
-    assert store.get("a").service.revision == 1
-    assert store.apply({"a": None}) == 2
-    assert store.checksum == 0
-    assert store.changes_since(0) == {"a"}
-    assert store.changes_since(3) is None
+def test_change_log_answers_from_its_floor() -> None:
+    log = ChangeLog(size=2)
+    for rev in range(1, 5):
+        log.append(rev, ["a"])
+    assert log.floor == 2
+    assert log.since(1) is None
+    assert log.since(2) == {"a"}
+    assert log.since(4) == frozenset()
+    assert log.since(5) is None
+    log.remember(1, 3, frozenset({"b"}))  # a bridge from the store's history
+    assert log.since(1) == {"a", "b"}
 
 
-def test_store_log_overflow_moves_the_floor() -> None:
-    store = MemoryStore(log_size=2, epoch="E")
-    for i in range(1, 5):
-        store.apply({"a": Service("a", (Node("h", i),))})
-    assert store.floor == 2
-    assert store.changes_since(1) is None
-    assert store.changes_since(2) == {"a"}
-    assert store.changes_since(4) == frozenset()
+def test_no_op_changes_keep_the_revision_and_checksum() -> None:
+    reg, _, store = make()
+    reg.register(r("a", 1, ttl=0.0))
+    assert reg.revision == 1
+    reg.update_node(NodeUpdate(service="a", host="h", port=1))  # nothing to change
+    assert reg.revision == 1
+    reg.deregister(NodeAddress(service="a", host="h", port=1))
+    assert reg.revision == 2
+    assert reg.status().checksum == 0
+    assert store.commit([Delete(("a", "h", 1))]) == (2, 2)  # deleting nothing: no revision
 
 
 def test_poll_kinds_and_checksum() -> None:
-    reg, _, store = make()
+    reg, _, _ = make()
     reg.register(r("a", 1))
     full = reg.poll("", 0)
     assert full.kind == FULL
@@ -74,7 +76,7 @@ def test_poll_kinds_and_checksum() -> None:
     delta = reg.poll("E", 1)
     assert delta.kind == DELTA
     assert [s.service.name for s in delta.services] == ["b"]
-    assert delta.checksum == store.checksum
+    assert delta.checksum == reg.status().checksum
     reg.deregister(NodeAddress(service="a", host="h", port=1))
     delta = reg.poll("E", 2)
     assert delta.removed == ("a",)

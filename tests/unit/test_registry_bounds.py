@@ -3,41 +3,41 @@ named, and no poll sorts or walks the whole map while it holds the registry's lo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import pytest
 
-from clustermap.server.registry import DELTA, FULL, Exhausted, Registry
-from clustermap.server.store import MemoryStore, StoredService
+from clustermap.server.registry import DELTA, FULL, Exhausted, Registry, StoredService
+from clustermap.server.store import MemoryStore
 from clustermap.server.validation import Registration
 
 
-class WatchedStore(MemoryStore):
-    """A MemoryStore that records which whole-map reads happen, and with the lock held."""
+class WatchedMap(dict[str, StoredService]):
+    """The registry's services, recording which whole-map reads happen, and with the lock held."""
 
-    def __init__(self) -> None:
-        super().__init__(epoch="E")
-        self.registry: Registry | None = None
-        self.whole_map_reads: list[tuple[str, bool]] = []
+    registry: Registry
+    whole_map_reads: list[tuple[str, bool]]
 
-    def _locked(self) -> bool:
-        assert self.registry is not None
-        return self.registry._lock.locked()
+    def _note(self, kind: str) -> None:
+        self.whole_map_reads.append((kind, self.registry._lock.locked()))
 
-    def items(self) -> Iterable[tuple[str, StoredService]]:
-        self.whole_map_reads.append(("items", self._locked()))
+    def items(self):  # type: ignore[override]
+        self._note("items")
         return super().items()
 
-    def snapshot(self) -> list[StoredService]:
-        self.whole_map_reads.append(("snapshot", self._locked()))
-        return super().snapshot()
+    def values(self):  # type: ignore[override]
+        self._note("values")
+        return super().values()
+
+    def keys(self):  # type: ignore[override]
+        self._note("keys")
+        return super().keys()
 
 
-def _registry(**kw: int) -> tuple[Registry, WatchedStore]:
-    store = WatchedStore()
-    registry = Registry(store, warmup=0, **kw)  # type: ignore[arg-type]
-    store.registry = registry
-    return registry, store
+def _registry(**kw: int) -> tuple[Registry, WatchedMap]:
+    registry = Registry(MemoryStore(epoch="E"), warmup=0, **kw)  # type: ignore[arg-type]
+    watched = WatchedMap()
+    watched.registry, watched.whole_map_reads = registry, []
+    registry._services = watched
+    return registry, watched
 
 
 def _reg(service: str, port: int = 80, **kw: object) -> Registration:
@@ -87,7 +87,7 @@ def test_full_polls_copy_the_map_once_per_revision_and_sort_outside_the_lock() -
     again = registry.poll("", 0)
     assert [s.service.name for s in first.services] == [f"s{i:02}" for i in range(1, 51)]
     assert again.services is first.services
-    assert store.whole_map_reads == [("snapshot", True)]  # one reference copy, nothing sorted
+    assert store.whole_map_reads == [("values", True)]  # one reference copy, nothing sorted
     registry.services()
     registry.status()
-    assert all(kind == "snapshot" for kind, _ in store.whole_map_reads)
+    assert all(kind == "values" for kind, _ in store.whole_map_reads)

@@ -40,7 +40,8 @@ class Clock:
 def test_subscribers_converge(ops, log_size) -> None:
     clock = Clock()
     reg = Registry(
-        MemoryStore(log_size=log_size, epoch="E"),
+        MemoryStore(epoch="E", clock=clock),
+        log_size=log_size,
         default_ttl=10,
         warmup=0,
         self_preservation_threshold=1.0,

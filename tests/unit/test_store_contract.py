@@ -1,22 +1,62 @@
-"""The storage contract every :class:`~clustermap.server.store.MapStore` meets, run against the
-in-memory store and the etcd store (a real single-member etcd; skipped if etcd is missing)."""
+"""The storage contract every :class:`~clustermap.server.store.NodeStore` meets, run against the
+in-memory store and the etcd store (a real single-member etcd; skipped if etcd is missing): node
+records under guarded transactions, leases, and the events the registry is fed."""
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
-from types import MappingProxyType
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from clustermap.checksum import map_checksum, service_digest
-from clustermap.model import Node, Service
-from clustermap.server.store import MapStore, MemoryStore
+from clustermap.server.store import (
+    STATIC,
+    Delete,
+    LeaseGone,
+    MemoryStore,
+    NodeEntry,
+    NodeEvent,
+    NodeKey,
+    NodeRecord,
+    Put,
+)
 from tests.integration.etcd.harness import EtcdCluster, start_cluster
 
 _prefixes = itertools.count()
+
+
+class Recorder:
+    """A listener keeping the store's entries as it reports them."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.epoch = ""
+        self.revision = 0
+        self.entries: dict[NodeKey, NodeEntry] = {}
+        self.expired: list[NodeKey] = []
+
+    def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
+        with self.cond:
+            self.epoch, self.revision, self.entries = epoch, revision, dict(entries)
+            self.cond.notify_all()
+
+    def changed(self, revision: int, events: Sequence[NodeEvent]) -> None:
+        with self.cond:
+            for ev in events:
+                if ev.entry is None:
+                    self.entries.pop(ev.key, None)
+                    if ev.expired:
+                        self.expired.append(ev.key)
+                else:
+                    self.entries[ev.key] = ev.entry
+            self.revision = revision
+            self.cond.notify_all()
+
+    def reach(self, revision: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.revision >= revision, 10)
 
 
 @pytest.fixture(scope="module")
@@ -28,134 +68,102 @@ def etcd() -> Iterator[EtcdCluster]:
 
 @pytest.fixture(params=["memory", "etcd"])
 def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    rec = Recorder()
     if request.param == "memory":
-        yield MemoryStore(log_size=100)
-        return
-    from clustermap.server.etcd_store import EtcdStore
+        s: Any = MemoryStore()
+    else:
+        from clustermap.server.etcd_store import EtcdStore
 
-    cluster = request.getfixturevalue("etcd")
-    s = EtcdStore(cluster.endpoints, f"/contract-{next(_prefixes)}/", log_size=100)
-    s.start()
+        s = EtcdStore(request.getfixturevalue("etcd").endpoints, f"/contract-{next(_prefixes)}/")
+    s.start(rec)
+    s.rec = rec
     yield s
     s.close()
 
 
-def svc(name: str, *ports: int, **kw: Any) -> Service:
-    return Service(name, tuple(Node("h", p) for p in sorted(ports)), **kw)
+A: NodeKey = ("a", "h", 1)
+B: NodeKey = ("a", "h", 2)
 
 
-def content(s: Service) -> tuple[object, ...]:
-    return (s.name, s.nodes, s.strategy, s.panic_threshold, dict(s.meta))
+def test_a_new_store_reports_an_empty_map(store: Any) -> None:
+    assert store.rec.epoch
+    assert store.rec.entries == {}
 
 
-def test_new_store_is_empty(store: MapStore) -> None:
-    assert store.epoch
-    assert list(store.items()) == []
-    assert store.checksum == 0
-    assert store.get("a") is None
-    assert store.changes_since(store.revision) == frozenset()
-
-
-def test_apply_bumps_the_revision_and_stores_values(store: MapStore) -> None:
-    before = store.revision
-    value = Service(
-        "a",
-        (
-            Node("10.0.0.1", 80, weight=3, status="drain", meta=MappingProxyType({"z": "1"})),
-            Node("h", 1),
-        ),
-        strategy="weighted",
-        panic_threshold=0.5,
-        meta=MappingProxyType({"team": "x"}),
-    )
-    rev = store.apply({"a": value})
+def test_commit_is_one_revision_and_reaches_the_listener(store: Any) -> None:
+    before = store.rec.revision
+    rec = NodeRecord(weight=3, meta={"z": "1"}, origin=STATIC, probed=False, admin_status="drain")
+    rev, seen = store.commit([Put(A, rec, expect=0), Put(B, NodeRecord(), expect=0)])
+    assert rev is not None
     assert rev > before
-    assert store.revision == rev
-    stored = store.get("a")
-    assert stored is not None
-    assert content(stored.service) == content(value)
-    assert stored.service.revision == rev
-    assert stored.digest == service_digest(value)
-    assert store.checksum == map_checksum([stored.digest])
+    assert seen == rev
+    store.rec.reach(rev)
+    assert store.rec.entries == {A: NodeEntry(rec, rev), B: NodeEntry(NodeRecord(), rev)}
 
 
-def test_no_op_writes_keep_the_revision(store: MapStore) -> None:
-    rev = store.apply({"a": svc("a", 1, 2)})
-    assert store.apply({"a": svc("a", 1, 2)}) == rev
-    assert store.apply({"b": None}) == rev
-    assert store.apply({}) == rev
-    assert store.revision == rev
+def test_guards_refuse_a_stale_write_and_change_nothing(store: Any) -> None:
+    rev, _ = store.commit([Put(A, NodeRecord(), expect=0)])
+    assert store.commit([Put(A, NodeRecord(weight=2), expect=0)])[0] is None  # not absent
+    assert store.commit([Put(A, NodeRecord(weight=2), expect=rev + 99), Delete(B)])[0] is None
+    assert store.commit([Delete(A, expect=rev + 1)])[0] is None
+    rev2, _ = store.commit([Put(A, NodeRecord(weight=2), expect=rev)])
+    assert rev2 is not None
+    store.rec.reach(rev2)
+    assert store.rec.entries[A].record.weight == 2
 
 
-def test_one_apply_is_one_revision(store: MapStore) -> None:
-    rev = store.apply({"a": svc("a", 1), "b": svc("b", 1), "c": svc("c", 1)})
-    assert {s.service.revision for _, s in store.items()} == {rev}
-    assert [n for n, _ in store.items()] == ["a", "b", "c"]
-    rev2 = store.apply({"a": None, "b": svc("b", 1, 2)})
-    assert rev2 > rev
-    assert store.get("a") is None
-    b = store.get("b")
-    assert b is not None
-    assert b.service.revision == rev2
-    assert [n for n, _ in store.items()] == ["b", "c"]
-    assert store.checksum == map_checksum(s.digest for _, s in store.items())
+def test_deleting_nothing_adds_no_revision(store: Any) -> None:
+    rev, _ = store.commit([Put(A, NodeRecord())])
+    done, seen = store.commit([Delete(B)])
+    if isinstance(store, MemoryStore):
+        assert done == seen == rev
+    rev2, _ = store.commit([Delete(A)])
+    assert rev2 is not None
+    store.rec.reach(rev2)
+    assert store.rec.entries == {}
+    assert store.rec.expired == []  # a request's delete is not an expiry
 
 
-def test_changes_since(store: MapStore) -> None:
-    r1 = store.apply({"a": svc("a", 1), "b": svc("b", 1)})
-    r2 = store.apply({"a": svc("a", 1, 2)})
-    r3 = store.apply({"b": None, "c": svc("c", 1)})
-    assert store.changes_since(r3) == frozenset()
-    assert store.changes_since(r2) == {"b", "c"}
-    assert store.changes_since(r1) == {"a", "b", "c"}
-    assert store.changes_since(r3 + 1000) is None
+def test_leases_keep_alive_and_revoking_deletes_their_keys(store: Any) -> None:
+    lease, ttl = store.grant(5)
+    assert lease
+    assert ttl >= 5
+    assert store.keepalive(lease) >= 5
+    rev, _ = store.commit([Put(A, NodeRecord(), lease=lease), Put(B, NodeRecord())])
+    store.rec.reach(rev)
+    assert store.rec.entries[A].lease == lease
+    store.revoke(lease)
+    store.revoke(lease)  # an unknown lease is not an error
+    assert store.keepalive(lease) == 0
+    store.rec.reach(rev + 1)
+    assert set(store.rec.entries) == {B}
+    with pytest.raises(LeaseGone):
+        store.commit([Put(A, NodeRecord(), lease=lease)])
 
 
-def test_removing_every_node_removes_the_service(store: MapStore) -> None:
-    store.apply({"a": svc("a", 1, 2, 3)})
-    store.apply({"a": svc("a", 2)})
-    a = store.get("a")
-    assert a is not None
-    assert [n.port for n in a.service.nodes] == [2]
-    store.apply({"a": None})
-    assert store.get("a") is None
-    assert store.checksum == 0
+def test_a_replaced_lease_no_longer_owns_the_key(store: Any) -> None:
+    old, _ = store.grant(5)
+    new, _ = store.grant(5)
+    store.commit([Put(A, NodeRecord(), lease=old)])
+    rev, _ = store.commit([Put(A, NodeRecord(weight=2), lease=new)])
+    store.revoke(old)
+    store.rec.reach(rev)
+    assert store.rec.entries[A] == NodeEntry(NodeRecord(weight=2), rev, new)
+    assert store.barrier(rev) >= rev
+    store.rec.reach(store.barrier(rev + 1))
+    assert A in store.rec.entries
 
 
-def test_name_mismatch_is_refused(store: MapStore) -> None:
-    with pytest.raises(ValueError, match="written under the name"):
-        store.apply({"a": svc("b", 1)})
+def test_concurrent_guarded_writers_lose_nothing(store: Any) -> None:
+    def add(port: int) -> None:
+        key = ("c", "h", port)
+        while store.commit([Put(key, NodeRecord(), expect=0)])[0] is None:
+            pass
 
-
-def test_concurrent_writers_lose_nothing(store: MapStore) -> None:
-    lock = threading.Lock()  # the MemoryStore's owner serialises; etcd guards each write
-
-    def write(i: int) -> None:
-        with lock if isinstance(store, MemoryStore) else _nolock():
-            store.apply({f"s{i}": svc(f"s{i}", i + 1)})
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=add, args=(p,)) for p in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert [n for n, _ in store.items()] == sorted(f"s{i}" for i in range(8))
-
-
-class _nolock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def test_snapshot_and_len_agree_with_items(store: MapStore) -> None:
-    assert len(store) == 0
-    assert store.snapshot() == []
-    store.apply({n: Service(n, (Node("h", 1),)) for n in ("c", "a", "b")})
-    store.apply({"b": None})
-    assert len(store) == 2
-    snap = store.snapshot()
-    assert sorted(s.service.name for s in snap) == ["a", "c"]
-    assert sorted(snap, key=lambda s: s.service.name) == [s for _, s in store.items()]
+        t.join()
+    store.rec.reach(store.barrier(store.rec.revision + 1))
+    assert {k[2] for k in store.rec.entries if k[0] == "c"} == set(range(8))

@@ -1,14 +1,19 @@
-"""EtcdStore beyond the shared contract: determinism across replicas, history, watch reloads."""
+"""The registry over EtcdStore, in process, beyond the shared contract: determinism across
+replicas, history, watch reloads, the prober's election and its fence, expiry counting."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from clustermap.model import Node, Service
-from clustermap.server.etcd_store import EtcdStore, parse_etcd_url
+from clustermap.model import DOWN, UP
+from clustermap.server.etcd_client import parse_etcd_url
+from clustermap.server.etcd_store import EtcdStore
+from clustermap.server.registry import DELTA, FULL, Deposed, Registry, StaticNode
+from clustermap.server.validation import NodeAddress, Registration
 from tests.integration.etcd.harness import EtcdCluster, start_cluster
 from tests.support.procs import wait_for
 
@@ -23,23 +28,23 @@ def etcd() -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
-def stores(etcd: EtcdCluster) -> Iterator[list[EtcdStore]]:
+def make(etcd: EtcdCluster) -> Iterator[Callable[[], Registry]]:
+    """Factory of registries (replicas) on one fresh prefix."""
     prefix = f"/store-{next(_prefixes)}/"
     made: list[EtcdStore] = []
 
-    def make() -> EtcdStore:
-        s = EtcdStore(etcd.endpoints, prefix, log_size=100)
-        s.start()
-        made.append(s)
-        return s
+    def new() -> Registry:
+        store = EtcdStore(etcd.endpoints, prefix)
+        made.append(store)
+        return Registry(store, warmup=0, log_size=100)
 
-    yield [make(), make()]
+    yield new
     for s in made:
         s.close()
 
 
-def svc(name: str, *ports: int) -> Service:
-    return Service(name, tuple(Node("h", p) for p in sorted(ports)))
+def reg(service: str, port: int, **kw: object) -> Registration:
+    return Registration(service=service, host="h", port=port, ttl=0.0, **kw)  # type: ignore[arg-type]
 
 
 def test_parse_etcd_url() -> None:
@@ -51,58 +56,88 @@ def test_parse_etcd_url() -> None:
 
 
 def test_a_late_replica_computes_the_same_map_and_service_revisions(
-    etcd: EtcdCluster, stores: list[EtcdStore]
+    make: Callable[[], Registry],
 ) -> None:
-    a, b = stores
-    a.apply({"x": svc("x", 1, 2, 3), "y": svc("y", 1)})
-    rev = a.apply({"x": svc("x", 1, 3)})  # a removal: x's revision is its keys' newest
-    assert b.catch_up(rev)
-    late = EtcdStore(etcd.endpoints, a.prefix)
-    late.start()
-    try:
-        assert late.epoch == a.epoch == b.epoch
-        for s in (a, b, late):
-            assert [(n, st) for n, st in s.items()] == list(a.items())
-            assert s.checksum == a.checksum
-    finally:
-        late.close()
+    a, b = make(), make()
+    for port in (1, 2, 3):
+        a.register(reg("x", port))
+    a.register(reg("y", 1))
+    rev = a.deregister(NodeAddress(service="x", host="h", port=2))  # x's revision: its newest
+    wait_for(lambda: b.revision >= rev, 10, "b to follow")
+    late = make()
+    assert late.epoch == a.epoch == b.epoch
+    for r in (a, b, late):
+        assert r.services()[1] == a.services()[1]
+        assert r.status().checksum == a.status().checksum
 
 
-def test_history_answers_older_revisions_until_compacted(
-    etcd: EtcdCluster, stores: list[EtcdStore]
-) -> None:
-    a, _ = stores
-    r1 = a.apply({"x": svc("x", 1), "y": svc("y", 1)})
-    r2 = a.apply({"x": svc("x", 1, 2)})
-    late = EtcdStore(etcd.endpoints, a.prefix)
-    late.start()
-    try:
-        assert late.floor >= r2
-        assert late.changes_since(r1) is None  # not prepared: the registry prepares it first
-        late.prepare_history(r1)
-        assert late.changes_since(r1) == {"x"}
-        a.apply({"y": None})
-        assert late.catch_up(a.revision)
-        assert late.changes_since(r1) == {"x", "y"}  # history + this replica's own log
-        a.compact()
-        late.prepare_history(r1 - 1)
-        assert late.changes_since(r1 - 1) is None
-    finally:
-        late.close()
+def test_history_answers_older_revisions_until_compacted(make: Callable[[], Registry]) -> None:
+    a = make()
+    a.register(reg("x", 1))
+    r1 = a.register(reg("y", 1)).revision
+    a.register(reg("x", 2))
+    late = make()  # its change log starts after r1
+    ans = late.poll(late.epoch, r1)
+    assert (ans.kind, [s.service.name for s in ans.services]) == (DELTA, ["x"])
+    a.deregister(NodeAddress(service="y", host="h", port=1))
+    wait_for(lambda: late.revision == a.revision, 10, "late to follow")
+    ans = late.poll(late.epoch, r1)  # history + this replica's own log
+    assert (ans.kind, ans.removed, [s.service.name for s in ans.services]) == (DELTA, ("y",), ["x"])
+    store = late.store
+    assert isinstance(store, EtcdStore)
+    store.compact()
+    assert late.poll(late.epoch, r1 - 1).kind == FULL
 
 
-def test_a_watch_cancelled_by_compaction_reloads_the_prefix(stores: list[EtcdStore]) -> None:
-    a, b = stores
-    a.apply({"x": svc("x", 1)})
-    assert b.catch_up(a.revision)
+def test_a_watch_cancelled_by_compaction_reloads(make: Callable[[], Registry]) -> None:
+    a, b = make(), make()
+    a.register(reg("x", 1))
+    wait_for(lambda: b.revision == a.revision, 10, "b to follow")
     before = b.revision
-    with b._cond:  # hold b's watch thread while its stream breaks and history moves on
-        b._call.cancel()
-        a.apply({"x": svc("x", 1, 2), "y": svc("y", 1)})
-        a.apply({"x": None})
-        a.compact()
-    wait_for(lambda: b.reloads == 1, 30, "b to reload after compaction")
-    assert b.catch_up(a.revision)
-    assert list(b.items()) == list(a.items())
-    assert b.floor > before
-    assert b.changes_since(before) is None
+    store = b.store
+    assert isinstance(store, EtcdStore)
+    with b._lock:  # hold b's watch thread while its stream breaks and history moves on
+        store._call.cancel()
+        a.register(reg("x", 2))
+        a.register(reg("y", 1))
+        a.deregister(NodeAddress(service="x", host="h", port=1))
+        store.compact()
+    wait_for(lambda: store.reloads == 1, 30, "b to reload after compaction")
+    wait_for(lambda: b.revision >= a.revision, 10, "b to catch up")
+    assert b.services()[1] == a.services()[1]
+    assert b.poll(b.epoch, before).kind == FULL
+
+
+def test_a_deposed_leaders_late_verdict_is_refused(make: Callable[[], Registry]) -> None:
+    a, b = make(), make()
+    stop = threading.Event()
+    ea, eb = a.store.election(1, "a"), b.store.election(1, "b")
+    term_a = ea.campaign(stop)
+    assert term_a is not None
+    a.set_static({"db": [StaticNode("10.0.0.1", 80)]}, term_a)
+    assert a.set_probe_statuses([("db", "10.0.0.1", 80, UP)], term_a)
+    won: list[object] = []
+    t = threading.Thread(target=lambda: won.append(eb.campaign(stop)))
+    t.start()
+    wait_for(lambda: b.revision >= a.revision, 10, "b to follow")
+    assert t.is_alive()  # b waits in line while a leads
+    ea.resign()  # a is cut off: its lease ends (as when it expires), b leads
+    t.join(30)
+    term_b = won[0]
+    assert term_b is not None
+    assert term_b != term_a
+    with pytest.raises(Deposed):  # a's late verdict is refused by the fence
+        a.set_probe_statuses([("db", "10.0.0.1", 80, DOWN)], term_a)
+    assert not ea.leading(term_a)
+    assert b.set_probe_statuses([("db", "10.0.0.1", 80, DOWN)], term_b)  # type: ignore[arg-type]
+    wait_for(lambda: a.services()[1][0].nodes[0].status == DOWN, 10, "b's verdict everywhere")
+    eb.resign()
+
+
+def test_lease_expiry_is_counted_and_deregistration_is_not(make: Callable[[], Registry]) -> None:
+    a, b = make(), make()
+    a.register(reg("gone", 1))
+    a.deregister(NodeAddress(service="gone", host="h", port=1))
+    a.register(Registration(service="x", host="h", port=1, ttl=1.0))
+    wait_for(lambda: a.services()[1] == [] and b.services()[1] == [], 30, "the lease to expire")
+    assert a.status().leases_expired == b.status().leases_expired == 1

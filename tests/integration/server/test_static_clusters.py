@@ -12,8 +12,6 @@ import pytest
 from clustermap._pb.clustermap.v1 import inspection_pb2, map_pb2, registry_pb2
 from tests.integration.server.conftest import free_port, wait_for
 
-pytestmark = pytest.mark.memory_only("the etcd store refuses --clusters (static clusters)")
-
 UP, DOWN = map_pb2.NODE_STATUS_UP, map_pb2.NODE_STATUS_DOWN
 
 
