@@ -55,6 +55,7 @@ __all__ = [
     "check_host",
     "check_meta",
     "check_routing",
+    "check_service_meta",
     "check_service_name",
     "check_ttl",
     "check_zone",
@@ -302,6 +303,14 @@ def check_routing(meta: Mapping[str, str]) -> Routing:
             raise ValueError(f"meta zone_min_cluster_size={clip(raw)} is not a whole number")
         size = int(raw)
     return Routing(fallback, tuple(sorted(pairs.items())), healthy, size)
+
+
+def check_service_meta(value: Mapping[str, str]) -> dict[str, str]:
+    """A service's metadata: :func:`check_meta`, then its routing options
+    (:func:`check_routing`)."""
+    meta = check_meta(value)
+    check_routing(meta)
+    return meta
 
 
 def _fraction(raw: str) -> float:
