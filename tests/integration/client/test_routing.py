@@ -134,7 +134,8 @@ def test_subset_pickers_are_cached_per_version_and_bounded(region_path: Path) ->
     assert cm.picker("s", sub) is p  # another service changed: still warm
     publish(region_path, Service("s", NODES[:9]))
     q = cm.picker("s", sub)
-    assert q is not p and cm.picker("s", sub) is q  # a new version: one new picker, then warm
+    assert q is not p
+    assert cm.picker("s", sub) is q
     publish(region_path, Service("t", NODES, meta={"subset_fallback": "any"}))
     for i in range(3 * MAX_SUBSETS):  # ever new subsets, each cached: memory stays bounded
         cm.pick("t", subset={"version": f"x{i}"})
@@ -175,7 +176,8 @@ def test_a_bad_subset_is_a_clear_error_and_the_worker_carries_on(
     for _ in range(2):  # a second time too: nothing bad was cached
         with pytest.raises(InvalidSubset, match="subset") as err:
             cm.pick("s", subset=bad)  # type: ignore[arg-type]
-        assert isinstance(err.value, TypeError) and isinstance(err.value, ValueError)
+        assert isinstance(err.value, TypeError)
+        assert isinstance(err.value, ValueError)
         assert "\n" not in str(err.value)
         with pytest.raises(InvalidSubset):
             cm.nodes("s", bad)  # type: ignore[arg-type]
@@ -205,7 +207,8 @@ def test_picks_stay_in_the_local_zone_and_spill_when_it_drains(region_path: Path
     everyone = {n.address for n in spilled if n.healthy}
     assert {cm.pick("s").address for _ in range(400)} == everyone
     decision = cm.route("s").zone
-    assert decision.state == "spilled" and "2 of 4 nodes healthy in zone a" in decision.reason
+    assert decision.state == "spilled"
+    assert "2 of 4 nodes healthy in zone a" in decision.reason
     # the zone recovers: picks return to it
     publish(region_path, Service("s", nodes))
     assert {cm.pick("s").address for _ in range(200)} == local
@@ -225,7 +228,7 @@ def test_small_services_panic_and_ejections_spill(region_path: Path) -> None:
     few = zoned({0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}, 5)  # under min_cluster_size 6
     sized = zoned({i: "a" if i < 3 else "b" for i in range(6)}, 6)
     tuned = Service("tuned", few, meta={"zone_min_cluster_size": "2"})
-    down = {i: "down" for i in range(3, 6)}
+    down = dict.fromkeys(range(3, 6), "down")
     panic = Service("panic", zoned({i: "a" if i < 3 else "b" for i in range(6)}, 6, status=down))
     panic = Service("panic", panic.nodes, panic_threshold=0.6)
     now = time.time_ns()
@@ -242,9 +245,7 @@ def test_small_services_panic_and_ejections_spill(region_path: Path) -> None:
     assert cm.route("panic").zone.reason == "panic mode (3 of 6 nodes healthy)"
     assert len({cm.pick("panic").address for _ in range(100)}) == 6  # panic: every node
     # one of three local nodes ejected: 2 of 3 (67 %) is under 71 %: spill, without it
-    assert {cm.pick("ejected").address for _ in range(200)} == {
-        n.address for n in sized[1:]
-    }
+    assert {cm.pick("ejected").address for _ in range(200)} == {n.address for n in sized[1:]}
     with pytest.raises(ValueError, match="unknown strategy"):
         cm.pick("few", None, "nope")
 
@@ -267,7 +268,7 @@ def test_zones_compose_with_subsets_and_weights(region_path: Path) -> None:
 
 
 def test_a_zone_the_rules_refuse_turns_zone_routing_off(region_path: Path) -> None:
-    nodes = zoned({i: "bad zone" for i in range(6)}, 8)
+    nodes = zoned(dict.fromkeys(range(6), "bad zone"), 8)
     publish(region_path, Service("s", nodes), zone="bad zone")
     cm = clustermap.open(region_path)
     assert cm.zone == ""
