@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +31,12 @@ NODES = tuple(
 )
 V2 = {n.address for n in NODES if n.meta["version"] == "v2"}
 KEYS = [f"user:{i}" for i in range(300)]
+OTHER_PROCESS = """
+import json, sys, clustermap
+cm = clustermap.open(sys.argv[1])
+sub = {"zone": "a", "version": "v2"}
+print(json.dumps([cm.pick("s", k, subset=sub).address for k in json.loads(sys.argv[2])]))
+"""
 
 
 def publish(path: Path, *services: Service, zone: str | None = None) -> None:
@@ -97,6 +107,16 @@ def test_keyed_picks_are_stable_within_a_subset(region_path: Path) -> None:
     # another handle, the pairs in another order, the strategy named: the same node per key
     assert [b.pick("s", k, None, {"zone": "a", "version": "v2"}).address for k in KEYS] == first
     assert [b.pick("s", k, "consistent_hash", sub).address for k in KEYS] == first
+    # and another process, with its own hash seed
+    other = subprocess.run(
+        [sys.executable, "-c", OTHER_PROCESS, str(region_path), json.dumps(KEYS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "7"},
+    )
+    assert json.loads(other.stdout) == first
     inside = {n.address for n in NODES if n.meta.get("zone") == "a" and n.address in V2}
     assert set(first) == inside
     # nodes outside the subset come and go: no key of the subset moves
