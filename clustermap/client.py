@@ -111,14 +111,22 @@ class ClusterMap:
         a mapping of strings, :class:`InvalidSubset`. (``strategy`` and ``subset`` are not
         keyword-only on purpose: in CPython 3.11 the ``*`` marker alone adds ~20 ns per call.)
         """
-        if subset is not None:
-            return self._pick_in(service, key, strategy, subset)
-        try:
-            words, index, version, picker, keyed = self._entries[service]
-        except KeyError:
-            return _choose(self._refresh(service), key, strategy)
-        if words[index] != version:  # the service changed (or the file was replaced)
-            return _choose(self._refresh(service), key, strategy)
+        if subset is None:
+            try:
+                words, index, version, picker, keyed = self._entries[service]
+            except KeyError:
+                return _choose(self._refresh(service), key, strategy)
+            if words[index] != version:  # the service changed (or the file was replaced)
+                return _choose(self._refresh(service), key, strategy)
+        else:
+            try:  # warm: one tuple of the pairs as given, one dict lookup
+                entry = self._subsets[(service, tuple(subset.items()))]
+            except (KeyError, TypeError, AttributeError):  # not cached (or not a mapping)
+                entry = self._subset_entry(service, subset)
+            else:
+                if entry[0][entry[1]] != entry[2]:
+                    entry = self._subset_entry(service, subset)
+            words, index, version, picker, keyed = entry
         if strategy is None:
             if key is None:
                 return next(picker.default_it)
@@ -136,25 +144,6 @@ class ClusterMap:
         if strategy == "least_request":
             return picker.least_request()
         return keyed.pick(key, strategy)
-
-    def _pick_in(
-        self,
-        service: str,
-        key: str | bytes | None,
-        strategy: str | None,
-        subset: Mapping[str, str],
-    ) -> Node:
-        """:meth:`pick` with a subset (a frame of its own keeps ``pick``'s frame small)."""
-        try:  # warm: one tuple of the pairs as given, one dict lookup
-            entry = self._subsets[(service, tuple(subset.items()))]
-        except (KeyError, TypeError, AttributeError):  # not cached (or not a mapping)
-            entry = self._subset_entry(service, subset)
-        else:
-            if entry[0][entry[1]] != entry[2]:
-                entry = self._subset_entry(service, subset)
-        if key is None and strategy is None:
-            return next(entry[3].default_it)
-        return _choose(entry, key, strategy)
 
     # -- everything else ----------------------------------------------------------------------
 
