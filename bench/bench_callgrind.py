@@ -23,9 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import write_json
+from common import routed, write_json
 
 from clustermap.model import Node, Service
+from clustermap.region.layout import Meta
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar.feedback import FeedbackHub
 from clustermap.sidecar.outlier import OutlierPolicy
@@ -37,7 +38,9 @@ cm = clustermap.open(sys.argv[1])
 pick, call = cm.pick, cm.call
 def bare(service, key=None, strategy=None):
     return None
-g = {"pick": pick, "call": call, "bare": bare}
+def bare_s(service, key=None, strategy=None, subset=None):
+    return None
+g = {"pick": pick, "call": call, "bare": bare, "bare_s": bare_s}
 # timeit's own template: the statement inside a function, its names global (the same lookups
 # as in bench_pick.py and in a request handler).
 exec("def inner(_it):\n    for _i in _it:\n        %s\n" % sys.argv[3], g)
@@ -86,6 +89,26 @@ ROWS = [
         "with call('rr'):\n            pass",
         "bare('rr')",
         15,
+    ),
+    # routing (docs/routing.md): the region records zone "a"
+    (
+        "pick(subset=...), round_robin",
+        "pick('sub', subset={'version': 'v2'})",
+        "bare_s('sub', subset={'version': 'v2'})",
+        6,
+    ),
+    (
+        "pick(key=..., subset=...), Maglev",
+        "pick('sub', 'user:42', subset={'version': 'v2'})",
+        "bare_s('sub', 'user:42', subset={'version': 'v2'})",
+        6,
+    ),
+    ("pick(), round_robin in the local zone", "pick('zoned')", "bare('rr')", 4),
+    (
+        "pick(subset=...) in the local zone",
+        "pick('zoned', subset={'version': 'v2'})",
+        "bare_s('zoned', subset={'version': 'v2'})",
+        6,
     ),
 ]
 
@@ -148,9 +171,10 @@ def main() -> None:
             Service("weighted", nodes, strategy="weighted"),
             Service("random", nodes, strategy="random"),
             Service("hash", nodes, strategy="consistent_hash"),
+            *routed(nodes),
         ]
         with RegionWriter(region) as w:
-            w.publish([hub.decorate(s) for s in services])
+            w.publish([hub.decorate(s) for s in services], meta=Meta(zone="a"))
         cache: dict[str, float] = {}
 
         def cost(stmt: str) -> float:

@@ -24,7 +24,7 @@ import timeit
 from pathlib import Path
 
 import grpc
-from common import machine, write_json
+from common import machine, routed, write_json
 
 import clustermap
 from clustermap._pb.clustermap.v1 import (
@@ -34,6 +34,7 @@ from clustermap._pb.clustermap.v1 import (
     registry_pb2_grpc,
 )
 from clustermap.model import Node, Service
+from clustermap.region.layout import Meta
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar.feedback import FeedbackHub
 from clustermap.sidecar.outlier import OutlierPolicy
@@ -59,6 +60,12 @@ def paired(
 
 
 def bare(service: str, key: object = None, strategy: object = None) -> None:
+    return None
+
+
+def bare_s(
+    service: str, key: object = None, strategy: object = None, subset: object = None
+) -> None:
     return None
 
 
@@ -95,14 +102,18 @@ def main() -> None:
         )
         with RegionWriter(tmp / "r.region") as w:
             w.publish(
-                hub.decorate(s)
-                for s in [
-                    Service("rr", nodes),
-                    Service("weighted", nodes, strategy="weighted"),
-                    Service("random", nodes, strategy="random"),
-                    Service("hash", nodes, strategy="consistent_hash"),
-                    Service("ketama", nodes, meta={"hash": "ketama"}),
-                ]
+                [
+                    hub.decorate(s)
+                    for s in [
+                        Service("rr", nodes),
+                        Service("weighted", nodes, strategy="weighted"),
+                        Service("random", nodes, strategy="random"),
+                        Service("hash", nodes, strategy="consistent_hash"),
+                        Service("ketama", nodes, meta={"hash": "ketama"}),
+                        *routed(nodes),
+                    ]
+                ],
+                meta=Meta(zone="a"),  # the routing rows; the services above have no zones
             )
         cm = clustermap.open(tmp / "r.region")
         with cm.call("rr"):
@@ -145,6 +156,7 @@ def main() -> None:
         pick = cm.pick
         g: dict[str, object] = {
             "bare": bare,
+            "bare_s": bare_s,
             "pick": pick,
             "call": cm.call,
             "ring": ring,
@@ -206,6 +218,34 @@ def main() -> None:
                 "pick('ketama', 'user:42')",
                 "bare('hash', 'user:42')",
                 None,
+                "clustermap",
+            ),
+            (
+                "pick(subset=...), round_robin",
+                "pick('sub', subset={'version': 'v2'})",
+                "bare_s('sub', subset={'version': 'v2'})",
+                6,
+                "clustermap",
+            ),
+            (
+                "pick(key=..., subset=...), Maglev",
+                "pick('sub', 'user:42', subset={'version': 'v2'})",
+                "bare_s('sub', 'user:42', subset={'version': 'v2'})",
+                6,
+                "clustermap",
+            ),
+            (
+                "pick(), round_robin in the local zone",
+                "pick('zoned')",
+                "bare('rr')",
+                4,
+                "clustermap",
+            ),
+            (
+                "pick(subset=...) in the local zone",
+                "pick('zoned', subset={'version': 'v2'})",
+                "bare_s('zoned', subset={'version': 'v2'})",
+                6,
                 "clustermap",
             ),
             (

@@ -64,6 +64,23 @@ def make_service(i: int, nodes: int, revision: int = 1) -> Service:
     )
 
 
+def routed(nodes: tuple[Node, ...]) -> list[Service]:
+    """The services of the routing rows: ``sub`` with versions v1/v2 and no zones (the other
+    services have none either: on a machine in zone "a" they spill, as before), ``zoned`` with
+    zones a/b too (bench_pick.py, bench_callgrind.py)."""
+    versions = [{"version": f"v{1 + (i // 2) % 2}"} for i in range(len(nodes))]
+    return [
+        Service("sub", tuple(n._replace(meta=m) for n, m in zip(nodes, versions, strict=True))),
+        Service(
+            "zoned",
+            tuple(
+                n._replace(meta={**m, "zone": "ab"[i % 2]})
+                for i, (n, m) in enumerate(zip(nodes, versions, strict=True))
+            ),
+        ),
+    ]
+
+
 def rss_kib(pid: int | str = "self") -> dict[str, int]:
     """Resident memory of a process in KiB, from /proc (Linux): total, anonymous, file, shmem."""
     fields = {}

@@ -13,6 +13,7 @@ from clustermap.client import ClusterMap
 from clustermap.errors import (
     ClusterMapError,
     CorruptRegion,
+    InvalidSubset,
     NoAvailableNode,
     RegionUnavailable,
     UnknownService,
@@ -23,6 +24,7 @@ __all__ = [
     "ClusterMap",
     "ClusterMapError",
     "CorruptRegion",
+    "InvalidSubset",
     "NoAvailableNode",
     "Node",
     "RegionUnavailable",
@@ -40,10 +42,11 @@ __version__ = "0.1.0"
 #: The process-wide default map; it touches the region only on first use.
 _default = ClusterMap(lazy=True)
 
-#: ``pick(service, key=None, *, strategy=None) -> Node`` on the default map (see ClusterMap.pick).
+#: ``pick(service, key=None, strategy=None, subset=None) -> Node`` on the default map (see
+#: ClusterMap.pick; subsets and zones: docs/routing.md).
 pick = _default.pick
 
-#: ``nodes(service) -> tuple[Node, ...]``: the healthy nodes on the default map.
+#: ``nodes(service, subset=None) -> tuple[Node, ...]``: the healthy nodes on the default map.
 nodes = _default.nodes
 
 #: ``with call(service, key=None, strategy=None, subset=None) as node:`` a pick counted in flight

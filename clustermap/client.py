@@ -19,27 +19,35 @@ import importlib
 import os
 import random
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
-from clustermap.balance.picker import make_picker
+from clustermap.balance.routing import Route, route, subset_pairs, zone_name
 from clustermap.defaults import DEFAULT_REGION
-from clustermap.errors import ClusterMapError, NoAvailableNode, UnknownService
+from clustermap.errors import ClusterMapError, UnknownService
 from clustermap.feedback.calls import Call, CustomCall, record
 from clustermap.feedback.worker import Feedback
-from clustermap.model import Ejection, Node, Overlay, Service
+from clustermap.model import Node, Service
+from clustermap.region.layout import SLOT_META
 from clustermap.region.reader import RegionReader
 
-__all__ = ["DEFAULT_REGION", "ClusterMap", "default_region_path"]
+__all__ = ["DEFAULT_REGION", "MAX_SUBSETS", "ClusterMap", "default_region_path"]
 
 _xxh64 = xxhash.xxh64_intdigest
 _new = object.__new__
 
-# (words of the file it was read from, index of its slot's version word, version, picker)
-_Entry = tuple[memoryview, int, int, ServicePicker]
+# (words of the file it was read from, index of its slot's version word, version, the picker of
+# key-less picks (subset and zone applied), the picker of keyed picks (subset only; it holds the
+# service as the subset sees it)): see clustermap.balance.routing.
+_Entry = tuple[memoryview, int, int, ServicePicker, ServicePicker]
+
+#: Subset routes one handle keeps (per service and subset); the oldest go first beyond it, so a
+#: caller passing ever new subsets costs a rebuild per pick, never unbounded memory.
+MAX_SUBSETS = 256
 
 
 def default_region_path() -> str:
@@ -62,6 +70,8 @@ class ClusterMap:
         "_pid",
         "_reader",
         "_subsets",
+        "_zone",
+        "_zone_v",
         "path",
     )
 
@@ -76,9 +86,10 @@ class ClusterMap:
         self._reader: RegionReader | None = None
         self._feedback: Feedback | None = None
         self._fbw: memoryview | None = None  # this process's feedback words, once it has a row
-        self._subsets: dict[
-            tuple[str, tuple[tuple[str, str], ...]], tuple[ServicePicker, ServicePicker]
-        ] = {}
+        # (service, subset items as given or sorted) -> entry: see _subset_entry
+        self._subsets: dict[tuple[str, tuple[tuple[str, str], ...]], _Entry] = {}
+        self._zone = ""  # the machine's zone as the region records it (docs/routing.md)
+        self._zone_v = -1  # ... read at this version of the meta record
         _handles.add(self)
         if not lazy:
             self._ensure_reader()
@@ -86,43 +97,61 @@ class ClusterMap:
     # -- the hot path -------------------------------------------------------------------------
 
     def pick(
-        self, service: str, key: str | bytes | None = None, strategy: str | None = None
+        self,
+        service: str,
+        key: str | bytes | None = None,
+        strategy: str | None = None,
+        subset: Mapping[str, str] | None = None,
     ) -> Node:
         """A node of ``service`` for this request.
 
         With ``key`` (and no strategy) the pick is by consistent hashing, identical in every
-        process. Raises :class:`UnknownService` or :class:`NoAvailableNode`. (``strategy`` is not
+        process. ``subset`` keeps the nodes whose meta has all those pairs (docs/routing.md).
+        Raises :class:`UnknownService`, :class:`NoAvailableNode` or, for a subset that is not
+        a mapping of strings, :class:`InvalidSubset`. (``strategy`` and ``subset`` are not
         keyword-only on purpose: in CPython 3.11 the ``*`` marker alone adds ~20 ns per call.)
         """
-        try:
-            words, index, version, picker = self._entries[service]
-        except KeyError:
-            return self._refresh(service)[3].pick(key, strategy)
-        if words[index] != version:  # the service changed (or the file was replaced)
-            return self._refresh(service)[3].pick(key, strategy)
+        if subset is None:
+            try:
+                words, index, version, picker, keyed = self._entries[service]
+            except KeyError:
+                return _choose(self._refresh(service), key, strategy)
+            if words[index] != version:  # the service changed (or the file was replaced)
+                return _choose(self._refresh(service), key, strategy)
+        else:
+            try:  # warm: one tuple of the pairs as given, one dict lookup
+                entry = self._subsets[(service, tuple(subset.items()))]
+            except (KeyError, TypeError, AttributeError):  # not cached (or not a mapping)
+                entry = self._subset_entry(service, subset)
+            else:
+                if entry[0][entry[1]] != entry[2]:
+                    entry = self._subset_entry(service, subset)
+            words, index, version, picker, keyed = entry
         if strategy is None:
             if key is None:
                 return next(picker.default_it)
-            table = picker.maglev  # inlined consistent_hash: one Python frame less per pick
+            table = keyed.maglev  # inlined consistent_hash: one Python frame less per pick
             if table is not None:
                 raw = key.encode() if isinstance(key, str) else key
                 try:
-                    return picker.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                    return keyed.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
                 except IndexError:  # not a table of these nodes: the picker replaces it
                     pass
-            return picker.consistent_hash(key)
+            return keyed.consistent_hash(key)
         it = picker.iters.get(strategy)  # key-less strategies, inlined the same way
         if it is not None:
             return next(it)
         if strategy == "least_request":
             return picker.least_request()
-        return picker.pick(key, strategy)
+        return keyed.pick(key, strategy)
 
     # -- everything else ----------------------------------------------------------------------
 
-    def nodes(self, service: str) -> tuple[Node, ...]:
-        """The healthy nodes of ``service`` (``up``, weight > 0, not ejected), in map order."""
-        picker = self.picker(service)
+    def nodes(self, service: str, subset: Mapping[str, str] | None = None) -> tuple[Node, ...]:
+        """The healthy nodes of ``service`` (``up``, weight > 0, not ejected), in map order;
+        with ``subset``, those whose meta has all its pairs (the service's subset fallback
+        applies; NoAvailableNode if none). Every zone: zones steer picks, not this list."""
+        picker = self._entry(service, subset)[4]
         ejected = picker.ejected
         if not ejected:
             return picker.service.healthy_nodes()
@@ -131,17 +160,35 @@ class ClusterMap:
 
     def service(self, service: str) -> Service:
         """The whole service as the map has it, every node whatever its status."""
-        entry = self._entries.get(service)
-        if entry is None or entry[0][entry[1]] != entry[2]:
-            entry = self._refresh(service)
-        return entry[3].service
+        return self._entry(service)[4].service
 
-    def picker(self, service: str) -> ServicePicker:
-        """The cached picker of ``service`` (what ``pick`` uses)."""
+    def picker(self, service: str, subset: Mapping[str, str] | None = None) -> ServicePicker:
+        """The cached picker of key-less picks of ``service`` (in ``subset``): what ``pick``
+        uses, the zone applied."""
+        return self._entry(service, subset)[3]
+
+    def route(self, service: str, subset: Mapping[str, str] | None = None) -> Route:
+        """How picks of ``service`` (in ``subset``) are routed now, with the zone decision and
+        its reason: built afresh, for tools (``cmctl pick``); workers use the cached pickers."""
+        with self._lock:
+            reader = self._ensure_reader()
+            zone = self._machine_zone(reader)
+        pairs = subset_pairs(subset) if subset is not None else ()
+        return route(self.service(service), pairs, zone, time.time_ns())
+
+    @property
+    def zone(self) -> str:
+        """The machine's zone as the region records it ("" if none)."""
+        with self._lock:
+            return self._machine_zone(self._ensure_reader())
+
+    def _entry(self, service: str, subset: Mapping[str, str] | None = None) -> _Entry:
+        if subset is not None:
+            return self._subset_entry(service, subset)
         entry = self._entries.get(service)
         if entry is None or entry[0][entry[1]] != entry[2]:
             entry = self._refresh(service)
-        return entry[3]
+        return entry
 
     def services(self) -> list[str]:
         """Names of every service in the map, sorted."""
@@ -173,13 +220,59 @@ class ClusterMap:
             old = self._entries.get(name)
             # The same version in a replacement file is the same content: keep the warm picker.
             if old is not None and old[2] == version:
-                picker = old[3]
+                picker, keyed = old[3], old[4]
             else:
-                picker = make_picker(service, _published_maglev(reader, name, version))
-                picker.load_source = self._feedback_state()
-            entry: _Entry = (reader.words, reader.version_index(slot), version, picker)
+                found = route(
+                    service,
+                    (),
+                    self._machine_zone(reader),
+                    time.time_ns(),
+                    _published_maglev(reader, name, version),
+                )
+                picker, keyed = found.picker, found.keyed
+                picker.load_source = keyed.load_source = self._feedback_state()
+            entry: _Entry = (reader.words, reader.version_index(slot), version, picker, keyed)
             self._entries[name] = entry
             return entry
+
+    def _machine_zone(self, reader: RegionReader) -> str:
+        """The zone in the region's meta record, re-read when that record changed (the
+        sidecar republishes every service when the zone changes: cached pickers follow)."""
+        version = reader.slot_version(SLOT_META)
+        if version != self._zone_v:
+            try:
+                self._zone = zone_name(reader.meta().zone)
+            except ClusterMapError:
+                self._zone = ""
+            self._zone_v = version
+        return self._zone
+
+    def _subset_entry(self, service: str, subset: Mapping[str, str]) -> _Entry:
+        """The cached entry of ``service`` inside ``subset``, built if missing or stale:
+        pickers over the nodes whose meta has every pair (clustermap.balance.routing). Cached
+        under the pairs as given (what the warm path looks up) and sorted (shared by every
+        order of the same pairs), at most MAX_SUBSETS of them."""
+        pairs = subset_pairs(subset)
+        given = (service, tuple(subset.items()))
+        main = self._entry(service)
+        if not pairs:
+            entry = main
+        else:
+            entry = self._subsets.get((service, pairs)) or main
+            if entry is main or entry[0] is not main[0] or entry[2] != main[2]:
+                with self._lock:
+                    zone = self._machine_zone(self._ensure_reader())
+                found = route(main[4].service, pairs, zone, time.time_ns())
+                found.picker.load_source = found.keyed.load_source = self._feedback_state()
+                entry = (main[0], main[1], main[2], found.picker, found.keyed)
+        with self._lock:
+            subsets = self._subsets
+            for k in (given, (service, pairs)):
+                if k not in subsets:
+                    while len(subsets) >= MAX_SUBSETS:
+                        del subsets[next(iter(subsets))]
+                subsets[k] = entry
+        return entry
 
     def _reset_after_fork(self) -> None:
         self._pid = os.getpid()
@@ -187,12 +280,10 @@ class ClusterMap:
         if self._feedback is not None:
             self._feedback.after_fork()  # the parent's feedback row is not ours
         self._fbw = None
-        for entry in self._entries.values():
-            entry[3].after_fork()
-            entry[3].feedback_slots = None
-        for _, sub in self._subsets.values():
-            sub.after_fork()
-            sub.feedback_slots = None
+        for entry in [*self._entries.values(), *self._subsets.values()]:
+            for picker in {id(entry[3]): entry[3], id(entry[4]): entry[4]}.values():
+                picker.after_fork()
+                picker.feedback_slots = None
 
     # -- feedback (docs/feedback.md) ----------------------------------------------------------
 
@@ -201,7 +292,7 @@ class ClusterMap:
         service: str,
         key: str | bytes | None = None,
         strategy: str | None = None,
-        subset: dict[str, str] | None = None,
+        subset: Mapping[str, str] | None = None,
         *,
         ok_exceptions: tuple[type[BaseException], ...] | None = None,
         failure_exceptions: tuple[type[BaseException], ...] | None = None,
@@ -210,21 +301,21 @@ class ClusterMap:
         machine-wide until the block ends, then records its outcome and latency (see
         :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
         keeps the nodes whose meta has all those pairs (NoAvailableNode if none)."""
-        if subset:
-            picker = self._subset_picker(service, subset)
-            node = picker.pick(key, strategy)
+        if subset is not None:
+            entry = self._subset_entry(service, subset)
         else:
             try:
-                words, index, version, picker = self._entries[service]
-                if words[index] != version:
-                    picker = self._refresh(service)[3]
+                entry = self._entries[service]
+                if entry[0][entry[1]] != entry[2]:
+                    entry = self._refresh(service)
             except KeyError:
-                picker = self._refresh(service)[3]
-            node = (
-                next(picker.default_it)
-                if key is None and strategy is None
-                else self.pick(service, key, strategy)
-            )
+                entry = self._refresh(service)
+        node = (
+            next(entry[3].default_it)
+            if key is None and strategy is None
+            else _choose(entry, key, strategy)
+        )
+        picker = entry[4]  # its service holds every node this pick may return
         if ok_exceptions is None and failure_exceptions is None:
             c = _new(Call)
         else:
@@ -262,7 +353,7 @@ class ClusterMap:
         use :meth:`call`. Never raises: False when nothing was recorded (feedback off, a node
         or service the map does not have)."""
         try:
-            picker = self.picker(service)
+            picker = self._entry(service)[4]
         except ClusterMapError:
             return False
         fb = self._feedback_state()
@@ -310,45 +401,15 @@ class ClusterMap:
             slots[id(node)] = i
         return i
 
-    def _subset_picker(self, service: str, subset: dict[str, str]) -> ServicePicker:
-        """A picker over the nodes whose meta has every pair of ``subset``, cached per version."""
-        base = self.picker(service)
-        pairs = tuple(sorted(subset.items()))
-        hit = self._subsets.get((service, pairs))
-        if hit is not None and hit[0] is base:
-            return hit[1]
-        svc = base.service
-        keep = [k for k, n in enumerate(svc.nodes) if all(n.meta.get(a) == b for a, b in pairs)]
-        if not keep:
-            raise NoAvailableNode(f"service {service!r} has no node with {dict(pairs)}")
-        overlay = svc.overlay
-        if overlay is not None:
-            new = {old: k for k, old in enumerate(keep)}
-            overlay = Overlay(
-                tuple(overlay.ids[k] for k in keep),
-                tuple(
-                    Ejection(new[e.position], e.until_ns, e.reason)
-                    for e in overlay.ejected
-                    if e.position in new
-                ),
-            )
-        sub = make_picker(
-            Service(
-                svc.name,
-                tuple(svc.nodes[k] for k in keep),
-                svc.strategy,
-                svc.panic_threshold,
-                svc.revision,
-                svc.meta,
-                overlay,
-            )
-        )
-        sub.load_source = self._feedback_state()
-        self._subsets[(service, pairs)] = (base, sub)
-        return sub
-
     def __repr__(self) -> str:
         return f"ClusterMap({self.path!r}, {len(self._entries)} services cached)"
+
+
+def _choose(entry: _Entry, key: str | bytes | None, strategy: str | None) -> Node:
+    """A pick from ``entry`` off the hot path: keyed picks from its keyed picker."""
+    if key is not None and (strategy is None or strategy == "consistent_hash"):
+        return entry[4].pick(key, strategy)
+    return entry[3].pick(key, strategy)
 
 
 def _published_maglev(

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ClusterMapError",
     "CorruptRegion",
+    "InvalidSubset",
     "NoAvailableNode",
     "RegionFull",
     "RegionUnavailable",
@@ -38,6 +39,11 @@ class UnknownService(ClusterMapError, LookupError):
 class NoAvailableNode(ClusterMapError):
     """The service exists but none of its nodes may receive traffic (all down, draining or of
     weight 0, and the panic threshold does not apply)."""
+
+
+class InvalidSubset(ClusterMapError, TypeError, ValueError):
+    """A ``subset=`` that is not a mapping of meta keys to short strings: the caller's mistake,
+    reported before any node is chosen (it is a TypeError and a ValueError too)."""
 
 
 class RegionFull(ClusterMapError):

@@ -27,7 +27,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "ECHO",
@@ -42,14 +42,23 @@ __all__ = [
     "MAX_TTL",
     "MAX_WEIGHT",
     "MAX_ZONE_ID",
+    "MAX_ZONE_NAME",
     "META_KEY_PATTERN",
     "MIN_TTL",
     "SERVICE_NAME_PATTERN",
+    "SUBSET_FALLBACKS",
     "ZONE_ID_PATTERN",
+    "ZONE_META",
+    "ZONE_MIN_CLUSTER_SIZE",
+    "ZONE_MIN_HEALTHY",
+    "Routing",
     "check_host",
     "check_meta",
+    "check_routing",
+    "check_service_meta",
     "check_service_name",
     "check_ttl",
+    "check_zone",
     "clip",
     "first_bad_host",
     "meta_bytes",
@@ -60,6 +69,8 @@ __all__ = [
 MAX_SERVICE_NAME: Final = 128
 MAX_HOST: Final = 253
 MAX_ZONE_ID: Final = 15
+#: A machine's zone (``cm-sidecar --zone``): a name as a meta key is spelled.
+MAX_ZONE_NAME: Final = 64
 MAX_META_ENTRIES: Final = 32
 MAX_META_KEY: Final = 64
 MAX_META_VALUE: Final = 512
@@ -220,4 +231,93 @@ def check_ttl(value: float | None) -> float | None:
         return 0.0
     if not math.isfinite(value) or not MIN_TTL <= value <= MAX_TTL:
         raise ValueError(f"ttl {value} outside {MIN_TTL}-{MAX_TTL} seconds (0: no expiry)")
+    return value
+
+
+def check_zone(value: str) -> str:
+    """A machine's zone name (``cm-sidecar --zone``): 1-:data:`MAX_ZONE_NAME` letters, digits or
+    ``._/-``, starting with a letter or digit (the rules of a meta key; cloud zone names such
+    as ``eu-west-1a`` fit). Nodes name their zone in their meta ``zone``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("zone name is empty")
+    if len(value) > MAX_ZONE_NAME or not _META_KEY_RE.fullmatch(value):
+        raise ValueError(
+            f"zone name {clip(value)} must be 1-{MAX_ZONE_NAME} letters, digits or '._/-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+# -- routing options in a service's meta (docs/routing.md) ----------------------------------------
+
+#: The node meta key naming the node's zone.
+ZONE_META: Final = "zone"
+#: ``subset_fallback`` values: what a pick with a subset does when no node of the subset may
+#: receive traffic (Envoy's NO_FALLBACK, ANY_ENDPOINT, DEFAULT_SUBSET).
+SUBSET_FALLBACKS: Final = ("none", "any", "default")
+#: Picks stay in the local zone while this fraction of its nodes is healthy: Envoy's
+#: overprovisioning factor 1.4, under which a locality keeps all its traffic down to 1/1.4.
+ZONE_MIN_HEALTHY: Final = 1 / 1.4
+#: Zone routing applies to services (or subsets) of at least this many nodes (Envoy's
+#: ``min_cluster_size``).
+ZONE_MIN_CLUSTER_SIZE: Final = 6
+
+
+class Routing(NamedTuple):
+    """A service's routing options, from its meta (each key optional)::
+
+    subset_fallback=none|any|default   subset_default=k=v,k2=v2
+    zone_min_healthy=0.714              zone_min_cluster_size=6
+    """
+
+    fallback: str = "none"
+    default_subset: tuple[tuple[str, str], ...] = ()
+    zone_min_healthy: float = ZONE_MIN_HEALTHY
+    zone_min_cluster_size: int = ZONE_MIN_CLUSTER_SIZE
+
+
+def check_routing(meta: Mapping[str, str]) -> Routing:
+    """The routing options in a service's ``meta``; ValueError naming the bad one. The server
+    refuses such a service and the sidecar quarantines it; a worker that meets one anyway uses
+    the defaults (``Routing()``)."""
+    fallback = meta.get("subset_fallback", "none")
+    if fallback not in SUBSET_FALLBACKS:
+        raise ValueError(
+            f"meta subset_fallback={clip(fallback)} is not one of {', '.join(SUBSET_FALLBACKS)}"
+        )
+    pairs: dict[str, str] = {}
+    text = meta.get("subset_default", "")
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not _META_KEY_RE.fullmatch(k) or len(k) > MAX_META_KEY or not v:
+            raise ValueError(f"meta subset_default: {clip(item)} is not KEY=VALUE")
+        pairs[k] = v
+    if fallback == "default" and not pairs:
+        raise ValueError("meta subset_fallback=default needs subset_default=KEY=VALUE[,...]")
+    raw = meta.get("zone_min_healthy")
+    healthy = ZONE_MIN_HEALTHY if raw is None else _fraction(raw)
+    raw = meta.get("zone_min_cluster_size")
+    size = ZONE_MIN_CLUSTER_SIZE
+    if raw is not None:
+        if not raw.isdigit() or len(raw) > 6:
+            raise ValueError(f"meta zone_min_cluster_size={clip(raw)} is not a whole number")
+        size = int(raw)
+    return Routing(fallback, tuple(sorted(pairs.items())), healthy, size)
+
+
+def check_service_meta(value: Mapping[str, str]) -> dict[str, str]:
+    """A service's metadata: :func:`check_meta`, then its routing options
+    (:func:`check_routing`)."""
+    meta = check_meta(value)
+    check_routing(meta)
+    return meta
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"meta zone_min_healthy={clip(raw)} is not a number from 0 to 1")
     return value

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from clustermap.balance.picker import live_ejections
+from clustermap.balance.routing import OFF, ZoneDecision, routing_options, zone_decision, zone_name
 from clustermap.client import ClusterMap
 from clustermap.errors import UnknownService
 from clustermap.feedback.status import feedback_status
@@ -55,6 +56,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--key", help="consistent-hash key")
     p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random", "least_request"])
     p.add_argument("--count", type=int, default=1, metavar="N", help="pick N times")
+    p.add_argument(
+        "--subset",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="only nodes whose meta has K=V (repeatable; docs/routing.md)",
+    )
     p.set_defaults(run=pick)
 
     p = sub.add_parser("watch", help="print changes as they are published")
@@ -104,9 +112,19 @@ def ejected_json(services: dict[str, Service]) -> list[dict[str, Any]]:
     return out
 
 
-def service_json(s: Service) -> dict[str, Any]:
+def _zone(s: Service, zone: str) -> ZoneDecision:
+    """Where a worker's key-less picks of ``s`` go on this machine (docs/routing.md)."""
+    return zone_decision(s, zone, routing_options(s.meta), time.time_ns())
+
+
+def zone_json(d: ZoneDecision) -> dict[str, Any]:
+    return {"decision": d.state, "reason": d.reason, "local_nodes": len(d.local)}
+
+
+def service_json(s: Service, zone: str = "") -> dict[str, Any]:
     ejected = _ejections(s, time.time_ns())
     return {
+        "zone": zone_json(_zone(s, zone)),
         "nodes": [node_json(n, k in ejected) for k, n in enumerate(s.nodes)],
         "strategy": s.strategy,
         "panic_threshold": s.panic_threshold,
@@ -162,6 +180,7 @@ def status_json(
         ],
         "ejected": ejected_json(snap.services),
         "feedback": feedback_status(reader.path),
+        "zone": zone_name(meta.zone) or None,
     }
 
 
@@ -194,7 +213,8 @@ def dump(args: argparse.Namespace) -> int:
             raise UnknownService(f"unknown service {name!r} in {reader.path}")
     if args.json:
         out = status_json(reader, snap)
-        out["services"] = {n: service_json(snap.services[n]) for n in names}
+        zone = out["zone"] or ""
+        out["services"] = {n: service_json(snap.services[n], zone) for n in names}
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
@@ -203,9 +223,11 @@ def dump(args: argparse.Namespace) -> int:
     for name in names:  # the region is untrusted: nothing reaches the terminal unescaped
         s = snap.services[name]
         healthy = sum(n.healthy for n in s.nodes)
+        where = _zone(s, st["zone"] or "")
         print(
             f"\n{printable(name)}  {printable(s.strategy)}, {len(s.nodes)} nodes, "
             f"{healthy} healthy, rev {s.revision}"
+            + ("" if where.state == OFF else f", zone {where.state}: {printable(where.reason)}")
         )
         width = max((len(n.address) for n in s.nodes), default=0)
         ejected = _ejections(s, time.time_ns())
@@ -226,6 +248,8 @@ def _status_line(st: dict[str, Any]) -> str:
         f"revision {st['revision']}, generation {st['generation']}, {age}, "
         f"{st['services']} services, {st['nodes']} nodes"
     )
+    if st["zone"]:
+        line += f", zone {st['zone']}"
     if flags:
         line += f"  [{', '.join(flags).upper()}: {st['reason']}]"
     if st["quarantined"]:
@@ -251,6 +275,7 @@ def status(args: argparse.Namespace) -> int:
         ("reason", st["reason"] or "-"),
         ("writer", f"pid {st['writer_pid']} ({_alive_word(st['writer_alive'])})"),
         ("map", f"{st['services']} services, {st['nodes']} nodes"),
+        ("zone", st["zone"] or "-"),
         ("quarantined", str(len(st["quarantined"])) if st["quarantined"] else "-"),
     ]
     rows += [(f"  {q['service']}", q["reason"]) for q in st["quarantined"]]
@@ -292,9 +317,25 @@ def _alive_word(alive: bool | None) -> str:
 def pick(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise SystemExit("cmctl: --count must be at least 1")
+    subset: dict[str, str] | None = None
+    for item in args.subset:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise SystemExit(f"cmctl: --subset {item!r} is not K=V")
+        subset = {**(subset or {}), k: v}
     cm = ClusterMap(args.region)
+    found = cm.route(args.service, subset)  # what workers do, with the reasons (on stderr)
+    if found.fallback:
+        print(f"subset fallback: {printable(found.fallback)}", file=sys.stderr)
+    if found.zone.state != OFF:
+        keyed = args.key is not None and args.strategy in (None, "consistent_hash")
+        print(
+            f"zone {found.zone.zone}: {found.zone.state} ({printable(found.zone.reason)})"
+            + ("; keyed picks ignore zones" if keyed else ""),
+            file=sys.stderr,
+        )
     for _ in range(args.count):
-        print(cm.pick(args.service, args.key, strategy=args.strategy).address)
+        print(cm.pick(args.service, args.key, args.strategy, subset).address)
     return 0
 
 

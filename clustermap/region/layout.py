@@ -256,6 +256,9 @@ class Meta:
     #: ``stream_since_ns`` is the wall clock the stream opened at). Absent from older writers.
     mode: str = ""
     stream_since_ns: int = 0
+    #: The machine's zone (``cm-sidecar --zone``), "" if none; workers keep picks in it
+    #: (docs/routing.md). Absent from older writers; older readers ignore it.
+    zone: str = ""
 
 
 def encode_meta(m: Meta) -> bytes:
@@ -272,6 +275,7 @@ def encode_meta(m: Meta) -> bytes:
             "quarantined": dict(m.quarantined),
             "mode": m.mode,
             "stream_since_ns": m.stream_since_ns,
+            "zone": m.zone,
         }
     )
 
@@ -304,6 +308,7 @@ def decode_meta(payload: bytes | memoryview) -> Meta:
             quarantined=quarantined,
             mode=_str(d.get("mode", "")),
             stream_since_ns=_int(d.get("stream_since_ns", 0)),
+            zone=_str(d.get("zone", "")),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CorruptRegion(f"malformed meta record: {exc}") from None

@@ -367,12 +367,15 @@ class RegionWriter:
         *,
         meta: L.Meta | None = None,
         sync_ns: int | None = None,
+        force: bool = False,
     ) -> WriterStats:
         """Publish changed services, removed services and new meta as one update.
 
         Upserts whose content equals what the region holds are skipped, so a full map costs only
-        what changed. Nothing is visible to readers until the whole update is. Maglev tables of
-        changed hashed services are built first, outside the lock, within
+        what changed; ``force`` rewrites them anyway, with a new version (workers then rebuild
+        their pickers: the machine's zone changed). Nothing is visible to readers until the
+        whole update is. Maglev tables of changed hashed services are built first, outside the
+        lock, within
         :data:`~clustermap.region.tables.TABLE_BUDGET_S`; tables left over are published by the
         next updates (including :meth:`touch`).
         """
@@ -380,7 +383,7 @@ class RegionWriter:
         removals = set(removals)
         tables = self._prepare_tables(upserts, removals)
         with self._locked():
-            stats = self._publish_locked(upserts, removals, meta, tables)
+            stats = self._publish_locked(upserts, removals, meta, tables, force)
             if sync_ns is not None:
                 self._write_word(L.LAST_SYNC_OFF, sync_ns)
         self._close_retired()
@@ -481,6 +484,7 @@ class RegionWriter:
         removals: set[str],
         meta: L.Meta | None,
         tables: Mapping[str, tuple[int, bytes | None]],
+        force: bool = False,
     ) -> WriterStats:
         self._release_quarantined()
         gen = self._gen + 1
@@ -497,7 +501,7 @@ class RegionWriter:
             tag = table[0] if table is not None else 0
             slot = self._dir.get(s.name)
             old = self._slots[slot] if slot is not None else None
-            if old is not None and old.digest == digest and old.table == tag:
+            if old is not None and old.digest == digest and old.table == tag and not force:
                 unchanged += 1
                 continue
             record = L.encode_record(L.KIND_SERVICE, gen, payload)

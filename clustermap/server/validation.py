@@ -30,6 +30,7 @@ from clustermap.rules import (
     MIN_TTL,
     check_host,
     check_meta,
+    check_service_meta,
     check_service_name,
     check_ttl,
 )
@@ -98,7 +99,9 @@ class ServiceOptions(BaseModel):
 
     strategy: str = "round_robin"
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
-    meta: Meta = Field(default_factory=dict)
+    meta: Annotated[dict[str, str], AfterValidator(check_service_meta)] = Field(
+        default_factory=dict
+    )
 
     @field_validator("strategy")
     @classmethod

@@ -24,6 +24,7 @@ from pydantic_settings import (
 from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.feedback.layout import MAX_EJECTION_S, MAX_ENTRIES, MAX_IDS, MAX_ROWS
 from clustermap.model import parse_address
+from clustermap.rules import check_zone
 
 __all__ = ["DEFAULT_SERVER", "SidecarSettings"]
 
@@ -56,6 +57,11 @@ class SidecarSettings(BaseSettings):
         "(cm-server sends a keepalive every 15 s)",
     )
     timeout: float = Field(default=2.0, gt=0, description="deadline of one poll, seconds")
+    zone: str | None = Field(
+        default=None,
+        description="this machine's zone: picks stay among nodes whose meta zone is it while "
+        "enough of them are healthy (docs/routing.md)",
+    )
     services: Annotated[list[str], NoDecode] = Field(
         default=[], description="subscribe to these services only (default: all)"
     )
@@ -157,6 +163,11 @@ class SidecarSettings(BaseSettings):
         for v in value:
             parse_address(v)
         return value
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return check_zone(value) if value else None
 
     @field_validator("feedback_mode")
     @classmethod

@@ -89,6 +89,7 @@ class Sidecar:
             self._install_signals()
             self._warm_start()
             self._start_feedback()
+            self._publish_zone()
             if s.watch:
                 self._start_watch()
             if s.metrics:
@@ -167,7 +168,22 @@ class Sidecar:
         self.guard.policy = _policy(new)
         if self.feedback is not None:
             self.feedback.outliers.policy = _outlier_policy(new)
+        self._publish_zone()
         log.info("SIGHUP: configuration reloaded (servers %s)", ", ".join(new.server))
+
+    def _publish_zone(self) -> None:
+        """Record the machine's zone in the region. When it differs from the zone recorded
+        there, every service is republished with a new version: workers' cached pickers were
+        routed for the old zone (docs/routing.md)."""
+        zone = self.settings.zone or ""
+        if self.meta.zone == zone and self.writer.meta.zone == zone:
+            return
+        meta = replace(self.meta, zone=zone)
+        hub = self.feedback
+        services = [hub.decorate(s) if hub is not None else s for s in self.published.values()]
+        self.writer.publish(services, meta=meta, force=True)
+        self.meta = meta
+        log.info("zone %s: %d services republished", zone or "(none)", len(services))
 
     # -- feedback (docs/feedback.md) --------------------------------------------------------------
 
@@ -375,6 +391,7 @@ class Sidecar:
             source="snapshot",
             stale=True,
             reason=f"warm start from {path} written {age:.0f} s ago; not yet synced",
+            zone=self.settings.zone or "",
         )
         self.writer.replace_all(disk.services, meta=meta)
         self.published = {s.name: s for s in disk.services}
@@ -459,6 +476,7 @@ class Sidecar:
             quarantined=quarantined,
             mode="watch" if self._stream_since else "poll",
             stream_since_ns=self._stream_since_ns if self._stream_since else 0,
+            zone=self.settings.zone or "",
         )
         self._publish(decision.upserts, decision.removals, meta)
         return True

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="subscribe to this service only; repeatable",
     )
+    p.add_argument("--zone", metavar="NAME", help="this machine's zone ($CLUSTERMAP_ZONE)")
     p.add_argument(
         "--standby",
         action="store_true",
@@ -84,6 +85,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "metrics",
         "services",
         "standby",
+        "zone",
         "watch",
         "protect",
         "token_file",

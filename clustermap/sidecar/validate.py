@@ -49,7 +49,7 @@ class _ServiceIn(BaseModel):
     ]
     strategy: Literal["round_robin", "random", "weighted", "consistent_hash"]
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-    meta: _META
+    meta: Annotated[dict[str, str], AfterValidator(rules.check_service_meta)]
 
 
 _SERVICES: Final = TypeAdapter(list[_ServiceIn])
