@@ -250,6 +250,7 @@ class ServicePicker:
         "nodes",
         "panic",
         "service",
+        "str_maglev",
     )
 
     def __init__(
@@ -269,6 +270,9 @@ class ServicePicker:
         #: The Maglev table once the first keyed pick made it, else None: ``maglev[slot]`` is an
         #: index into ``nodes``. A view of the region's pages when ``maglev_shared``.
         self.maglev: Sequence[int] | None = None
+        #: ``maglev`` for the client's inlined keyed pick, which assumes a str key; set back to
+        #: None by the client on a bytes key (then keyed picks go through consistent_hash).
+        self.str_maglev: Sequence[int] | None = None
         self.maglev_shared = False
         self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
@@ -485,6 +489,7 @@ class ServicePicker:
     def _maglev_mismatch(self, key: str | bytes) -> Node:
         """A table entry that is not a node index: a shared table not made for these nodes
         (docs/region-format.md says when a reader could see one). Build our own instead."""
+        self.str_maglev = None
         self.maglev = None
         self.maglev_shared = False
         self._maglev_source = None
@@ -524,7 +529,7 @@ class ServicePicker:
             raise NoAvailableNode(self._why)
         kind = self._hash
         if kind == "maglev":
-            table = self.maglev = self._maglev_table()
+            table = self.maglev = self.str_maglev = self._maglev_table()
             return self._maglev_pick(table, key)  # guarded: a bad shared entry falls back
         if kind in ("ketama", "ketama_libmemcached"):
             style = "libmemcached" if kind == "ketama_libmemcached" else "ketama"
