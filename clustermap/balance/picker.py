@@ -433,6 +433,16 @@ class ServicePicker:
                 return nodes[j]
         return nodes[i]
 
+    def _lr_candidates(self) -> list[Node]:
+        """The nodes least_request draws its two choices from: each node once, or with unequal
+        weights the weighted schedule (a node as often as its weight)."""
+        nodes = self._nodes_list
+        if len({n.weight for n in nodes}) > 1:
+            if self._schedule is None:
+                self._weighted_schedule()
+            return self._schedule or nodes
+        return nodes
+
     def _lr_streams(self) -> None:
         """Two exactly uniform streams: ``i`` over the candidates, ``j`` over the others."""
         count = self._lr_count
@@ -443,11 +453,7 @@ class ServicePicker:
         nodes = self._nodes_list
         if not nodes:
             return
-        candidates = nodes
-        if len({n.weight for n in nodes}) > 1:
-            if self._schedule is None:
-                self._weighted_schedule()
-            candidates = self._schedule or nodes
+        candidates = self._lr_candidates()
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
@@ -618,8 +624,15 @@ class ExpiringPicker(ServicePicker):
 def make_picker(
     service: Service, maglev_source: Callable[[], MaglevTable | None] | None = None
 ) -> ServicePicker:
-    """The picker for ``service``: an :class:`ExpiringPicker` when it has ejected nodes.
+    """The picker for ``service``: a :class:`~clustermap.balance.slowstart.RampingPicker` while
+    nodes are in slow start, an :class:`ExpiringPicker` when it has ejected nodes.
     ``maglev_source`` gives the table the sidecar published, if any (see ServicePicker)."""
+    ramp = service.slow_start
+    if ramp is not None:  # nodes in slow start (docs/slow-start.md)
+        from clustermap.balance.slowstart import RampingPicker, ramping
+
+        if ramping(ramp, _time_ns()):
+            return RampingPicker(service, maglev_source)
     overlay = service.overlay
     if overlay is not None and overlay.ejected:
         return ExpiringPicker(service, maglev_source)
