@@ -20,6 +20,7 @@ from clustermap.balance.slowstart import (
     ramp_weights,
     ramping,
 )
+from clustermap.errors import CorruptRegion
 from clustermap.model import DOWN, Ejection, Node, Overlay, Service, SlowStart
 from clustermap.region import layout as L
 from clustermap.rules import SlowStartConfig, check_slow_start
@@ -133,7 +134,7 @@ def test_a_bad_slow_start_element_is_a_corrupt_record(bad: object) -> None:
         L.encode_service(Service("s", nodes(3), slow_start=SlowStart(S, 1.0, 0.1, ())))
     )
     doc[7] = bad
-    with pytest.raises(L.CorruptRegion):
+    with pytest.raises(CorruptRegion):
         L.decode_service(msgpack.packb(doc))
 
 
