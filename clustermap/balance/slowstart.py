@@ -8,11 +8,13 @@ worker on the machine ramps together.
 A worker never rebuilds a picker per pick. :class:`RampingPicker` serves round_robin and
 weighted picks from a chain of C iterators, like a plain picker; every :data:`CHUNK` picks the
 chain calls :meth:`RampingPicker._chunk`, which reads the clock and, only when a node's weight
-moved to another of the ramp's :data:`STEPS` levels, rebuilds the smooth WRR schedule. So a warm
-pick stays O(1) (a C ``next()`` plus one Python call per 64 picks), and a ramp rebuilds each
-schedule at most ``STEPS`` times. least_request reads the clock on each pick (it runs Python
-code anyway) and rebuilds its candidates on the same levels. When the last ramp ends, the picker
-rebinds its plain iterators in place: afterwards it costs what a plain picker costs.
+moved to another of the ramp's :data:`STEPS` levels, rebuilds the schedule: :data:`STEPS`
+rounds of the plain schedule in which a ramping node keeps only its share of its slots
+(:func:`ramp_schedule`, O(length), no simulation). So a warm pick stays O(1) (a C ``next()``
+plus one Python call per 64 picks), and a ramp rebuilds each schedule at most ``STEPS`` times.
+least_request reads the clock on each pick (it runs Python code anyway) and rebuilds its
+candidates on the same levels. When the last ramp ends, the picker rebinds its plain iterators
+in place: afterwards it costs what a plain picker costs.
 random, weighted_random and consistent_hash do not ramp (Envoy ramps round robin and least
 request only; a hash ring that moved keys as weights ramp would defeat affinity).
 """
@@ -28,11 +30,19 @@ from clustermap.balance.schedule import smooth_wrr
 from clustermap.feedback.layout import MAX_EJECTION_S
 from clustermap.model import Node, Service, SlowStart
 
-__all__ = ["CHUNK", "STEPS", "RampingPicker", "ramp_factor", "ramp_weights", "ramping"]
+__all__ = [
+    "CHUNK",
+    "STEPS",
+    "RampingPicker",
+    "ramp_counts",
+    "ramp_factor",
+    "ramp_schedule",
+    "ramping",
+]
 
-#: Weight levels of a ramp: a ramping node's weight is ``floor(weight * factor * STEPS)``
-#: against ``weight * STEPS`` for the others (never below 1), so a schedule is rebuilt at most
-#: this many times per ramp.
+#: Weight levels of a ramp: over STEPS rounds of the plain schedule a ramping node keeps
+#: ``floor(slots * factor * STEPS)`` of its ``slots * STEPS`` slots (never fewer than 1), so a
+#: schedule is rebuilt at most this many times per ramp.
 STEPS: Final = 20
 #: Picks served between two reads of the clock during a ramp (round_robin, weighted).
 CHUNK: Final = 64
@@ -57,17 +67,33 @@ def ramping(ramp: SlowStart, now_ns: int) -> bool:
     return any(now_ns < t + window and t <= now_ns + _HORIZON_NS for _, t in ramp.since)
 
 
-def ramp_weights(
-    weights: Sequence[int], ramps: Sequence[tuple[int, int]], ramp: SlowStart, now_ns: int
-) -> list[int]:
-    """Integer schedule weights at ``now_ns``: ``weights[i] * STEPS``, and for each ``(i,
-    since_ns)`` of ``ramps`` ``max(1, floor(weights[i] * factor * STEPS))``."""
-    out = [w * STEPS for w in weights]
+def ramp_counts(
+    counts: dict[int, int], ramps: Sequence[tuple[int, int]], ramp: SlowStart, now_ns: int
+) -> dict[int, int]:
+    """For each ``(i, since_ns)`` of ``ramps``, how many of its ``counts[i] * STEPS``
+    appearances in :data:`STEPS` rounds of a schedule node ``i`` keeps at ``now_ns``:
+    ``max(1, floor(counts[i] * factor * STEPS))`` (all of them once its ramp is over)."""
     window_s = ramp.window_ns / 1e9
+    out = {}
     for i, since in ramps:
         f = ramp_factor((now_ns - since) / 1e9, window_s, ramp.aggression, ramp.min_weight)
-        out[i] = max(1, int(weights[i] * f * STEPS))
+        out[i] = max(1, int(counts[i] * f * STEPS))
     return out
+
+
+def ramp_schedule(base: Sequence[int], kept: dict[int, int]) -> list[int]:
+    """:data:`STEPS` rounds of the schedule ``base`` (node indices) in which node ``i`` of
+    ``kept`` keeps only ``kept[i]`` of its appearances, spread evenly over the rounds.
+
+    O(length) with no simulation: a ramping node's weight changes only its own slots, so a
+    level change costs about a millisecond per thousand slots (docs/slow-start.md).
+    """
+    total = {i: base.count(i) * STEPS for i in kept}
+    masks = {
+        i: iter([(t * m) // total[i] != ((t + 1) * m) // total[i] for t in range(total[i])])
+        for i, m in kept.items()
+    }
+    return [i for i in list(base) * STEPS if i not in masks or next(masks[i])]
 
 
 class RampingPicker(ExpiringPicker):
@@ -82,9 +108,10 @@ class RampingPicker(ExpiringPicker):
     ) -> None:
         self._ramps: list[tuple[int, int]] = []
         self._chains: tuple[Iterator[Node], Iterator[Node]] | None = None
-        # per strategy ("rr", "w"): [levels, cycle over its schedule]
+        # per strategy ("rr", "w"): [kept counts, cycle over its schedule]; "rr-base", "w-base":
+        # [plain schedule, each ramping node's count in it]
         self._state: dict[str, list[object]] = {}
-        self._lr_levels: tuple[int, ...] | None = None
+        self._lr_levels: dict[int, int] | None = None
         self._lr_check = 0
         super().__init__(service, maglev_source)
 
@@ -141,25 +168,38 @@ class RampingPicker(ExpiringPicker):
     # -- round_robin and weighted -------------------------------------------------------------
 
     def _chunk_rr(self) -> Iterator[Node]:
-        return self._chunk("rr", [1] * len(self._nodes_list))
+        return self._chunk("rr")
 
     def _chunk_weighted(self) -> Iterator[Node]:
-        return self._chunk("w", [n.weight for n in self._nodes_list])
+        return self._chunk("w")
 
-    def _chunk(self, kind: str, weights: list[int]) -> Iterator[Node]:
+    def _base(self, kind: str) -> tuple[list[int], dict[int, int]]:
+        """The plain schedule of ``kind`` (node indices) and each ramping node's count in it."""
+        state = self._state.get(kind + "-base")
+        if state is None:
+            n = len(self._nodes_list)
+            base = list(range(n)) if kind == "rr" else smooth_wrr(self._weights())
+            state = self._state[kind + "-base"] = [base, {i: base.count(i) for i, _ in self._ramps}]
+        return state[0], state[1]  # type: ignore[return-value]
+
+    def _weights(self) -> list[int]:
+        return [n.weight for n in self._nodes_list]
+
+    def _chunk(self, kind: str) -> Iterator[Node]:
         """The next :data:`CHUNK` picks, from the schedule of the current ramp levels."""
         now = _time_ns()
         if not self._ramps or all(now >= since + self._window() for _, since in self._ramps):
             if self._ramps:
                 self._end_ramps()
             return islice(self._rr if kind == "rr" else self._wrr, CHUNK)
-        levels = tuple(ramp_weights(weights, self._ramps, self._ramp(), now))
+        base, counts = self._base(kind)
+        kept = ramp_counts(counts, self._ramps, self._ramp(), now)
         state = self._state.get(kind)
-        if state is None or state[0] != levels:
+        if state is None or state[0] != kept:
             nodes = self._nodes_list
-            schedule = [nodes[i] for i in smooth_wrr(levels)]
+            schedule = [nodes[i] for i in ramp_schedule(base, kept)]
             start = int(_random() * len(schedule))
-            state = self._state[kind] = [levels, cycle(schedule[start:] + schedule[:start])]
+            state = self._state[kind] = [kept, cycle(schedule[start:] + schedule[:start])]
         it = state[1]
         assert isinstance(it, Iterator)
         return islice(it, CHUNK)
@@ -187,16 +227,14 @@ class RampingPicker(ExpiringPicker):
         if all(now >= since + self._window() for _, since in self._ramps):
             self._end_ramps()
             return
-        levels = tuple(
-            ramp_weights([n.weight for n in self._nodes_list], self._ramps, self._ramp(), now)
-        )
-        if levels != self._lr_levels:
-            self._lr_levels = levels
+        kept = ramp_counts(self._base("w")[1], self._ramps, self._ramp(), now)
+        if kept != self._lr_levels:
+            self._lr_levels = kept
             self._reset_least_request()
 
     def _lr_candidates(self) -> list[Node]:
-        levels = self._lr_levels
-        if not self._ramps or levels is None:
+        kept = self._lr_levels
+        if not self._ramps or kept is None:
             return super()._lr_candidates()
         nodes = self._nodes_list
-        return [nodes[i] for i in smooth_wrr(levels)]
+        return [nodes[i] for i in ramp_schedule(self._base("w")[0], kept)]

@@ -16,8 +16,9 @@ from clustermap.balance.slowstart import (
     CHUNK,
     STEPS,
     RampingPicker,
+    ramp_counts,
     ramp_factor,
-    ramp_weights,
+    ramp_schedule,
     ramping,
 )
 from clustermap.errors import CorruptRegion
@@ -51,13 +52,19 @@ def test_ramp_factor_rises_monotonically_to_one(aggression: float) -> None:
     assert values[-1] == 1.0
 
 
-def test_ramp_weights_scale_only_the_ramping_nodes() -> None:
+def test_ramp_counts_and_schedules_scale_only_the_ramping_nodes() -> None:
     ramp = SlowStart(10 * S, 1.0, 0.1, ())
     now = 100 * S
-    assert ramp_weights([1, 2, 3], [(1, now - 5 * S)], ramp, now) == [STEPS, STEPS, 3 * STEPS]
-    assert ramp_weights([1, 1], [(0, now)], ramp, now) == [2, STEPS]  # 10 % of 20
-    assert ramp_weights([1, 1], [(0, now)], SlowStart(10 * S, 1.0, 0.0, ()), now)[0] == 2
-    assert ramp_weights([1], [(0, now)], SlowStart(1000 * S, 1.0, 0.0, ()), now) == [1]  # >= 1
+    assert ramp_counts({1: 2}, [(1, now - 5 * S)], ramp, now) == {1: STEPS}  # half of 2 x 20
+    assert ramp_counts({0: 1}, [(0, now)], ramp, now) == {0: 2}  # 10 % of 20
+    assert ramp_counts({0: 1}, [(0, now)], SlowStart(1000 * S, 1.0, 0.0, ()), now) == {0: 1}
+    base = [0, 1, 0, 2]  # weights 2:1:1
+    schedule = ramp_schedule(base, {1: 5})
+    assert Counter(schedule) == {0: 2 * STEPS, 1: 5, 2: STEPS}
+    positions = [k for k, i in enumerate(schedule) if i == 1]  # spread over the rounds
+    gaps = [b - a for a, b in pairwise(positions)]
+    assert max(gaps) - min(gaps) <= len(base)
+    assert ramp_schedule(base, {}) == base * STEPS
     assert ramping(SlowStart(10 * S, 1.0, 0.1, ((0, now - 9 * S),)), now)
     assert not ramping(SlowStart(10 * S, 1.0, 0.1, ((0, now - 10 * S),)), now)
     assert not ramping(SlowStart(10 * S, 1.0, 0.1, ((0, now + 10**6 * S),)), now)  # garbage
