@@ -281,3 +281,14 @@ def test_after_fork_keeps_the_ramp() -> None:
     picker.after_fork()
     picks = [picker.pick() for _ in range(70 * CHUNK)]
     assert share(picks, svc.nodes[3]) == pytest.approx(0.5 / 3.5, rel=0.05)
+
+
+def test_ejections_and_ramps_compose() -> None:
+    svc = ramped(4, since_s=1800.0)
+    until = time.time_ns() + 600 * S
+    svc = replace(svc, overlay=Overlay((0, 1, 2, 3), (Ejection(0, until, "5 failures"),)))
+    picker = make_picker(svc)
+    assert isinstance(picker, RampingPicker)
+    picks = [picker.pick() for _ in range(50 * CHUNK)]
+    assert share(picks, svc.nodes[0]) == 0.0  # ejected
+    assert share(picks, svc.nodes[3]) == pytest.approx(0.5 / 2.5, rel=0.05)
