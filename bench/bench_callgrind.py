@@ -21,11 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import routed, write_json
 
-from clustermap.model import Node, Service
+from clustermap.model import Node, Service, SlowStart
 from clustermap.region.layout import Meta
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar.feedback import FeedbackHub
@@ -110,7 +111,29 @@ ROWS = [
         "bare_s('zoned', subset={'version': 'v2'})",
         6,
     ),
+    # Slow start (docs/slow-start.md): a service with one node half-way through its ramp, and
+    # one whose ramp is over.
+    ("pick(), round_robin, a node in slow start", "pick('ramp')", "bare('rr')", 4),
+    (
+        "pick(strategy='weighted'), a node in slow start",
+        "pick('ramp', strategy='weighted')",
+        "bare('rr', strategy='weighted')",
+        4,
+    ),
+    (
+        "pick(strategy='least_request'), a node in slow start",
+        "pick('ramp', strategy='least_request')",
+        "bare('rr', strategy='least_request')",
+        10,
+    ),
+    ("pick(), round_robin, slow start over", "pick('ramped')", "bare('rr')", 4),
 ]
+
+
+def _ramp(count: int, started_s: int) -> SlowStart:
+    """An hour's slow start of the last of ``count`` nodes, started ``started_s`` from now."""
+    since = time.time_ns() + started_s * 1_000_000_000
+    return SlowStart(3600 * 1_000_000_000, 1.0, 0.1, ((count - 1, since),))
 
 
 def instructions(region: str, stmt: str, number: int) -> int:
@@ -172,6 +195,9 @@ def main() -> None:
             Service("random", nodes, strategy="random"),
             Service("hash", nodes, strategy="consistent_hash"),
             *routed(nodes),
+            # The last node half-way through an hour's ramp; and a ramp an hour over.
+            Service("ramp", nodes, slow_start=_ramp(len(nodes), -1800)),
+            Service("ramped", nodes, slow_start=_ramp(len(nodes), -7200)),
         ]
         with RegionWriter(region) as w:
             w.publish([hub.decorate(s) for s in services], meta=Meta(zone="a"))

@@ -29,6 +29,7 @@ __all__ = [
     "Node",
     "Overlay",
     "Service",
+    "SlowStart",
     "format_address",
     "parse_address",
 ]
@@ -107,6 +108,21 @@ class Overlay:
     ejected: tuple[Ejection, ...] = ()
 
 
+class SlowStart(NamedTuple):
+    """Nodes of a service ramping up their weight after they joined or came back up, as the
+    sidecar publishes them (docs/slow-start.md): every worker ramps on this one clock.
+
+    ``since`` pairs a position in :attr:`Service.nodes` with the wall clock (ns since the epoch)
+    at which its ramp starts (in the future for a node ejected until then). A node's weight is
+    scaled by ``max(min_weight, (max(elapsed, 1 s) / window) ** (1 / aggression))``.
+    """
+
+    window_ns: int
+    aggression: float
+    min_weight: float
+    since: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """A named set of nodes plus the options that steer picking among them.
@@ -126,6 +142,8 @@ class Service:
     revision: int = 0
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     overlay: Overlay | None = field(default=None, compare=False)
+    #: Nodes in slow start (the sidecar's, like ``overlay``); None: none.
+    slow_start: SlowStart | None = field(default=None, compare=False)
 
     def healthy_nodes(self) -> tuple[Node, ...]:
         """The nodes that may receive traffic outside panic mode, in map order."""

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_META_VALUE",
     "MAX_PORT",
     "MAX_SERVICE_NAME",
+    "MAX_SLOW_START_S",
     "MAX_TTL",
     "MAX_WEIGHT",
     "MAX_ZONE_ID",
@@ -46,17 +47,21 @@ __all__ = [
     "META_KEY_PATTERN",
     "MIN_TTL",
     "SERVICE_NAME_PATTERN",
+    "SLOW_START_AGGRESSION",
+    "SLOW_START_MIN_WEIGHT_PERCENT",
     "SUBSET_FALLBACKS",
     "ZONE_ID_PATTERN",
     "ZONE_META",
     "ZONE_MIN_CLUSTER_SIZE",
     "ZONE_MIN_HEALTHY",
     "Routing",
+    "SlowStartConfig",
     "check_host",
     "check_meta",
     "check_routing",
     "check_service_meta",
     "check_service_name",
+    "check_slow_start",
     "check_ttl",
     "check_zone",
     "clip",
@@ -219,6 +224,59 @@ def check_meta(value: Mapping[str, str], max_bytes: int = MAX_META_BYTES) -> dic
     if meta_bytes(value) > max_bytes:
         raise ValueError(f"meta larger than {max_bytes} bytes")
     return dict(sorted(value.items()))
+
+
+# -- slow start (docs/slow-start.md) ---------------------------------------------------------------
+
+#: Longest slow-start window, seconds.
+MAX_SLOW_START_S: Final = 3600.0
+#: Envoy's defaults: a linear ramp that starts at 10 % of the node's weight.
+SLOW_START_AGGRESSION: Final = 1.0
+SLOW_START_MIN_WEIGHT_PERCENT: Final = 10.0
+_DURATION_RE: Final = re.compile(r"([0-9]+(?:\.[0-9]*)?)(ms|s|m)?")
+_DURATION_UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+class SlowStartConfig(NamedTuple):
+    """A service's slow start, from its meta: ``slow_start=30s`` (also ``500ms``, ``2m`` or plain
+    seconds; ``0`` turns it off; absent: ``window_s`` None, the sidecar's default window),
+    ``slow_start_aggression=1.0``, ``slow_start_min_weight=10`` (percent of the node's weight).
+    """
+
+    window_s: float | None
+    aggression: float = SLOW_START_AGGRESSION
+    min_weight_percent: float = SLOW_START_MIN_WEIGHT_PERCENT
+
+
+def check_slow_start(meta: Mapping[str, str]) -> SlowStartConfig:
+    """The slow-start options in a service's ``meta``; ValueError naming the bad one (the server
+    refuses the service, the sidecar quarantines it)."""
+    raw = meta.get("slow_start")
+    window = None
+    if raw is not None:
+        m = _DURATION_RE.fullmatch(raw.strip())
+        window = float(m.group(1)) * _DURATION_UNIT[m.group(2)] if m else math.nan
+        if not 0.0 <= window <= MAX_SLOW_START_S:
+            raise ValueError(
+                f"meta slow_start={clip(raw)} is not a window of 0-{MAX_SLOW_START_S:.0f} s "
+                "(e.g. 30s, 500ms, 2m)"
+            )
+    aggression = _number(meta, "slow_start_aggression", SLOW_START_AGGRESSION, 0.01, 100.0)
+    percent = _number(meta, "slow_start_min_weight", SLOW_START_MIN_WEIGHT_PERCENT, 0.0, 100.0)
+    return SlowStartConfig(window, aggression, percent)
+
+
+def _number(meta: Mapping[str, str], key: str, default: float, low: float, high: float) -> float:
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise ValueError(f"meta {key}={clip(raw)} is not a number from {low:g} to {high:g}")
+    return value
 
 
 def check_ttl(value: float | None) -> float | None:

@@ -250,6 +250,7 @@ class ServicePicker:
         "nodes",
         "panic",
         "service",
+        "str_maglev",
     )
 
     def __init__(
@@ -269,6 +270,9 @@ class ServicePicker:
         #: The Maglev table once the first keyed pick made it, else None: ``maglev[slot]`` is an
         #: index into ``nodes``. A view of the region's pages when ``maglev_shared``.
         self.maglev: Sequence[int] | None = None
+        #: ``maglev`` for the client's inlined keyed pick, which assumes a str key; set back to
+        #: None by the client on a bytes key (then keyed picks go through consistent_hash).
+        self.str_maglev: Sequence[int] | None = None
         self.maglev_shared = False
         self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
@@ -429,6 +433,16 @@ class ServicePicker:
                 return nodes[j]
         return nodes[i]
 
+    def _lr_candidates(self) -> list[Node]:
+        """The nodes least_request draws its two choices from: each node once, or with unequal
+        weights the weighted schedule (a node as often as its weight)."""
+        nodes = self._nodes_list
+        if len({n.weight for n in nodes}) > 1:
+            if self._schedule is None:
+                self._weighted_schedule()
+            return self._schedule or nodes
+        return nodes
+
     def _lr_streams(self) -> None:
         """Two exactly uniform streams: ``i`` over the candidates, ``j`` over the others."""
         count = self._lr_count
@@ -439,11 +453,7 @@ class ServicePicker:
         nodes = self._nodes_list
         if not nodes:
             return
-        candidates = nodes
-        if len({n.weight for n in nodes}) > 1:
-            if self._schedule is None:
-                self._weighted_schedule()
-            candidates = self._schedule or nodes
+        candidates = self._lr_candidates()
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
@@ -485,6 +495,7 @@ class ServicePicker:
     def _maglev_mismatch(self, key: str | bytes) -> Node:
         """A table entry that is not a node index: a shared table not made for these nodes
         (docs/region-format.md says when a reader could see one). Build our own instead."""
+        self.str_maglev = None
         self.maglev = None
         self.maglev_shared = False
         self._maglev_source = None
@@ -524,7 +535,7 @@ class ServicePicker:
             raise NoAvailableNode(self._why)
         kind = self._hash
         if kind == "maglev":
-            table = self.maglev = self._maglev_table()
+            table = self.maglev = self.str_maglev = self._maglev_table()
             return self._maglev_pick(table, key)  # guarded: a bad shared entry falls back
         if kind in ("ketama", "ketama_libmemcached"):
             style = "libmemcached" if kind == "ketama_libmemcached" else "ketama"
@@ -613,8 +624,15 @@ class ExpiringPicker(ServicePicker):
 def make_picker(
     service: Service, maglev_source: Callable[[], MaglevTable | None] | None = None
 ) -> ServicePicker:
-    """The picker for ``service``: an :class:`ExpiringPicker` when it has ejected nodes.
+    """The picker for ``service``: a :class:`~clustermap.balance.slowstart.RampingPicker` while
+    nodes are in slow start, an :class:`ExpiringPicker` when it has ejected nodes.
     ``maglev_source`` gives the table the sidecar published, if any (see ServicePicker)."""
+    ramp = service.slow_start
+    if ramp is not None:  # nodes in slow start (docs/slow-start.md)
+        from clustermap.balance.slowstart import RampingPicker, ramping
+
+        if ramping(ramp, _time_ns()):
+            return RampingPicker(service, maglev_source)
     overlay = service.overlay
     if overlay is not None and overlay.ejected:
         return ExpiringPicker(service, maglev_source)

@@ -73,7 +73,7 @@ import msgpack
 import xxhash
 
 from clustermap.errors import CorruptRegion
-from clustermap.model import STATUSES, STRATEGIES, Ejection, Node, Overlay, Service
+from clustermap.model import STATUSES, STRATEGIES, Ejection, Node, Overlay, Service, SlowStart
 
 __all__ = [
     "DATA_ALIGN",
@@ -331,7 +331,9 @@ def decode_directory(payload: bytes | memoryview, slot_count: int) -> dict[str, 
 def encode_service(s: Service) -> bytes:
     """``[name, revision, strategy, panic, meta, [[host, port, weight, status, meta], ...]]``,
     then, when the sidecar has feedback verdicts, ``[ids, [[position, until_ns, reason], ...]]``
-    with ``ids`` packed as little-endian int32s (one per node, -1: none).
+    with ``ids`` packed as little-endian int32s (one per node, -1: none), then, when nodes are
+    in slow start, ``[window_ns, aggression, min_weight, [[position, since_ns], ...]]`` (with a
+    7th element of ids -1 if there is no overlay: older readers ignore the 8th).
     """
     doc: list[object] = [
         s.name,
@@ -341,9 +343,17 @@ def encode_service(s: Service) -> bytes:
         dict(s.meta),
         [[n.host, n.port, n.weight, n.status, dict(n.meta)] for n in s.nodes],
     ]
-    if s.overlay is not None:
-        ids = struct.pack(f"<{len(s.overlay.ids)}i", *s.overlay.ids)
-        doc.append([ids, [list(e) for e in s.overlay.ejected]])
+    overlay = s.overlay
+    if overlay is None and s.slow_start is not None:  # the 8th element needs a 7th
+        overlay = Overlay((-1,) * len(s.nodes))
+    if overlay is not None:
+        ids = struct.pack(f"<{len(overlay.ids)}i", *overlay.ids)
+        doc.append([ids, [list(e) for e in overlay.ejected]])
+    if s.slow_start is not None:
+        r = s.slow_start
+        doc.append(
+            [r.window_ns, float(r.aggression), float(r.min_weight), [list(p) for p in r.since]]
+        )
     return _pack(doc)
 
 
@@ -375,6 +385,22 @@ def _decode_overlay(raw: Any, count: int) -> Overlay:
     return Overlay(ids, ejected)
 
 
+def _decode_slow_start(raw: Any, count: int) -> SlowStart:
+    window_ns, aggression, min_weight, since_raw = raw
+    since = tuple((p, t) for p, t in since_raw)
+    if not (
+        type(window_ns) is int
+        and window_ns > 0
+        and isinstance(aggression, float)
+        and aggression > 0
+        and isinstance(min_weight, float)
+        and 0.0 <= min_weight <= 1.0
+        and all(type(p) is int and 0 <= p < count and type(t) is int for p, t in since)
+    ):
+        raise TypeError("bad slow start")
+    return SlowStart(window_ns, aggression, min_weight, since)
+
+
 def decode_service(payload: bytes | memoryview) -> Service:
     """Decode and check a service record; anything off raises :class:`CorruptRegion`."""
     d = _unpack(payload, "service")
@@ -383,6 +409,7 @@ def decode_service(payload: bytes | memoryview) -> Service:
         nodes = tuple([Node(*n) for n in raw_nodes])
         # Trailing elements are additions a reader may not know; the 7th is the overlay.
         overlay = _decode_overlay(d[6], len(nodes)) if len(d) > 6 else None
+        ramp = _decode_slow_start(d[7], len(nodes)) if len(d) > 7 else None  # 8th: slow start
         if not (isinstance(name, str) and type(revision) is int and strategy in STRATEGIES):
             raise TypeError("bad service fields")
         if not isinstance(panic, float) or not 0.0 <= panic <= 1.0 or not isinstance(meta, dict):
@@ -398,7 +425,7 @@ def decode_service(payload: bytes | memoryview) -> Service:
                 raise TypeError(f"bad node {n!r:.80}")
     except (TypeError, ValueError) as exc:
         raise CorruptRegion(f"malformed service record: {exc}") from None
-    return Service(name, nodes, strategy, panic, revision, meta, overlay)
+    return Service(name, nodes, strategy, panic, revision, meta, overlay, ramp)
 
 
 def encode_table(index: Sequence[int], nodes: int, digest: int) -> bytes:

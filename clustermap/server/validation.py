@@ -32,6 +32,7 @@ from clustermap.rules import (
     check_meta,
     check_service_meta,
     check_service_name,
+    check_slow_start,
     check_ttl,
 )
 
@@ -108,6 +109,12 @@ class ServiceOptions(BaseModel):
     def _strategy(cls, value: str) -> str:
         if value not in STRATEGIES:
             raise ValueError(f"strategy {value!r} is not one of {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("meta")
+    @classmethod
+    def _slow_start(cls, value: dict[str, str]) -> dict[str, str]:
+        check_slow_start(value)  # slow_start=WINDOW and its options (docs/slow-start.md)
         return value
 
 

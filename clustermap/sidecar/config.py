@@ -24,7 +24,7 @@ from pydantic_settings import (
 from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.feedback.layout import MAX_EJECTION_S, MAX_ENTRIES, MAX_IDS, MAX_ROWS
 from clustermap.model import parse_address
-from clustermap.rules import check_zone
+from clustermap.rules import MAX_SLOW_START_S, check_zone
 
 __all__ = ["DEFAULT_SERVER", "SidecarSettings"]
 
@@ -118,6 +118,13 @@ class SidecarSettings(BaseSettings):
     )
     feedback_group: str | None = Field(
         default=None, description="group (name or gid) of <region>.feedback: the workers' group"
+    )
+    slow_start: float = Field(
+        default=0.0,
+        ge=0,
+        le=MAX_SLOW_START_S,
+        description="seconds a node that joins or comes back up ramps its weight over, for "
+        "services whose meta sets no slow_start (0: off; docs/slow-start.md)",
     )
     outlier_consecutive_failures: int = Field(
         default=5, ge=0, description="eject a node after this many failures in a row (0: never)"

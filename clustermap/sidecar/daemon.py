@@ -33,6 +33,7 @@ from clustermap.sidecar.metrics import Metrics, serve
 from clustermap.sidecar.mirror import ChecksumMismatch, Mirror
 from clustermap.sidecar.outlier import OutlierPolicy
 from clustermap.sidecar.poller import Poller, PollFailed
+from clustermap.sidecar.slowstart import RampClock
 from clustermap.sidecar.validate import shown_name
 from clustermap.sidecar.watcher import Watcher
 from clustermap.signals import SignalQueue
@@ -67,6 +68,7 @@ class Sidecar:
         self._snapshot_dirty = False
         self._quarantine_shown: dict[str, str] | None = None  # as last set in the metrics
         self.feedback: FeedbackHub | None = None
+        self.ramps = RampClock(settings.slow_start)  # slow start (docs/slow-start.md)
         self.watcher: Watcher | None = None
         self._stream_since = 0.0  # monotonic time the live stream opened; 0: no live stream
         self._stream_since_ns = 0
@@ -166,6 +168,7 @@ class Sidecar:
         if new.watch:
             self._start_watch()
         self.guard.policy = _policy(new)
+        self.ramps.default_window_s = new.slow_start
         if self.feedback is not None:
             self.feedback.outliers.policy = _outlier_policy(new)
         self._publish_zone()
@@ -211,7 +214,10 @@ class Sidecar:
         hub.seed(seeds)
         self.feedback = hub
         if self.published:
-            self.writer.publish([hub.decorate(v) for v in self.published.values()])
+            now_ns = time.time_ns()
+            self.writer.publish(
+                [self.ramps.decorate(hub.decorate(v), now_ns) for v in self.published.values()]
+            )
         log.info(
             "feedback on: %d rows of %d nodes in %s, swept every %.3f s",
             s.feedback_rows,
@@ -262,7 +268,12 @@ class Sidecar:
                 verdict.until - time.monotonic(),
                 verdict.reason,
             )
-        upserts = [hub.decorate(self.published[n]) for n in sorted(changed) if n in self.published]
+        now_ns = time.time_ns()
+        upserts = [
+            self.ramps.decorate(hub.decorate(self.published[n]), now_ns)
+            for n in sorted(changed)
+            if n in self.published
+        ]
         if upserts:
             self.writer.publish(upserts)
         self.metrics.ejected.set(len(hub.outliers.ejected_ids()))
@@ -368,6 +379,7 @@ class Sidecar:
             snap = None
         if snap is not None and snap.services:
             self.published = dict(snap.services)
+            self.ramps.seed(self.published.values())  # ramps in progress go on
             self.meta = snap.meta
             log.info(
                 "continuing from the region: %d services at revision %d",
@@ -506,7 +518,12 @@ class Sidecar:
         t0 = time.perf_counter()
         if upserts or removals or meta_due:
             hub = self.feedback
+            for s in upserts:
+                self.ramps.observe(self.published.get(s.name), s, now_ns)
+            for name in removals:
+                self.ramps.forget(name)
             written = tuple(hub.decorate(s) for s in upserts) if hub is not None else upserts
+            written = tuple(self.ramps.decorate(s, now_ns) for s in written)
             self.writer.publish(written, removals, meta=meta, sync_ns=now_ns)
             self.meta = meta
             self._meta_at = time.monotonic()

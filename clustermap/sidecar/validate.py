@@ -27,6 +27,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 from clustermap import rules
@@ -50,6 +51,12 @@ class _ServiceIn(BaseModel):
     strategy: Literal["round_robin", "random", "weighted", "consistent_hash"]
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     meta: Annotated[dict[str, str], AfterValidator(rules.check_service_meta)]
+
+    @field_validator("meta")
+    @classmethod
+    def _slow_start(cls, value: dict[str, str]) -> dict[str, str]:
+        rules.check_slow_start(value)  # the server's rule (docs/slow-start.md)
+        return value
 
 
 _SERVICES: Final = TypeAdapter(list[_ServiceIn])

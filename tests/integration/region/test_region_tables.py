@@ -74,6 +74,24 @@ def test_hashed_services_get_their_table_and_workers_index_it(
     assert not cm.picker("rr").maglev_shared  # built by the worker, as before
 
 
+def test_str_bytes_and_mixed_keys_pick_the_same_nodes(region_path: Path) -> None:
+    """The client's inlined keyed pick assumes a str key; bytes keys (and then any key) take
+    the tested branch: every key type still picks what the spec says."""
+    service = hashed("h", 20)
+    with RegionWriter(region_path) as w:
+        w.publish([service])
+    want = local_picks(service)
+    cm = clustermap.open(region_path)
+    assert [cm.pick("h", k).address for k in KEYS] == want
+    assert cm.picker("h").str_maglev is not None
+    assert [cm.pick("h", k.encode()).address for k in KEYS] == want
+    assert cm.picker("h").str_maglev is None  # a bytes key switched off the untested branch
+    mixed = [cm.pick("h", k if i % 2 else k.encode()).address for i, k in enumerate(KEYS)]
+    assert mixed == want
+    with pytest.raises(TypeError):
+        cm.pick("h", 42)  # type: ignore[arg-type]
+
+
 def test_meta_hash_maglev_opts_in_and_ketama_opts_out(region_path: Path) -> None:
     with RegionWriter(region_path) as w:
         w.publish(
