@@ -1,0 +1,183 @@
+"""Watch streams on the event loop: one coroutine per stream, no thread per stream.
+
+How a change reaches thousands of streams:
+
+* one **follower** thread (``cm-watch``) blocks in :meth:`Registry.wait_changed` and hands each
+  new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself);
+* on the loop, :meth:`WatchHub._changed` completes the current *generation* future, which every
+  idle stream awaits, and starts a new one;
+* each woken stream asks for the answer from its own (epoch, revision). Answers are computed in
+  the blocking pool (registry call + encoding) **once per question**: streams at the same
+  (epoch, revision, filter) share one future and then write the same serialized bytes (the
+  Subscription service is registered with a pass-through serializer), so nothing is encoded per
+  stream.
+
+Slow consumers are bounded by construction: a stream has at most one message in flight (its
+``context.write`` is awaited before it asks again). Revisions that pass meanwhile are not
+queued; when the write completes the stream asks for the delta from the revision it last sent
+(a full map when the change log no longer reaches back), so a slow stream is collapsed to the
+latest state and costs one message of memory at most.
+
+Keepalives: a stream that has sent nothing for ``keepalive`` seconds is sent NOT_MODIFIED. At
+most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+
+from clustermap.model import NOT_MODIFIED, NOT_READY
+from clustermap.server.registry import PollResult, Registry, Unavailable
+from clustermap.server.serving import LoopThread
+
+__all__ = ["Answer", "WatchHub"]
+
+log = logging.getLogger("clustermap.server.rpc")
+
+#: a cached answer is asked again after this long even without a change, so flags that change
+#: without a new revision (self-preservation) reach keepalives
+_ANSWER_TTL: Final = 1.0
+_NOTHING: Final = frozenset[str]()
+
+Answer = tuple[PollResult, bytes]
+_Key = tuple[str, int, frozenset[str] | None]
+
+
+class WatchHub:
+    """The Watch streams of one server (see the module docstring). Loop-side methods run on
+    the loop only; :meth:`start` and :meth:`close` may be called from any thread."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        loop: LoopThread,
+        answer: Callable[[str, int, frozenset[str] | None], Answer],
+        *,
+        keepalive: float = 15.0,
+        max_streams: int = 10_000,
+        on_answer: Callable[[str], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._loop = loop
+        self._answer_blocking = answer
+        self._keepalive = keepalive
+        self.max_streams = max_streams
+        self._on_answer = on_answer
+        self.streams = 0
+        self._closed = False
+        self._generation: asyncio.Future[None] | None = None
+        self._answers: dict[_Key, tuple[float, asyncio.Future[Answer]]] = {}
+        self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
+
+    # -- any thread -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._follower.start()
+
+    def close(self) -> None:
+        """End every stream (after :meth:`Registry.close`, the follower stops by itself)."""
+        self._loop.call_soon(self._close)
+
+    # -- the follower thread -------------------------------------------------------------
+
+    def _follow(self) -> None:
+        revision = -1
+        while not self._registry.closed:
+            if not self._registry.wait_changed(revision, 1.0):
+                continue  # timeout, or closed (checked above)
+            try:
+                now = self._registry.poll("", 0, _NOTHING).revision  # cheap: filters out all
+            except Unavailable:
+                time.sleep(0.2)  # the store is away; streams see Unavailable themselves
+                continue
+            if now != revision:
+                revision = now
+                self._loop.call_soon(self._changed)
+        self._loop.call_soon(self._close)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._answers.clear()
+        if self._generation is not None and not self._generation.done():
+            self._generation.set_result(None)
+        self._generation = None
+
+    def _close(self) -> None:
+        self._closed = True
+        self._changed()
+
+    def _next_change(self) -> asyncio.Future[None]:
+        if self._generation is None:
+            self._generation = self._loop.loop.create_future()
+        return self._generation
+
+    async def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
+        key = (epoch, revision, names)
+        now = time.monotonic()
+        hit = self._answers.get(key)
+        if hit is None or now - hit[0] > _ANSWER_TTL:
+            fut = asyncio.ensure_future(
+                self._loop.run_blocking(self._answer_blocking, epoch, revision, names)
+            )
+            self._answers[key] = (now, fut)
+            fut.add_done_callback(lambda f: self._settled(key, f))
+            hit = (now, fut)
+        return await asyncio.shield(hit[1])
+
+    def _settled(self, key: _Key, fut: asyncio.Future[Answer]) -> None:
+        """Errors and NOT_READY answers are not kept: the next asker asks the registry."""
+        if fut.cancelled() or fut.exception() is not None or fut.result()[0].kind == NOT_READY:
+            hit = self._answers.get(key)
+            if hit is not None and hit[1] is fut:
+                del self._answers[key]
+
+    async def serve(
+        self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
+    ) -> None:
+        """Hold one stream until the client leaves or the server stops."""
+        if self.streams >= self.max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server holds at most {self.max_streams} Watch streams (--max-watchers); "
+                "poll, or retry later",
+            )
+        self.streams += 1
+        try:
+            await self._stream(epoch, revision, names, context)
+        finally:
+            self.streams -= 1
+
+    async def _stream(
+        self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
+    ) -> None:
+        last_sent = float("-inf")
+        last_kind = ""
+        while not self._closed:
+            change = self._next_change()  # taken first: a change while we answer is not lost
+            try:
+                result, data = await self._answer(epoch, revision, names)
+            except Unavailable as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            now = time.monotonic()
+            if now - last_sent >= self._keepalive or result.kind not in (NOT_MODIFIED, last_kind):
+                await context.write(data)
+                if self._on_answer is not None:
+                    self._on_answer(result.kind)
+                last_sent, last_kind = now, result.kind
+                now = time.monotonic()
+            if result.kind == NOT_READY:
+                wait = min(self._keepalive, result.retry_after + 0.01)
+            else:
+                epoch, revision = result.epoch, result.revision
+                last_kind = ""
+                wait = last_sent + self._keepalive - now
+            if not change.done():
+                await asyncio.wait((change,), timeout=max(0.01, wait))
