@@ -383,6 +383,7 @@ class ServerApp:
             keepalive=cfg.watch_keepalive,
             max_watchers=cfg.max_watchers,
             on_answer=self.metrics.on_poll if self.metrics else None,
+            on_stream=self.metrics.on_watch if self.metrics else None,
         )
         self.hub = subscription.hub
         add_subscription_servicer(subscription, self.server)

@@ -308,6 +308,7 @@ class SubscriptionServicer:
         keepalive: float = 15.0,
         max_watchers: int = 10_000,
         on_answer: Callable[[str], None] | None = None,
+        on_stream: Callable[[int], None] | None = None,
     ) -> None:
         self._registry = registry
         self._loop = loop
@@ -316,10 +317,11 @@ class SubscriptionServicer:
         self.hub = WatchHub(
             registry,
             loop,
-            self._answer,
+            self.answer,
             keepalive=keepalive,
             max_streams=max_watchers,
             on_answer=on_answer,
+            on_stream=on_stream,
         )
 
     async def _names(
@@ -337,7 +339,7 @@ class SubscriptionServicer:
             )
         return frozenset(request.services)
 
-    def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
+    def answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
         """The answer to a subscriber at (``epoch``, ``revision``): blocking (pool only)."""
         result = self._registry.poll(epoch, revision, names)
         key: tuple[object, ...] | None = None
@@ -353,7 +355,7 @@ class SubscriptionServicer:
         names = await self._names(request, context)
         try:
             result, data = await self._loop.run_blocking(
-                self._answer, request.epoch, request.revision, names
+                self.answer, request.epoch, request.revision, names
             )
         except Unavailable as exc:
             await _refused(context, exc)

@@ -18,14 +18,15 @@ queued; when the write completes the stream asks for the delta from the revision
 (a full map when the change log no longer reaches back), so a slow stream is collapsed to the
 latest state and costs one message of memory at most.
 
-Keepalives: a stream that has sent nothing for ``keepalive`` seconds is sent NOT_MODIFIED. At
+Keepalives: a stream that has sent nothing for ``keepalive`` seconds (less up to 10 %, drawn per
+stream so that streams opened together spread out) is sent NOT_MODIFIED. At
 most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +39,6 @@ from clustermap.server.registry import PollResult, Registry, Unavailable
 from clustermap.server.serving import LoopThread
 
 __all__ = ["Answer", "WatchHub"]
-
-log = logging.getLogger("clustermap.server.rpc")
 
 #: a cached answer is asked again after this long even without a change, so flags that change
 #: without a new revision (self-preservation) reach keepalives
@@ -63,7 +62,9 @@ class WatchHub:
         keepalive: float = 15.0,
         max_streams: int = 10_000,
         on_answer: Callable[[str], None] | None = None,
+        on_stream: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_stream = on_stream
         self._registry = registry
         self._loop = loop
         self._answer_blocking = answer
@@ -144,22 +145,31 @@ class WatchHub:
     ) -> None:
         """Hold one stream until the client leaves or the server stops."""
         if self.streams >= self.max_streams:
+            if self._on_stream is not None:
+                self._on_stream(0)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this server holds at most {self.max_streams} Watch streams (--max-watchers); "
                 "poll, or retry later",
             )
         self.streams += 1
+        if self._on_stream is not None:
+            self._on_stream(1)
         try:
             await self._stream(epoch, revision, names, context)
         finally:
             self.streams -= 1
+            if self._on_stream is not None:
+                self._on_stream(-1)
 
     async def _stream(
         self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
     ) -> None:
         last_sent = float("-inf")
         last_kind = ""
+        # each stream's own period, up to 10 % shorter: streams opened together (a fleet
+        # reconnecting) do not send their keepalives in one burst forever after
+        keepalive = self._keepalive * (1.0 - 0.1 * random.random())
         while not self._closed:
             change = self._next_change()  # taken first: a change while we answer is not lost
             try:
@@ -167,17 +177,17 @@ class WatchHub:
             except Unavailable as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             now = time.monotonic()
-            if now - last_sent >= self._keepalive or result.kind not in (NOT_MODIFIED, last_kind):
+            if now - last_sent >= keepalive or result.kind not in (NOT_MODIFIED, last_kind):
                 await context.write(data)
                 if self._on_answer is not None:
                     self._on_answer(result.kind)
                 last_sent, last_kind = now, result.kind
                 now = time.monotonic()
             if result.kind == NOT_READY:
-                wait = min(self._keepalive, result.retry_after + 0.01)
+                wait = min(keepalive, result.retry_after + 0.01)
             else:
                 epoch, revision = result.epoch, result.revision
                 last_kind = ""
-                wait = last_sent + self._keepalive - now
+                wait = last_sent + keepalive - now
             if not change.done():
                 await asyncio.wait((change,), timeout=max(0.01, wait))
