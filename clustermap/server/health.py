@@ -66,7 +66,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         try:
             sent = None
             while True:
-                if self._change is None:
+                if self._change is None or self._change.done():
                     self._change = asyncio.get_running_loop().create_future()
                 change = self._change
                 status = self._status.get(request.service, _UNKNOWN)
@@ -75,8 +75,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                     sent = status
                 if self._closing:
                     return
-                if not change.done():
-                    await change
+                # asyncio.wait, not ``await change``: a cancelled stream must not cancel the
+                # future every other watcher waits on
+                await asyncio.wait((change,))
         finally:
             self._watchers -= 1
 

@@ -116,7 +116,7 @@ class WatchHub:
         self._changed()
 
     def _next_change(self) -> asyncio.Future[None]:
-        if self._generation is None:
+        if self._generation is None or self._generation.done():
             self._generation = self._loop.loop.create_future()
         return self._generation
 
