@@ -141,7 +141,7 @@ def _pct(xs: list[float], p: float) -> float:
 def _round(
     address: str, pid: int, reg: registry_pb2_grpc.RegistryStub, n: int, args: argparse.Namespace
 ) -> dict[str, float]:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # the parent holds gRPC channels: no fork
     ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     base = _proc_status(pid)
     share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]

@@ -4,8 +4,9 @@ How a change reaches thousands of streams:
 
 * one **follower** thread (``cm-watch``) blocks in :meth:`Registry.wait_changed` and hands each
   new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself);
-* on the loop, :meth:`WatchHub._changed` completes the current *generation* future, which every
-  idle stream awaits, and starts a new one;
+* that thread also computes the answer most streams need (the delta from the previous revision)
+  before it wakes them; on the loop, :meth:`WatchHub._changed` stores it and completes the
+  current *generation* future, which every idle stream awaits;
 * each woken stream asks for the answer from its own (epoch, revision). Answers are computed in
   the blocking pool (registry call + encoding) **once per question**: streams at the same
   (epoch, revision, filter) share one future and then write the same serialized bytes (the
@@ -89,24 +90,33 @@ class WatchHub:
     # -- the follower thread -------------------------------------------------------------
 
     def _follow(self) -> None:
-        revision = -1
+        epoch, revision = "", -1
         while not self._registry.closed:
             if not self._registry.wait_changed(revision, 1.0):
                 continue  # timeout, or closed (checked above)
             try:
-                now = self._registry.poll("", 0, _NOTHING).revision  # cheap: filters out all
+                now = self._registry.poll("", 0, _NOTHING)  # cheap: the filter names nothing
+                # the answer most streams need (the delta from the previous revision), made
+                # here before they wake, so that they find it ready
+                ready = None
+                if revision >= 0 and now.revision != revision:
+                    ready = ((epoch, revision, None), self._answer_blocking(epoch, revision, None))
             except Unavailable:
                 time.sleep(0.2)  # the store is away; streams see Unavailable themselves
                 continue
-            if now != revision:
-                revision = now
-                self._loop.call_soon(self._changed)
+            if now.revision != revision:
+                epoch, revision = now.epoch, now.revision
+                self._loop.call_soon(self._changed, ready)
         self._loop.call_soon(self._close)
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _changed(self) -> None:
+    def _changed(self, ready: tuple[_Key, Answer] | None = None) -> None:
         self._answers.clear()
+        if ready is not None:
+            fut = self._loop.loop.create_future()
+            fut.set_result(ready[1])
+            self._answers[ready[0]] = (time.monotonic(), fut)
         if self._generation is not None and not self._generation.done():
             self._generation.set_result(None)
         self._generation = None
@@ -124,6 +134,8 @@ class WatchHub:
         key = (epoch, revision, names)
         now = time.monotonic()
         hit = self._answers.get(key)
+        if hit is not None and hit[1].done() and now - hit[0] <= _ANSWER_TTL:
+            return hit[1].result()  # the common case after a change: no waiting at all
         if hit is None or now - hit[0] > _ANSWER_TTL:
             fut = asyncio.ensure_future(
                 self._loop.run_blocking(self._answer_blocking, epoch, revision, names)
