@@ -8,16 +8,18 @@ client processes open N/procs raw gRPC Watch streams each (grpc.aio; ``--per-con
 streams share one TCP connection, 1 = one connection per stream, as one per sidecar), and
 read the first answer (the full map) on every stream. Then:
 
-* **idle**: for ``--idle`` seconds nothing changes; the server's CPU (utime + stime from
-  /proc/PID/stat) over that window, as a share of one core. Streams still get their NOT_MODIFIED
-  keepalives (every 15 s, cm-server's default), so this is the real idle cost;
+* **idle**: for ``--idle`` seconds (20: longer than the keepalive period) nothing changes; the
+  server's CPU (utime + stime from /proc/PID/stat) over that window, as a share of one core.
+  Streams still get their NOT_MODIFIED keepalives (every 15 s, cm-server's default), so this is
+  the real idle cost;
 * **memory**: the server's RSS with the streams open, minus its RSS before they were opened,
   per stream;
 * **fan-out**: ``--changes`` times, one node's weight changes (UpdateNode) and every stream
   records when the delta of that revision arrives; latency = arrival - the moment before the
   UpdateNode call (one clock: one machine). p50 / p99 over every (stream, change), and of the
   last stream to get each change. A stream that skipped a revision (collapsed to a later one)
-  counts as missing.
+  counts as missing. The server's CPU above its idle rate during the changes, per message
+  delivered, is the fan-out's cost per stream.
 
 The clients share the machine with the server (and on the reference machine with other work:
 the load average is recorded), so latencies include the clients' own scheduling.
@@ -164,6 +166,7 @@ def _round(
     load = os.getloadavg()[0]
 
     sent: dict[int, float] = {}
+    c1, t1 = _cpu(pid), time.monotonic()
     for i in range(args.changes):
         t = time.time()
         resp = reg.UpdateNode(
@@ -175,6 +178,7 @@ def _round(
         sent[resp.revision] = t
         time.sleep(args.spacing)
     time.sleep(2)
+    busy = _cpu(pid) - c1 - idle_cpu * (time.monotonic() - t1)  # beyond the idle rate
     stop.set()
     results = [out.get(timeout=600) for _ in procs]
     for p in procs:
@@ -204,6 +208,7 @@ def _round(
         "all_p50_ms": round(1e3 * statistics.median(last), 1) if last else float("nan"),
         "all_p99_ms": round(1e3 * _pct(last, 99), 1),
         "missing": missing,
+        "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
         "load_avg": round((load_before + load) / 2, 1),
     }
     print(
@@ -211,7 +216,8 @@ def _round(
         f"{row['rss_held_mib']} MiB ({row['kib_per_stream']} KiB/stream), idle CPU "
         f"{row['idle_cpu_pct']} % of a core; change -> stream p50 {row['p50_ms']} ms, p99 "
         f"{row['p99_ms']} ms; -> all streams p50 {row['all_p50_ms']} ms, p99 "
-        f"{row['all_p99_ms']} ms; missing {missing}, open errors {open_errors}; "
+        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent; "
+        f"missing {missing}, open errors {open_errors}; "
         f"load avg {row['load_avg']}",
         flush=True,
     )
@@ -223,9 +229,9 @@ def main() -> int:
     ap.add_argument("--streams", default="1000,2000,5000")
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--per-connection", type=int, default=1)
-    ap.add_argument("--idle", type=float, default=10.0)
-    ap.add_argument("--changes", type=int, default=20)
-    ap.add_argument("--spacing", type=float, default=1.0, help="seconds between changes")
+    ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")
+    ap.add_argument("--changes", type=int, default=10)
+    ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--json", type=Path)

@@ -5,8 +5,9 @@ How a change reaches thousands of streams:
 * one **follower** thread (``cm-watch``) blocks in :meth:`Registry.wait_changed` and hands each
   new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself);
 * that thread also computes the answer most streams need (the delta from the previous revision)
-  before it wakes them; on the loop, :meth:`WatchHub._changed` stores it and completes the
-  current *generation* future, which every idle stream awaits;
+  before it wakes them; on the loop, :meth:`WatchHub._changed` stores it and resolves every idle
+  stream's own wake-up future (a stream waits on a private future, woken by a change or by its
+  keepalive timer, so a cancelled stream never cancels anything shared);
 * each woken stream asks for the answer from its own (epoch, revision). Answers are computed in
   the blocking pool (registry call + encoding) **once per question**: streams at the same
   (epoch, revision, filter) share one future and then write the same serialized bytes (the
@@ -74,7 +75,8 @@ class WatchHub:
         self._on_answer = on_answer
         self.streams = 0
         self._closed = False
-        self._generation: asyncio.Future[None] | None = None
+        self._generation = 0  # bumped on every change
+        self._waiters: list[asyncio.Future[None]] = []  # idle streams' wake-ups
         self._answers: dict[_Key, tuple[float, asyncio.Future[Answer]]] = {}
         self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
 
@@ -117,26 +119,32 @@ class WatchHub:
             fut = self._loop.loop.create_future()
             fut.set_result(ready[1])
             self._answers[ready[0]] = (time.monotonic(), fut)
-        if self._generation is not None and not self._generation.done():
-            self._generation.set_result(None)
-        self._generation = None
+        self._generation += 1
+        waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            _resolve(wake)
 
     def _close(self) -> None:
         self._closed = True
         self._changed()
 
-    def _next_change(self) -> asyncio.Future[None]:
-        if self._generation is None or self._generation.done():
-            self._generation = self._loop.loop.create_future()
-        return self._generation
+    def _cached(self, key: _Key) -> Answer | None:
+        """The answer to ``key`` if it is ready (the common case after a change: no waiting)."""
+        hit = self._answers.get(key)
+        if (
+            hit is not None
+            and hit[1].done()
+            and time.monotonic() - hit[0] <= _ANSWER_TTL
+            and hit[1].exception() is None
+        ):
+            return hit[1].result()
+        return None
 
     async def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
         key = (epoch, revision, names)
         now = time.monotonic()
         hit = self._answers.get(key)
-        if hit is not None and hit[1].done() and now - hit[0] <= _ANSWER_TTL:
-            return hit[1].result()  # the common case after a change: no waiting at all
-        if hit is None or now - hit[0] > _ANSWER_TTL:
+        if hit is None or hit[1].done() or now - hit[0] > _ANSWER_TTL:
             fut = asyncio.ensure_future(
                 self._loop.run_blocking(self._answer_blocking, epoch, revision, names)
             )
@@ -177,29 +185,49 @@ class WatchHub:
     async def _stream(
         self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
     ) -> None:
+        loop = self._loop.loop
         last_sent = float("-inf")
         last_kind = ""
         # each stream's own period, up to 10 % shorter: streams opened together (a fleet
         # reconnecting) do not send their keepalives in one burst forever after
         keepalive = self._keepalive * (1.0 - 0.1 * random.random())
         while not self._closed:
-            change = self._next_change()  # taken first: a change while we answer is not lost
-            try:
-                result, data = await self._answer(epoch, revision, names)
-            except Unavailable as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            now = time.monotonic()
+            generation = self._generation  # taken first: a change while we answer is not lost
+            answer = self._cached((epoch, revision, names))
+            if answer is None:
+                try:
+                    answer = await self._answer(epoch, revision, names)
+                except Unavailable as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    return
+            result, data = answer
+            now = loop.time()
             if now - last_sent >= keepalive or result.kind not in (NOT_MODIFIED, last_kind):
                 await context.write(data)
                 if self._on_answer is not None:
                     self._on_answer(result.kind)
                 last_sent, last_kind = now, result.kind
-                now = time.monotonic()
             if result.kind == NOT_READY:
-                wait = min(keepalive, result.retry_after + 0.01)
+                due = loop.time() + min(keepalive, result.retry_after + 0.01)
             else:
                 epoch, revision = result.epoch, result.revision
                 last_kind = ""
-                wait = last_sent + keepalive - now
-            if not change.done():
-                await asyncio.wait((change,), timeout=max(0.01, wait))
+                due = last_sent + keepalive
+            if generation != self._generation or self._closed:
+                continue
+            # wait for the next change or the keepalive: one private future, woken by
+            # _changed or by the timer (a cancelled stream cancels only its own future)
+            wake = loop.create_future()
+            self._waiters.append(wake)
+            if len(self._waiters) > 2 * self.streams + 64:  # streams that left meanwhile
+                self._waiters = [w for w in self._waiters if not w.done()]
+            timer = loop.call_at(max(due, loop.time() + 0.01), _resolve, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
