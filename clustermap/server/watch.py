@@ -3,16 +3,19 @@
 How a change reaches thousands of streams:
 
 * one **follower** thread (``cm-watch``) blocks in :meth:`Registry.wait_changed` and hands each
-  new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself);
-* that thread also computes the answer most streams need (the delta from the previous revision)
-  before it wakes them; on the loop, :meth:`WatchHub._changed` stores it and resolves every idle
-  stream's own wake-up future (a stream waits on a private future, woken by a change or by its
-  keepalive timer, so a cancelled stream never cancels anything shared);
-* each woken stream asks for the answer from its own (epoch, revision). Answers are computed in
-  the blocking pool (registry call + encoding) **once per question**: streams at the same
-  (epoch, revision, filter) share one future and then write the same serialized bytes (the
-  Subscription service is registered with a pass-through serializer), so nothing is encoded per
-  stream.
+  new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself).
+  Before it does, it computes the answers most streams need (the delta from the previous
+  revision, NOT_MODIFIED at the new one). Answers are kept until the next change, which the
+  follower also signals when the self-preservation flag flips or the store becomes unavailable
+  (checked every second), so a keepalive costs no registry call;
+* on the loop, :meth:`WatchHub._changed` stores those answers and resolves every idle stream's
+  own wake-up future (a stream waits on a private future, woken by a change or by its keepalive
+  timer, so a cancelled stream never cancels anything shared);
+* each woken stream takes the answer for its own (epoch, revision, filter). Other questions are
+  computed in the blocking pool (registry call + encoding) **once per question**: streams at
+  the same (epoch, revision, filter) share one future and then write the same serialized bytes
+  (the Subscription service is registered with a pass-through serializer), so nothing is
+  encoded per stream.
 
 Slow consumers are bounded by construction: a stream has at most one message in flight (its
 ``context.write`` is awaited before it asks again). Revisions that pass meanwhile are not
@@ -42,9 +45,6 @@ from clustermap.server.serving import LoopThread
 
 __all__ = ["Answer", "WatchHub"]
 
-#: a cached answer is asked again after this long even without a change, so flags that change
-#: without a new revision (self-preservation) reach keepalives
-_ANSWER_TTL: Final = 1.0
 _NOTHING: Final = frozenset[str]()
 
 Answer = tuple[PollResult, bytes]
@@ -77,7 +77,7 @@ class WatchHub:
         self._closed = False
         self._generation = 0  # bumped on every change
         self._waiters: list[asyncio.Future[None]] = []  # idle streams' wake-ups
-        self._answers: dict[_Key, tuple[float, asyncio.Future[Answer]]] = {}
+        self._answers: dict[_Key, asyncio.Future[Answer]] = {}  # until the next change
         self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
 
     # -- any thread -----------------------------------------------------------------------
@@ -92,33 +92,44 @@ class WatchHub:
     # -- the follower thread -------------------------------------------------------------
 
     def _follow(self) -> None:
-        epoch, revision = "", -1
+        seen: tuple[str, int, bool] = ("", -1, False)  # epoch, revision, self-preservation
+        lost = False
         while not self._registry.closed:
-            if not self._registry.wait_changed(revision, 1.0):
-                continue  # timeout, or closed (checked above)
+            self._registry.wait_changed(seen[1], 1.0)
+            if self._registry.closed:
+                break
             try:
                 now = self._registry.poll("", 0, _NOTHING)  # cheap: the filter names nothing
-                # the answer most streams need (the delta from the previous revision), made
-                # here before they wake, so that they find it ready
-                ready = None
-                if revision >= 0 and now.revision != revision:
-                    ready = ((epoch, revision, None), self._answer_blocking(epoch, revision, None))
+                state = (now.epoch, now.revision, now.self_preservation)
+                if state == seen and not lost:
+                    continue  # a timeout: nothing new (this wake-up notices flags and a lost store)
+                # the answers most streams need, made here before they wake so that they find
+                # them ready: the delta from the previous revision, and NOT_MODIFIED at this one
+                ready = [((now.epoch, now.revision, None), None)]
+                if seen[1] >= 0 and now.revision != seen[1]:
+                    ready.append(((seen[0], seen[1], None), None))
+                answers = [(key, self._answer_blocking(*key)) for key, _ in ready]
             except Unavailable:
-                time.sleep(0.2)  # the store is away; streams see Unavailable themselves
+                if not lost:  # every stream asks again now, and is told UNAVAILABLE
+                    lost = True
+                    self._loop.call_soon(self._changed, ())
+                time.sleep(0.2)
                 continue
-            if now.revision != revision:
-                epoch, revision = now.epoch, now.revision
-                self._loop.call_soon(self._changed, ready)
+            lost = False
+            seen = state
+            self._loop.call_soon(self._changed, tuple(answers))
         self._loop.call_soon(self._close)
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _changed(self, ready: tuple[_Key, Answer] | None = None) -> None:
+    def _changed(self, ready: tuple[tuple[_Key, Answer], ...] = ()) -> None:
         self._answers.clear()
-        if ready is not None:
+        for key, answer in ready:
+            if answer[0].kind == NOT_READY:
+                continue  # asked again after its retry_after, never kept
             fut = self._loop.loop.create_future()
-            fut.set_result(ready[1])
-            self._answers[ready[0]] = (time.monotonic(), fut)
+            fut.set_result(answer)
+            self._answers[key] = fut
         self._generation += 1
         waiters, self._waiters = self._waiters, []
         for wake in waiters:
@@ -131,34 +142,27 @@ class WatchHub:
     def _cached(self, key: _Key) -> Answer | None:
         """The answer to ``key`` if it is ready (the common case after a change: no waiting)."""
         hit = self._answers.get(key)
-        if (
-            hit is not None
-            and hit[1].done()
-            and time.monotonic() - hit[0] <= _ANSWER_TTL
-            and hit[1].exception() is None
-        ):
-            return hit[1].result()
+        if hit is not None and hit.done() and hit.exception() is None:
+            return hit.result()
         return None
 
     async def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
         key = (epoch, revision, names)
-        now = time.monotonic()
         hit = self._answers.get(key)
-        if hit is None or hit[1].done() or now - hit[0] > _ANSWER_TTL:
-            fut = asyncio.ensure_future(
+        if hit is None or hit.done():
+            hit = asyncio.ensure_future(
                 self._loop.run_blocking(self._answer_blocking, epoch, revision, names)
             )
-            self._answers[key] = (now, fut)
-            fut.add_done_callback(lambda f: self._settled(key, f))
-            hit = (now, fut)
-        return await asyncio.shield(hit[1])
+            self._answers[key] = hit
+            hit.add_done_callback(lambda f: self._settled(key, f))
+        return await asyncio.shield(hit)
 
     def _settled(self, key: _Key, fut: asyncio.Future[Answer]) -> None:
         """Errors and NOT_READY answers are not kept: the next asker asks the registry."""
-        if fut.cancelled() or fut.exception() is not None or fut.result()[0].kind == NOT_READY:
-            hit = self._answers.get(key)
-            if hit is not None and hit[1] is fut:
-                del self._answers[key]
+        if self._answers.get(key) is fut and (
+            fut.cancelled() or fut.exception() is not None or fut.result()[0].kind == NOT_READY
+        ):
+            del self._answers[key]
 
     async def serve(
         self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
