@@ -24,13 +24,16 @@ queued; when the write completes the stream asks for the delta from the revision
 latest state and costs one message of memory at most.
 
 Keepalives: a stream that has sent nothing for ``keepalive`` seconds (less up to 10 %, drawn per
-stream so that streams opened together spread out) is sent NOT_MODIFIED. At
+stream so that streams opened together spread out, then rounded up to a whole second so that
+the keepalives of one second go out in one batch: alone, each would cost a round of thread
+wake-ups in gRPC) is sent NOT_MODIFIED. At
 most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -46,6 +49,7 @@ from clustermap.server.serving import LoopThread
 __all__ = ["Answer", "WatchHub"]
 
 _NOTHING: Final = frozenset[str]()
+_TICK: Final = 1.0  # keepalives are batched on this grid (seconds)
 
 Answer = tuple[PollResult, bytes]
 _Key = tuple[str, int, frozenset[str] | None]
@@ -216,7 +220,9 @@ class WatchHub:
             else:
                 epoch, revision = result.epoch, result.revision
                 last_kind = ""
-                due = last_sent + keepalive
+                # on a whole-second grid: the keepalives due within a second go out together,
+                # in one pass of the loop (one wake-up of gRPC's threads, not one per stream)
+                due = math.ceil((last_sent + keepalive) / _TICK) * _TICK
             if generation != self._generation or self._closed:
                 continue
             # wait for the next change or the keepalive: one private future, woken by
