@@ -137,3 +137,50 @@ def test_streams_beyond_the_cap_are_refused_with_the_flag_named(
     assert outcomes.count("held") == 3  # which ones depends on arrival order
     refused = [o for o in outcomes if o != "held"]
     assert all(o.startswith("RESOURCE_EXHAUSTED") and "--max-watchers" in o for o in refused)
+
+
+@pytest.mark.memory_only("flow control is the transport's; the store plays no part")
+def test_a_stream_that_does_not_read_is_collapsed_to_the_latest_state(
+    server: Callable[..., Server],
+) -> None:
+    srv = server("--watch-keepalive", "300")
+    for port in range(1, 301):  # one big service: each delta of it is ~12 kB
+        _register(srv, port)
+    # a small receive window and no BDP probing: the server's writes block once a few
+    # deltas are in flight, as with a sidecar that stopped reading
+    channel = grpc.insecure_channel(
+        srv.address,
+        options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)],
+    )
+    try:
+        stream = channel.unary_stream(
+            WATCH,
+            request_serializer=subscription_pb2.PollRequest.SerializeToString,
+            response_deserializer=subscription_pb2.PollResponse.FromString,
+        )(subscription_pb2.PollRequest(), timeout=DEADLINE)
+        assert poll_answer_from_pb(next(stream)).kind == FULL
+        reg = srv.registry()
+        changes = 100
+        last = 0
+        for i in range(changes):
+            last = reg.UpdateNode(
+                registry_pb2.UpdateNodeRequest(
+                    service="svc", host="10.0.0.1", port=1 + i % 300, weight=2 + i
+                ),
+                timeout=60,
+            ).revision
+        received = []
+        for msg in stream:
+            ans = poll_answer_from_pb(msg)
+            received.append(ans)
+            if ans.revision == last:
+                break
+        stream.cancel()
+    finally:
+        channel.close()
+    # not one message per revision: what could not be sent was collapsed into the next delta
+    assert len(received) < changes // 2, len(received)
+    assert all(a.kind == DELTA for a in received)
+    final = received[-1].services[0]
+    weights = {n.port: n.weight for n in final.nodes}
+    assert all(weights[1 + i % 300] == 2 + i for i in range(changes))
