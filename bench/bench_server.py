@@ -88,9 +88,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def _encode_scale(services: int, nodes: int) -> dict[str, float]:
     """In-process: what answering a big map costs the server (no network, no client)."""
-    from clustermap._pb.clustermap.v1 import subscription_pb2
     from clustermap.server.registry import Registry, StaticNode
     from clustermap.server.servicers import SubscriptionServicer
+    from clustermap.server.serving import LoopThread
     from clustermap.server.store import MemoryStore
     from clustermap.server.validation import Registration
 
@@ -108,21 +108,22 @@ def _encode_scale(services: int, nodes: int) -> dict[str, float]:
         (name, n.host, n.port, "up") for name, ns in clusters.items() for n in ns
     )
     load = time.perf_counter() - t0
-    sv = SubscriptionServicer(reg)
-    ctx = object()
+    loop = LoopThread(1)
+    sv = SubscriptionServicer(reg, loop)
     t0 = time.perf_counter()
-    first = sv.Poll(subscription_pb2.PollRequest(), ctx)
+    first = sv.answer("", 0, None)[1]  # the blocking part of a Poll: registry call + encoding
     full_first = time.perf_counter() - t0
     t0 = time.perf_counter()
     reg.register(Registration(service="svc-00001", host="10.255.0.1", port=1, ttl=0.0))
     change = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sv.Poll(subscription_pb2.PollRequest(), ctx)
+    sv.answer("", 0, None)
     full_after = time.perf_counter() - t0
     epoch, rev = reg.epoch, reg.revision
     t0 = time.perf_counter()
-    delta = sv.Poll(subscription_pb2.PollRequest(epoch=epoch, revision=rev - 1), ctx)
+    delta = sv.answer(epoch, rev - 1, None)[1]
     delta_t = time.perf_counter() - t0
+    loop.stop()
     return {
         "static_load_s": load,
         "full_first_s": full_first,
@@ -170,8 +171,6 @@ def main() -> int:
             "600",
             "--max-workers",
             str(args.server_workers),
-            "--max-watchers",
-            "2",
             "--log-level",
             "warning",
         ],

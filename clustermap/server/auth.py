@@ -12,14 +12,15 @@ Tokens travel in the ``authorization: Bearer <token>`` metadata. Which token a m
 
 Missing or unknown token → UNAUTHENTICATED; a valid token without the right (the subscribe token
 on a registry call) → PERMISSION_DENIED. Every refusal is logged with the peer and method; the
-call never reaches a servicer, so nothing changes.
+call never reaches a servicer, so nothing changes. A ``grpc.aio`` interceptor: it runs on the
+server's event loop and does no I/O.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -36,7 +37,7 @@ def _same(a: str, b: str | None) -> bool:
     return b is not None and hmac.compare_digest(a.encode(), b.encode())
 
 
-class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
         admin_token: str | None,
@@ -78,8 +79,8 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
         return None
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         method: str = handler_call_details.method
         token = None
@@ -88,12 +89,12 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 scheme, _, rest = value.partition(" ")
                 token = rest.strip() if scheme.lower() == "bearer" else ""
         refusal = self._check(method, token)
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if refusal is None or handler is None:
             return handler
         code, message = refusal
 
-        def deny(request: Any, context: Any) -> Any:
+        async def deny(request: Any, context: Any) -> Any:
             if self._on_refused is not None:
                 self._on_refused()
             log.warning(
@@ -106,7 +107,7 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     "reason": message,
                 },
             )
-            context.abort(code, message)
+            await context.abort(code, message)
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(

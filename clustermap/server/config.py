@@ -142,16 +142,16 @@ class ServerSettings(BaseSettings):
         None, "require client certificates signed by this CA (mutual TLS)", metavar="PEM"
     )
     max_workers: int = setting(
-        8, "gRPC worker threads (few is faster: they share one GIL)", ge=4, metavar="N"
+        8, "threads for blocking work: registry calls, encoding", ge=1, metavar="N"
     )
     max_watchers: int = setting(
-        4, "concurrent Watch streams, each holding a worker", ge=0, metavar="N"
-    )
-    max_reflection_streams: int = setting(
-        2,
-        "concurrent reflection streams, each holding a worker; 0: no reflection",
+        10_000,
+        "concurrent Watch streams; one more is refused RESOURCE_EXHAUSTED",
         ge=0,
         metavar="N",
+    )
+    max_reflection_streams: int = setting(
+        2, "concurrent reflection streams; 0: no reflection", ge=0, metavar="N"
     )
     max_services: int = setting(20_000, "services in the registry", ge=1, metavar="N")
     max_nodes_per_service: int = setting(5_000, "nodes in one service", ge=1, metavar="N")
@@ -257,13 +257,6 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
-        if self.max_watchers > self.max_workers - 2:
-            raise ValueError("need --max-workers >= 4 and --max-watchers <= --max-workers - 2")
-        if self.max_reflection_streams > self.max_workers - 2 - self.max_watchers:
-            raise ValueError(
-                "need --max-watchers + --max-reflection-streams <= --max-workers - 2 "
-                "(streams hold workers; two stay free for other calls)"
-            )
         if bool(self.server_tls_cert) != bool(self.server_tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.server_tls_cert:

@@ -6,8 +6,11 @@ Threads and what they own:
   dispatches recorded signals, runs the registry's expiry tick and flips health to SERVING when
   warm-up ends. Signal handlers only append the signal number to a list (and a wakeup fd wakes
   the loop); all acting happens in the loop (SIGTERM/SIGINT: graceful stop);
-* **gRPC worker threads** (``--max-workers``) run the servicers; Watch streams hold one each (at
-  most ``--max-watchers``, so polls always find a worker);
+* the **event loop** thread (``cm-loop``) runs the ``grpc.aio`` server and every servicer
+  coroutine; Watch and health streams are coroutines on it (no thread per stream); blocking
+  work (registry calls, encoding) goes to a pool of ``--max-workers`` threads (``cm-work``);
+  the ``cm-watch`` thread hands new revisions to the loop (see :mod:`clustermap.server.serving`
+  and docs/server.md "Threads and ownership");
 * the **prober** thread and its probe pool (static clusters only) report verdicts;
 * the registry's lock is the one piece of shared state; see :mod:`clustermap.server.registry`.
 """
@@ -21,7 +24,6 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,29 +51,12 @@ class ServerApp:
     """One cm-server process: build, :meth:`run` until a stop signal, shut down gracefully."""
 
     def __init__(self, cfg: Config) -> None:
-        import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2
 
-        from clustermap._pb.clustermap.v1 import (
-            inspection_pb2,
-            inspection_pb2_grpc,
-            registry_pb2,
-            registry_pb2_grpc,
-            subscription_pb2,
-        )
-        from clustermap.server import reflection
-        from clustermap.server.auth import TokenInterceptor
         from clustermap.server.clusters import ClustersError, load_clusters
-        from clustermap.server.health import HealthServicer
-        from clustermap.server.malformed import MalformedRequestInterceptor
         from clustermap.server.probes import Prober
         from clustermap.server.registry import Registry
-        from clustermap.server.servicers import (
-            InspectionServicer,
-            RegistryServicer,
-            SubscriptionServicer,
-            add_subscription_servicer,
-        )
+        from clustermap.server.serving import LoopThread
         from clustermap.server.store import MemoryStore, StoreError
 
         self.cfg = cfg
@@ -111,16 +96,52 @@ class ServerApp:
 
             self.metrics = ServerMetrics(self.registry)
 
-        interceptors = []
+        self.loop = LoopThread(cfg.max_workers)
+        try:
+            self.port = self.loop.call(self._serve(cfg, clusters))
+        except BaseException:
+            self.loop.stop()
+            raise
+        self.hub.start()
+        self._metrics_server = None
+        if self.metrics is not None and cfg.metrics_listen:
+            try:
+                self._metrics_server = self.metrics.serve(cfg.metrics_listen)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
+        self._ready_reported = self.registry.ready()
+
+    async def _serve(self, cfg: Config, clusters: object) -> int:
+        """Build the ``grpc.aio`` server on the loop (its objects belong to that thread)."""
+        import grpc
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        from clustermap._pb.clustermap.v1 import (
+            inspection_pb2,
+            inspection_pb2_grpc,
+            registry_pb2,
+            registry_pb2_grpc,
+            subscription_pb2,
+        )
+        from clustermap.server import reflection
+        from clustermap.server.auth import TokenInterceptor
+        from clustermap.server.health import HealthServicer
+        from clustermap.server.malformed import MalformedRequestInterceptor
+        from clustermap.server.servicers import (
+            InspectionServicer,
+            RegistryServicer,
+            SubscriptionServicer,
+            add_subscription_servicer,
+        )
+
+        interceptors: list[object] = []
         auth = TokenInterceptor(
             cfg.token, cfg.subscribe_token, self.metrics.on_refused if self.metrics else None
         )
         if auth.enabled:
             interceptors.append(auth)
         interceptors.append(MalformedRequestInterceptor())
-        self._pool = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="cm-grpc")
-        self.server = grpc.server(
-            self._pool,
+        self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_recv_bytes),
@@ -129,24 +150,27 @@ class ServerApp:
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
-            maximum_concurrent_rpcs=cfg.max_workers * 64,
+            # streams are counted apart (--max-watchers...); this bounds calls in flight
+            maximum_concurrent_rpcs=cfg.max_workers * 64 + cfg.max_watchers + cfg.max_reflection,
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.registry, max_meta_bytes=cfg.max_meta_bytes), self.server
-        )
-        add_subscription_servicer(
-            SubscriptionServicer(
-                self.registry,
-                keepalive=cfg.watch_keepalive,
-                max_watchers=cfg.max_watchers,
-                on_answer=self.metrics.on_poll if self.metrics else None,
-            ),
+            RegistryServicer(self.registry, self.loop, max_meta_bytes=cfg.max_meta_bytes),
             self.server,
         )
-        inspection_pb2_grpc.add_InspectionServicer_to_server(
-            InspectionServicer(self.registry), self.server
+        subscription = SubscriptionServicer(
+            self.registry,
+            self.loop,
+            keepalive=cfg.watch_keepalive,
+            max_watchers=cfg.max_watchers,
+            on_answer=self.metrics.on_poll if self.metrics else None,
+            on_stream=self.metrics.on_watch if self.metrics else None,
         )
-        self.health = HealthServicer()  # ours: grpc_health's can be wedged (issue 17)
+        self.hub = subscription.hub
+        add_subscription_servicer(subscription, self.server)
+        inspection_pb2_grpc.add_InspectionServicer_to_server(
+            InspectionServicer(self.registry, self.loop), self.server
+        )
+        self.health = HealthServicer(self.loop)  # ours: grpc_health's can be wedged (issue 17)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
             registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
@@ -165,20 +189,15 @@ class ServerApp:
                     root_certificates=_read_bytes(cfg.tls_client_ca) if cfg.tls_client_ca else None,
                     require_client_auth=bool(cfg.tls_client_ca),
                 )
-                self.port = self.server.add_secure_port(cfg.listen, creds)
+                port = self.server.add_secure_port(cfg.listen, creds)
             else:
-                self.port = self.server.add_insecure_port(cfg.listen)
+                port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from None
-        if not self.port:
+        if not port:
             raise ConfigError(f"cannot listen on {cfg.listen}")
-        self._metrics_server = None
-        if self.metrics is not None and cfg.metrics_listen:
-            try:
-                self._metrics_server = self.metrics.serve(cfg.metrics_listen)
-            except OSError as exc:
-                raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
-        self._ready_reported = self.registry.ready()
+        await self.server.start()
+        return int(port)
 
     def _set_ready(self, ready: bool) -> None:
         serving = self._health_pb2.HealthCheckResponse.SERVING
@@ -190,7 +209,6 @@ class ServerApp:
 
     def run(self) -> int:
         signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)).install()
-        self.server.start()
         self.prober.start()
         cfg = self.cfg
         host = parse_address(cfg.listen, allow_zero=True)[0]
@@ -231,9 +249,10 @@ class ServerApp:
         log.info("stopping", extra={"event": "stopping", "signal": name, "grace": self.cfg.grace})
         self.health.enter_graceful_shutdown()
         self.registry.close()
+        self.hub.close()
         self.prober.stop()
-        self.server.stop(self.cfg.grace).wait()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.call(self.server.stop(self.cfg.grace))
+        self.loop.stop()
         self.store.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -5,13 +5,14 @@ field, a truncated message) with INTERNAL "Exception deserializing request", whi
 server bug and hides the reason. This interceptor wraps the deserializer of every method that
 takes one request message: a message that does not parse becomes a marker, and the wrapped
 handler answers it INVALID_ARGUMENT with protobuf's reason (clipped) before any servicer runs.
-Streaming-request methods (reflection) are left as they are.
+Streaming-request methods (reflection) are left as they are. A ``grpc.aio`` interceptor: the
+handlers it wraps are coroutines (unary answers, and streams that write with ``context.write``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -31,11 +32,11 @@ class _Malformed:
         self.reason = reason
 
 
-class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: Any
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         decode = handler.request_deserializer
@@ -47,7 +48,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return _Malformed(str(exc) or type(exc).__name__)
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: Any, *rest: Any) -> Any:
+            async def call(request: Any, context: Any) -> Any:
                 if isinstance(request, _Malformed):
                     log.info(
                         "malformed request",
@@ -57,15 +58,12 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                             "peer": context.peer(),
                         },
                     )
-                    context.abort(
+                    await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"malformed request: {clip(request.reason)[1:-1]}",
                     )
-                return behavior(request, context, *rest)
+                return await behavior(request, context)
 
-            for flag in ("experimental_non_blocking", "experimental_thread_pool"):
-                if hasattr(behavior, flag):
-                    setattr(call, flag, getattr(behavior, flag))
             return call
 
         if handler.unary_unary is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,12 +53,27 @@ class ServerMetrics:
         self.refused = Counter(
             "clustermap_server_auth_refused", "Calls refused for credentials", registry=self.prom
         )
+        self.watch_streams = Gauge(
+            "clustermap_server_watch_streams", "Watch streams held", registry=self.prom
+        )
+        self.watch_refused = Counter(
+            "clustermap_server_watch_refused",
+            "Watch streams refused RESOURCE_EXHAUSTED (--max-watchers)",
+            registry=self.prom,
+        )
 
     def on_poll(self, kind: str) -> None:
         self.polls.labels(kind).inc()
 
     def on_refused(self) -> None:
         self.refused.inc()
+
+    def on_watch(self, delta: int) -> None:
+        """A Watch stream opened (+1), ended (-1) or was refused (0)."""
+        if delta:
+            self.watch_streams.inc(delta)
+        else:
+            self.watch_refused.inc()
 
     def serve(self, listen: str) -> Any:
         host, port = parse_address(listen, allow_zero=True)

@@ -1,17 +1,18 @@
 """The gRPC servicers: validate the request, call the registry, encode the answer.
 
-Handlers run on the gRPC server's worker threads. They hold no state of their own besides
-:class:`_EncodeCache` (encoded services and recent poll answers, shared by every thread: plain dict
-operations, atomic under the GIL, and cached messages are never mutated after insertion).
+Handlers are coroutines on the server's event loop (:mod:`clustermap.server.serving`): they
+validate on the loop and hand every registry call, and the encoding of answers, to the blocking
+pool. They hold no state of their own besides :class:`_EncodeCache` (encoded services and recent
+poll answers, shared by the pool's threads: plain dict operations, atomic under the GIL, and
+cached messages are never mutated after insertion) and the Watch streams' hub.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
@@ -37,6 +38,7 @@ from clustermap.server.registry import (
     StoredService,
     Unavailable,
 )
+from clustermap.server.serving import LoopThread
 from clustermap.server.validation import (
     MAX_SERVICE_NAME,
     NodeAddress,
@@ -44,6 +46,7 @@ from clustermap.server.validation import (
     Registration,
     reason,
 )
+from clustermap.server.watch import Answer, WatchHub
 from clustermap.wire import node_to_pb, service_to_pb, status_from_pb
 
 __all__ = [
@@ -71,12 +74,12 @@ _ORIGIN_TO_PB: Final = {
 }
 
 
-def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
+async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-def _validated(context: Any, build: Callable[[], T]) -> T:
+async def _validated(context: Any, build: Callable[[], T]) -> T:
     try:
         return build()
     except ValidationError as exc:
@@ -84,10 +87,10 @@ def _validated(context: Any, build: Callable[[], T]) -> T:
         log.info(
             "invalid request", extra={"event": "invalid", "reason": why, "peer": context.peer()}
         )
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, why)
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, why)
 
 
-def _refused(context: Any, exc: RegistryError) -> NoReturn:
+async def _refused(context: Any, exc: RegistryError) -> NoReturn:
     code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else grpc.StatusCode.UNKNOWN
     if isinstance(exc, Conflict):
         code = grpc.StatusCode.FAILED_PRECONDITION
@@ -95,15 +98,20 @@ def _refused(context: Any, exc: RegistryError) -> NoReturn:
         code = grpc.StatusCode.UNAVAILABLE
     elif isinstance(exc, Exhausted):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    _abort(context, code, str(exc))
+    await _abort(context, code, str(exc))
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry, *, max_meta_bytes: int = MAX_META_BYTES) -> None:
+    """Registry calls: validated on the loop, carried out in the blocking pool."""
+
+    def __init__(
+        self, registry: Registry, loop: LoopThread, *, max_meta_bytes: int = MAX_META_BYTES
+    ) -> None:
         self._registry = registry
+        self._loop = loop
         self._max_meta_bytes = max_meta_bytes
 
-    def Register(
+    async def Register(
         self, request: registry_pb2.RegisterRequest, context: Any
     ) -> registry_pb2.RegisterResponse:
         def build() -> Registration:
@@ -116,19 +124,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 ttl=request.ttl_seconds if request.HasField("ttl_seconds") else None,
             )
 
-        registration = _validated(context, build)
+        registration = await _validated(context, build)
         size = meta_bytes(registration.meta)
         if size > self._max_meta_bytes:
-            _abort(
+            await _abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"meta is {size} bytes; this server takes at most {self._max_meta_bytes} "
                 "(--max-meta-bytes)",
             )
         try:
-            result = self._registry.register(registration)
+            result = await self._loop.run_blocking(self._registry.register, registration)
         except RegistryError as exc:
-            _refused(context, exc)
+            await _refused(context, exc)
         return registry_pb2.RegisterResponse(
             lease_id=result.lease_id,
             ttl_seconds=result.ttl,
@@ -136,31 +144,33 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             node=node_to_pb(result.node, map_pb2.NODE_ORIGIN_REGISTERED),
         )
 
-    def Heartbeat(
+    async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: Any
     ) -> registry_pb2.HeartbeatResponse:
         if not request.lease_id or len(request.lease_id) > 64:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id: missing or malformed")
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id: missing or malformed"
+            )
         try:
-            ttl = self._registry.heartbeat(request.lease_id)
+            ttl = await self._loop.run_blocking(self._registry.heartbeat, request.lease_id)
         except RegistryError as exc:
-            _refused(context, exc)
+            await _refused(context, exc)
         return registry_pb2.HeartbeatResponse(ttl_seconds=ttl)
 
-    def Deregister(
+    async def Deregister(
         self, request: registry_pb2.DeregisterRequest, context: Any
     ) -> registry_pb2.DeregisterResponse:
-        addr = _validated(
+        addr = await _validated(
             context,
             lambda: NodeAddress(service=request.service, host=request.host, port=request.port),
         )
         try:
-            revision = self._registry.deregister(addr)
+            revision = await self._loop.run_blocking(self._registry.deregister, addr)
         except RegistryError as exc:
-            _refused(context, exc)
+            await _refused(context, exc)
         return registry_pb2.DeregisterResponse(revision=revision)
 
-    def UpdateNode(
+    async def UpdateNode(
         self, request: registry_pb2.UpdateNodeRequest, context: Any
     ) -> registry_pb2.UpdateNodeResponse:
         def build() -> NodeUpdate:
@@ -178,11 +188,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 status=status,
             )
 
-        update = _validated(context, build)
+        update = await _validated(context, build)
         try:
-            revision, node, origin = self._registry.update_node(update)
+            revision, node, origin = await self._loop.run_blocking(
+                self._registry.update_node, update
+            )
         except RegistryError as exc:
-            _refused(context, exc)
+            await _refused(context, exc)
         return registry_pb2.UpdateNodeResponse(
             revision=revision, node=node_to_pb(node, _ORIGIN_TO_PB[origin])
         )
@@ -285,113 +297,90 @@ def add_subscription_servicer(servicer: SubscriptionServicer, server: Any) -> No
 
 class SubscriptionServicer:
     """Poll and Watch. Answers are serialized ``PollResponse`` bytes: register the servicer
-    with :func:`add_subscription_servicer`."""
+    with :func:`add_subscription_servicer`. Registry calls and encoding run in the blocking
+    pool; Watch streams are coroutines of the :class:`~clustermap.server.watch.WatchHub`."""
 
     def __init__(
         self,
         registry: Registry,
+        loop: LoopThread,
         *,
         keepalive: float = 15.0,
-        max_watchers: int = 8,
+        max_watchers: int = 10_000,
         on_answer: Callable[[str], None] | None = None,
+        on_stream: Callable[[int], None] | None = None,
     ) -> None:
         self._registry = registry
+        self._loop = loop
         self._on_answer = on_answer
         self._cache = _EncodeCache()
-        self._keepalive = keepalive
-        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self.hub = WatchHub(
+            registry,
+            loop,
+            self.answer,
+            keepalive=keepalive,
+            max_streams=max_watchers,
+            on_answer=on_answer,
+            on_stream=on_stream,
+        )
 
-    def _names(self, request: subscription_pb2.PollRequest, context: Any) -> frozenset[str] | None:
+    async def _names(
+        self, request: subscription_pb2.PollRequest, context: Any
+    ) -> frozenset[str] | None:
         if not request.services:
             return None
         if len(request.services) > MAX_FILTER or any(
             not n or len(n) > MAX_SERVICE_NAME for n in request.services
         ):
-            _abort(
+            await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"services: at most {MAX_FILTER} names of 1-{MAX_SERVICE_NAME} characters",
             )
         return frozenset(request.services)
 
-    def _encode(
-        self,
-        request: subscription_pb2.PollRequest,
-        names: frozenset[str] | None,
-        result: PollResult,
-    ) -> bytes:
-        if self._on_answer is not None:
-            self._on_answer(result.kind)
+    def answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
+        """The answer to a subscriber at (``epoch``, ``revision``): blocking (pool only)."""
+        result = self._registry.poll(epoch, revision, names)
         key: tuple[object, ...] | None = None
         if names is None and result.kind == reg.NOT_MODIFIED:
             key = (reg.NOT_MODIFIED, result.epoch, result.revision, result.self_preservation)
         elif names is None and result.kind == reg.FULL:
             key = (reg.FULL, result.epoch, result.revision, result.self_preservation)
         elif names is None and result.kind == reg.DELTA:
-            key = (
-                reg.DELTA,
-                result.epoch,
-                request.revision,
-                result.revision,
-                result.self_preservation,
-            )
-        return self._cache.answer(key, result)
+            key = (reg.DELTA, result.epoch, revision, result.revision, result.self_preservation)
+        return result, self._cache.answer(key, result)
 
-    def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
-        names = self._names(request, context)
+    async def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
+        names = await self._names(request, context)
         try:
-            result = self._registry.poll(request.epoch, request.revision, names)
+            result, data = await self._loop.run_blocking(
+                self.answer, request.epoch, request.revision, names
+            )
         except Unavailable as exc:
-            _refused(context, exc)
-        return self._encode(request, names, result)
+            await _refused(context, exc)
+        if self._on_answer is not None:
+            self._on_answer(result.kind)
+        return data
 
-    def Watch(self, request: subscription_pb2.PollRequest, context: Any) -> Iterator[bytes]:
-        names = self._names(request, context)
-        if not self._watch_slots.acquire(blocking=False):
-            _abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "too many watchers; poll instead or retry later",
-            )
-        try:
-            yield from self._watch(request, names, context)
-        finally:
-            self._watch_slots.release()
-
-    def _watch(
-        self, request: subscription_pb2.PollRequest, names: frozenset[str] | None, context: Any
-    ) -> Iterator[bytes]:
-        context.add_callback(self._registry.wake)  # a cancelled watcher leaves at once
-        epoch, revision = request.epoch, request.revision
-        last_sent = float("-inf")
-        last_kind = ""
-        while context.is_active() and not self._registry.closed:
-            try:
-                result = self._registry.poll(epoch, revision, names)
-            except Unavailable as exc:
-                _refused(context, exc)
-            now = time.monotonic()
-            due = now - last_sent >= self._keepalive
-            if due or result.kind not in (reg.NOT_MODIFIED, last_kind):
-                probe = subscription_pb2.PollRequest(epoch=epoch, revision=revision)
-                yield self._encode(probe, names, result)
-                last_sent, last_kind = now, result.kind
-            if result.kind == reg.NOT_READY:
-                wait = min(self._keepalive, result.retry_after + 0.01)
-            else:
-                epoch, revision = result.epoch, result.revision
-                last_kind = ""
-                wait = last_sent + self._keepalive - now
-            self._registry.wait_changed(result.revision, max(0.01, wait))
+    async def Watch(self, request: subscription_pb2.PollRequest, context: Any) -> None:
+        names = await self._names(request, context)
+        await self.hub.serve(request.epoch, request.revision, names, context)
 
 
 class InspectionServicer(inspection_pb2_grpc.InspectionServicer):
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    """Read-only views of the registry, built in the blocking pool."""
 
-    def ListServices(
+    def __init__(self, registry: Registry, loop: LoopThread) -> None:
+        self._registry = registry
+        self._loop = loop
+
+    async def ListServices(
         self, request: inspection_pb2.ListServicesRequest, context: Any
     ) -> inspection_pb2.ListServicesResponse:
+        return await self._loop.run_blocking(self._list_services)
+
+    def _list_services(self) -> inspection_pb2.ListServicesResponse:
         revision, services = self._registry.services()
         return inspection_pb2.ListServicesResponse(
             revision=revision,
@@ -406,28 +395,31 @@ class InspectionServicer(inspection_pb2_grpc.InspectionServicer):
             ],
         )
 
-    def GetService(
+    async def GetService(
         self, request: inspection_pb2.GetServiceRequest, context: Any
     ) -> inspection_pb2.GetServiceResponse:
         if not request.name or len(request.name) > MAX_SERVICE_NAME:
-            _abort(
+            await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"name: 1-{MAX_SERVICE_NAME} characters (got {len(request.name)})",
             )
         try:
-            revision, stored, origins = self._registry.service(request.name)
+            return await self._loop.run_blocking(self._get_service, request.name)
         except RegistryError as exc:
-            _refused(context, exc)
+            await _refused(context, exc)
+
+    def _get_service(self, name: str) -> inspection_pb2.GetServiceResponse:
+        revision, stored, origins = self._registry.service(name)
         pb_origins = {k: _ORIGIN_TO_PB[v] for k, v in origins.items()}
         return inspection_pb2.GetServiceResponse(
             revision=revision, service=service_to_pb(stored.service, stored.digest, pb_origins)
         )
 
-    def GetStatus(
+    async def GetStatus(
         self, request: inspection_pb2.GetStatusRequest, context: Any
     ) -> inspection_pb2.GetStatusResponse:
-        st = self._registry.status()
+        st = await self._loop.run_blocking(self._registry.status)
         return inspection_pb2.GetStatusResponse(
             epoch=st.epoch,
             revision=st.revision,

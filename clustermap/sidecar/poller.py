@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 
 from clustermap._pb.clustermap.v1 import subscription_pb2_grpc
-from clustermap.checksum import service_digest
 from clustermap.retry import Backoff
+from clustermap.sidecar.answers import rpc_error, set_aside_invalid
 from clustermap.sidecar.config import SidecarSettings
-from clustermap.sidecar.validate import invalid_services
-from clustermap.wire import PollAnswer, Rejected, WireError, poll_answer_from_pb, poll_request
+from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
 
 __all__ = ["PollFailed", "Polled", "Poller", "subscription_stubs"]
 
@@ -84,9 +83,9 @@ class Poller:
                 msg = self._stubs[server].Poll(
                     request, timeout=self.settings.timeout, metadata=self._metadata
                 )
-                answer = _set_aside_invalid(poll_answer_from_pb(msg))
+                answer = set_aside_invalid(poll_answer_from_pb(msg))
             except grpc.RpcError as exc:
-                errors.append(f"{server}: {_rpc_error(exc)}")
+                errors.append(f"{server}: {rpc_error(exc)}")
             except WireError as exc:
                 errors.append(f"{server}: malformed answer: {exc}")
                 log.error("rejected a malformed answer from %s: %s", server, exc)
@@ -100,33 +99,6 @@ class Poller:
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
-
-
-def _set_aside_invalid(answer: PollAnswer) -> PollAnswer:
-    """Move the services the registry could never have accepted to ``answer.rejected``: the
-    sidecar keeps their last good nodes and takes the rest of the answer."""
-    bad = invalid_services(answer.services)
-    if not bad:
-        return answer
-    return replace(
-        answer,
-        services=tuple(s for s in answer.services if s.name not in bad),
-        rejected=(
-            *answer.rejected,
-            *(
-                Rejected(s.name, answer.digests.get(s.name, service_digest(s)), bad[s.name])
-                for s in answer.services
-                if s.name in bad
-            ),
-        ),
-    )
-
-
-def _rpc_error(exc: grpc.RpcError) -> str:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "ERROR"
-    return f"{name}: {details}" if details else name
 
 
 def _credentials(settings: SidecarSettings) -> grpc.ChannelCredentials | None:

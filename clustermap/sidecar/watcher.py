@@ -24,8 +24,9 @@ from typing import Any, Final
 
 import grpc
 
+from clustermap.sidecar.answers import rpc_error, set_aside_invalid
 from clustermap.sidecar.config import SidecarSettings
-from clustermap.sidecar.poller import _rpc_error, _set_aside_invalid, subscription_stubs
+from clustermap.sidecar.poller import subscription_stubs
 from clustermap.sidecar.retry import Backoff
 from clustermap.wire import PollAnswer, WireError, poll_answer_from_pb, poll_request
 
@@ -136,7 +137,7 @@ class Watcher:
         try:
             for msg in call:
                 try:
-                    answer = _set_aside_invalid(poll_answer_from_pb(msg))
+                    answer = set_aside_invalid(poll_answer_from_pb(msg))
                 except WireError as exc:
                     log.error("rejected a malformed answer on the stream from %s: %s", server, exc)
                     call.cancel()
@@ -146,7 +147,7 @@ class Watcher:
                 self._emit(StreamEvent(stream, server, answer))
             return stream, "the server ended the stream"
         except grpc.RpcError as exc:
-            return stream, _rpc_error(exc)
+            return stream, rpc_error(exc)
         finally:
             with self._lock:
                 self._call = None

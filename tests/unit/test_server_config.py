@@ -61,7 +61,7 @@ def test_flags_win_over_environment_over_file(
         (["--listen", "nonsense"], {}, "--listen: 'nonsense' is not HOST:PORT"),
         (["--store", "etcd://nohostport"], {}, "--store: 'nohostport' in"),
         (["--tls-cert", "x.pem"], {}, "--tls-cert and --tls-key go together"),
-        (["--max-watchers", "7"], {}, "--max-watchers <= --max-workers - 2"),
+        (["--max-workers", "0"], {}, "--max-workers: Input should be greater than or equal to 1"),
         ([], {"CLUSTERMAP_TOKEN": "  "}, "$CLUSTERMAP_TOKEN: is blank"),
         ([], {"CLUSTERMAP_MAX_WORKERS": "x"}, "--max-workers: Input should be a valid integer"),
         (["--etcd-user", "root"], {}, "need --store etcd://"),

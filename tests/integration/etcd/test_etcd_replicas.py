@@ -32,8 +32,8 @@ def etcd3() -> Iterator[EtcdCluster]:
 
 
 class Replica(ServerProc):
-    def __init__(self, url: str, ttl: float = 2.0) -> None:
-        super().__init__("--store", url, ttl=ttl, warmup=0)
+    def __init__(self, url: str, *args: str, ttl: float = 2.0) -> None:
+        super().__init__("--store", url, *args, ttl=ttl, warmup=0)
         self.url = url
         self.sub = subscription_pb2_grpc.SubscriptionStub(self._channel)
 
@@ -244,6 +244,51 @@ def test_watch_streams_follow_changes_made_through_another_replica(
         assert [len(s.nodes) for s in delta.services] == [2]
     finally:
         stream.cancel()
+
+
+def test_a_watching_sidecar_fails_over_between_replicas_without_losing_a_change(
+    etcd3: EtcdCluster, region_path: Path
+) -> None:
+    url = etcd3.url(f"cm-test-{next(_prefixes)}")
+    a, b = (Replica(url, "--watch-keepalive", "0.5") for _ in range(2))
+    sidecar = SidecarProc(
+        region_path, [a.address, b.address], "--watch", env={"CLUSTERMAP_WATCH_SILENCE": "10"}
+    )
+
+    def watching(server: str) -> bool:
+        m = RegionReader(region_path).meta()
+        return m.mode == "watch" and m.server == server and not m.stale
+
+    try:
+        a.register("user-svc", "10.0.0.1", 80)
+        a.register("user-svc", "10.0.0.2", 80)
+        sidecar.wait_synced()
+        wait_for(lambda: watching(a.address), 30, "a stream from a")
+        wait_for(lambda: addresses(region_path, "user-svc") == {"10.0.0.1:80", "10.0.0.2:80"})
+        epoch = RegionReader(region_path).meta().epoch
+        fulls = RegionReader(region_path).meta().counters.get("full")
+        a.kill()  # SIGKILL mid-stream; changes keep coming through b meanwhile
+        b.register("user-svc", "10.0.0.3", 80)
+        b.deregister("user-svc", "10.0.0.1", 80)
+        b.set("user-svc", "10.0.0.2", 80, weight=7)
+        wait_for(lambda: watching(b.address), 60, "a stream from b")
+        # every change made while the sidecar moved is there, and one made now comes by b's stream
+        before = dict(RegionReader(region_path).meta().counters)
+        rev = b.register("user-svc", "10.0.0.4", 80).revision
+        want = {"10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"}
+        wait_for(lambda: addresses(region_path, "user-svc") == want, 30, "the sidecar to follow b")
+        meta = sidecar.wait_synced(rev)
+        weights = {n.address: n.weight for n in RegionReader(region_path).service("user-svc").nodes}
+        assert weights["10.0.0.2:80"] == 7
+        assert meta.epoch == epoch
+        counters = dict(meta.counters)
+        assert counters.get("full") == fulls, counters  # one history: deltas across replicas
+        assert counters.get("checksum_mismatches", 0) == 0, counters
+        assert counters.get("watch", 0) > before.get("watch", 0), (before, counters)
+    finally:
+        sidecar.close()
+        a.close()
+        b.close()
 
 
 def test_bad_store_urls_and_unreachable_etcd_are_one_line_errors() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +305,34 @@ def test_a_silent_stream_is_given_up_and_a_new_one_opened(
     finally:
         sidecar.close()
         proxy.close()
+
+
+def test_a_full_server_refuses_the_stream_and_the_sidecar_polls_and_backs_off(
+    region_path: Path,
+) -> None:
+    # --max-watchers 0: every Watch is refused RESOURCE_EXHAUSTED (load shedding).
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    server = ServerProc(*KEEPALIVE, "--max-watchers", "0", "--metrics-listen", f"127.0.0.1:{port}")
+    server.register("a", "10.0.0.1", 80)
+    sidecar = watcher(region_path, [server.address])  # backoff 0.1 s doubling, at most 0.5 s
+    started = time.monotonic()
+    try:
+        sidecar.wait_synced()
+        server.register("a", "10.0.0.2", 80)
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
+        refused = "clustermap_server_watch_refused_total"
+        wait_for(lambda: metric(url, refused) >= 5, 60, "five refused streams")
+        m = meta(region_path)
+        assert m.mode == "poll", m
+        assert not m.stale, m
+        assert m.counters.get("polls", 0) > 0, m.counters
+        assert "watch" not in m.counters, m.counters  # no answer ever came by a stream
+        # equal jitter keeps at least half of each delay: once at the 0.5 s cap, at most one
+        # attempt per 0.25 s (a watcher that retried at once would make hundreds)
+        elapsed = time.monotonic() - started
+        assert metric(url, refused) <= 4 + elapsed / 0.25, elapsed
+        assert metric(url, "clustermap_server_watch_streams") == 0
+    finally:
+        sidecar.close()
+        server.close()

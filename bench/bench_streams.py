@@ -1,0 +1,308 @@
+"""One cm-server process holding thousands of Watch streams: idle cost and fan-out latency.
+
+Run: uv run python bench/bench_streams.py [--streams 1000,2000,5000] [--procs 4]
+     [--per-connection 1] [--idle 10] [--changes 20] [--json PATH]
+
+For each stream count N (a sweep against one server with 100 services x 10 nodes), ``--procs``
+client processes open N/procs raw gRPC Watch streams each (grpc.aio; ``--per-connection``
+streams share one TCP connection, 1 = one connection per stream, as one per sidecar), and
+read the first answer (the full map) on every stream. Then:
+
+* **idle**: for ``--idle`` seconds (20: longer than the keepalive period) nothing changes; the
+  server's CPU (utime + stime from /proc/PID/stat) over that window, as a share of one core.
+  Streams still get their NOT_MODIFIED keepalives (every 15 s, cm-server's default), so this is
+  the real idle cost;
+* **memory**: the server's RSS with the streams open, minus its RSS before they were opened,
+  per stream;
+* **fan-out**: ``--changes`` times, one node's weight changes (UpdateNode) and every stream
+  records when the delta of that revision arrives; latency = arrival - the moment before the
+  UpdateNode call (one clock: one machine). p50 / p99 over every (stream, change), and of the
+  last stream to get each change. A stream that skipped a revision (collapsed to a later one)
+  counts as missing. The server's CPU during the changes (all its threads), per message
+  delivered, is the fan-out's cost per stream.
+
+The clients share the machine with the server (and on the reference machine with other work:
+the load average is recorded), so latencies include the clients' own scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from common import machine, write_json
+
+from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
+from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
+
+WATCH = "/clustermap.v1.Subscription/Watch"
+
+
+def _raise_nofile() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _client(
+    address: str, n: int, per_conn: int, ready: mp.Queue, stop: mp.Event, out: mp.Queue
+) -> None:
+    _raise_nofile()
+
+    async def run() -> tuple[list[tuple[int, float]], int]:
+        options = [
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.max_receive_message_length", 1 << 26),
+        ]
+        channels = [
+            grpc.aio.insecure_channel(address, options=options)
+            for _ in range(math.ceil(n / per_conn))
+        ]
+        arrivals: list[tuple[int, float]] = []
+        errors = 0
+        opened = asyncio.Event()
+        count = 0
+
+        async def one(channel: grpc.aio.Channel) -> None:
+            nonlocal count, errors
+            call = channel.unary_stream(
+                WATCH,
+                request_serializer=spb.PollRequest.SerializeToString,
+                response_deserializer=spb.PollResponse.FromString,
+            )(spb.PollRequest())
+            first = True
+            try:
+                async for msg in call:
+                    if first:
+                        first = False
+                        count += 1
+                        if count == n:
+                            opened.set()
+                    elif msg.kind in (spb.POLL_KIND_DELTA, spb.POLL_KIND_FULL):
+                        arrivals.append((msg.revision, time.time()))
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            if first:  # ended before its first answer: counted as an error
+                errors += 1
+                count += 1
+                if count == n:
+                    opened.set()
+
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.ensure_future(one(channels[i // per_conn])))
+            if i % 100 == 99:
+                await asyncio.sleep(0.05)  # do not open thousands of connections in one burst
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(opened.wait(), 300)
+        ready.put(errors + n - count)  # streams that never answered count as errors
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+        return arrivals, errors
+
+    out.put(asyncio.run(run()))
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "Threads"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def _round(
+    address: str, pid: int, reg: registry_pb2_grpc.RegistryStub, n: int, args: argparse.Namespace
+) -> dict[str, float]:
+    ctx = mp.get_context("spawn")  # the parent holds gRPC channels: no fork
+    ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    base = _proc_status(pid)
+    share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
+    procs = [
+        ctx.Process(target=_client, args=(address, k, args.per_connection, ready, stop, out))
+        for k in share
+        if k
+    ]
+    t_open = time.monotonic()
+    for p in procs:
+        p.start()
+    open_errors = sum(ready.get(timeout=600) for _ in procs)
+    opened_s = time.monotonic() - t_open
+    time.sleep(2)  # let the opening burst settle
+    held = _proc_status(pid)
+    load_before = os.getloadavg()[0]
+    c0, t0 = _cpu(pid), time.monotonic()
+    time.sleep(args.idle)
+    idle_cpu = (_cpu(pid) - c0) / (time.monotonic() - t0)
+    load = os.getloadavg()[0]
+
+    sent: dict[int, float] = {}
+    c1 = _cpu(pid)
+    for i in range(args.changes):
+        t = time.time()
+        resp = reg.UpdateNode(
+            registry_pb2.UpdateNodeRequest(
+                service="svc-00000", host="10.0.0.1", port=8080, weight=2 + i % 2
+            ),
+            timeout=30,
+        )
+        sent[resp.revision] = t
+        time.sleep(args.spacing)
+    time.sleep(2)
+    busy = _cpu(pid) - c1  # all of it: keepalives are not due while changes keep coming
+    stop.set()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    lat: list[float] = []
+    per_change: dict[int, list[float]] = {r: [] for r in sent}
+    for arrivals, _ in results:
+        for revision, at in arrivals:
+            if revision in sent:
+                per_change[revision].append(at - sent[revision])
+    for xs in per_change.values():
+        lat.extend(xs)
+    missing = n * len(sent) - len(lat)
+    last = [max(xs) for xs in per_change.values() if xs]
+    row = {
+        "streams": n,
+        "open_errors": open_errors,
+        "opened_s": round(opened_s, 1),
+        "threads": held["Threads"],
+        "rss_base_mib": round(base["VmRSS"] / 1024, 1),
+        "rss_held_mib": round(held["VmRSS"] / 1024, 1),
+        "kib_per_stream": round((held["VmRSS"] - base["VmRSS"]) / n, 1),
+        "idle_cpu_pct": round(100 * idle_cpu, 2),
+        "p50_ms": round(1e3 * _pct(lat, 50), 1),
+        "p99_ms": round(1e3 * _pct(lat, 99), 1),
+        "max_ms": round(1e3 * max(lat, default=float("nan")), 1),
+        "all_p50_ms": round(1e3 * statistics.median(last), 1) if last else float("nan"),
+        "all_p99_ms": round(1e3 * _pct(last, 99), 1),
+        "missing": missing,
+        "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
+        "load_avg": round((load_before + load) / 2, 1),
+    }
+    print(
+        f"{n:>6} streams: threads {row['threads']}, RSS {row['rss_base_mib']} -> "
+        f"{row['rss_held_mib']} MiB ({row['kib_per_stream']} KiB/stream), idle CPU "
+        f"{row['idle_cpu_pct']} % of a core; change -> stream p50 {row['p50_ms']} ms, p99 "
+        f"{row['p99_ms']} ms; -> all streams p50 {row['all_p50_ms']} ms, p99 "
+        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent; "
+        f"missing {missing}, open errors {open_errors}; "
+        f"load avg {row['load_avg']}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", default="1000,2000,5000")
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--per-connection", type=int, default=1)
+    ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")
+    ap.add_argument("--changes", type=int, default=10)
+    ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
+    ap.add_argument("--services", type=int, default=100)
+    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    nofile = _raise_nofile()
+    counts = [int(x) for x in args.streams.split(",")]
+    if max(counts) // args.per_connection + 100 > nofile:
+        print(
+            f"open files limit {nofile} is too low for {max(counts)} connections", file=sys.stderr
+        )
+        return 2
+
+    with socket_port() as port:
+        address = f"127.0.0.1:{port}"
+    exe = str(Path(sys.executable).with_name("cm-server"))
+    server = subprocess.Popen(
+        [
+            exe,
+            "--listen",
+            address,
+            "--warmup",
+            "0",
+            "--heartbeat-ttl",
+            "600",
+            "--max-watchers",
+            str(max(counts) + 100),
+            "--log-level",
+            "warning",
+        ],
+        start_new_session=True,
+    )
+    rows = []
+    try:
+        ch = grpc.insecure_channel(address)
+        grpc.channel_ready_future(ch).result(timeout=30)
+        reg = registry_pb2_grpc.RegistryStub(ch)
+        for s in range(args.services):
+            for k in range(args.nodes):
+                reg.Register(
+                    registry_pb2.RegisterRequest(
+                        service=f"svc-{s:05d}",
+                        host=f"10.0.{s}.{k + 1}",
+                        port=8080,
+                        ttl_seconds=0,
+                        meta={"zone": "a"},
+                    ),
+                    timeout=30,
+                )
+        print(f"{machine()}; cm-server pid {server.pid}; open files limit {nofile}", flush=True)
+        for n in counts:
+            rows.append(_round(address, server.pid, reg, n, args))
+            time.sleep(3)  # the previous round's streams end
+    finally:
+        server.terminate()
+        server.wait(30)
+    write_json(
+        str(args.json) if args.json else None,
+        {"bench": "streams", "machine": machine(), "rows": rows},
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def socket_port():  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

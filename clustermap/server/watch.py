@@ -1,0 +1,243 @@
+"""Watch streams on the event loop: one coroutine per stream, no thread per stream.
+
+How a change reaches thousands of streams:
+
+* one **follower** thread (``cm-watch``) blocks in :meth:`Registry.wait_changed` and hands each
+  new revision to the loop with ``call_soon_threadsafe`` (it never touches loop state itself).
+  Before it does, it computes the answers most streams need (the delta from the previous
+  revision, NOT_MODIFIED at the new one). Answers are kept until the next change, which the
+  follower also signals when the self-preservation flag flips or the store becomes unavailable
+  (checked every second), so a keepalive costs no registry call;
+* on the loop, :meth:`WatchHub._changed` stores those answers and resolves every idle stream's
+  own wake-up future (a stream waits on a private future, woken by a change or by its keepalive
+  timer, so a cancelled stream never cancels anything shared);
+* each woken stream takes the answer for its own (epoch, revision, filter). Other questions are
+  computed in the blocking pool (registry call + encoding) **once per question**: streams at
+  the same (epoch, revision, filter) share one future and then write the same serialized bytes
+  (the Subscription service is registered with a pass-through serializer), so nothing is
+  encoded per stream.
+
+Slow consumers are bounded by construction: a stream has at most one message in flight (its
+``context.write`` is awaited before it asks again). Revisions that pass meanwhile are not
+queued; when the write completes the stream asks for the delta from the revision it last sent
+(a full map when the change log no longer reaches back), so a slow stream is collapsed to the
+latest state and costs one message of memory at most.
+
+Keepalives: a stream that has sent nothing for ``keepalive`` seconds (less up to 10 %, drawn per
+stream so that streams opened together spread out, then rounded up to a whole second so that
+the keepalives of one second go out in one batch: alone, each would cost a round of thread
+wake-ups in gRPC) is sent NOT_MODIFIED. At
+most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+
+from clustermap.model import NOT_MODIFIED, NOT_READY
+from clustermap.server.registry import PollResult, Registry, Unavailable
+from clustermap.server.serving import LoopThread
+
+__all__ = ["Answer", "WatchHub"]
+
+_NOTHING: Final = frozenset[str]()
+_TICK: Final = 1.0  # keepalives are batched on this grid (seconds)
+
+Answer = tuple[PollResult, bytes]
+_Key = tuple[str, int, frozenset[str] | None]
+
+
+class WatchHub:
+    """The Watch streams of one server (see the module docstring). Loop-side methods run on
+    the loop only; :meth:`start` and :meth:`close` may be called from any thread."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        loop: LoopThread,
+        answer: Callable[[str, int, frozenset[str] | None], Answer],
+        *,
+        keepalive: float = 15.0,
+        max_streams: int = 10_000,
+        on_answer: Callable[[str], None] | None = None,
+        on_stream: Callable[[int], None] | None = None,
+    ) -> None:
+        self._on_stream = on_stream
+        self._registry = registry
+        self._loop = loop
+        self._answer_blocking = answer
+        self._keepalive = keepalive
+        self.max_streams = max_streams
+        self._on_answer = on_answer
+        self.streams = 0
+        self._closed = False
+        self._generation = 0  # bumped on every change
+        self._waiters: list[asyncio.Future[None]] = []  # idle streams' wake-ups
+        self._answers: dict[_Key, asyncio.Future[Answer]] = {}  # until the next change
+        self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
+
+    # -- any thread -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._follower.start()
+
+    def close(self) -> None:
+        """End every stream (after :meth:`Registry.close`, the follower stops by itself)."""
+        self._loop.call_soon(self._close)
+
+    # -- the follower thread -------------------------------------------------------------
+
+    def _follow(self) -> None:
+        seen: tuple[str, int, bool] = ("", -1, False)  # epoch, revision, self-preservation
+        lost = False
+        while not self._registry.closed:
+            self._registry.wait_changed(seen[1], 1.0)
+            if self._registry.closed:
+                break
+            try:
+                now = self._registry.poll("", 0, _NOTHING)  # cheap: the filter names nothing
+                state = (now.epoch, now.revision, now.self_preservation)
+                if state == seen and not lost:
+                    continue  # a timeout: nothing new (this wake-up notices flags and a lost store)
+                # the answers most streams need, made here before they wake so that they find
+                # them ready: the delta from the previous revision, and NOT_MODIFIED at this one
+                ready = [((now.epoch, now.revision, None), None)]
+                if seen[1] >= 0 and now.revision != seen[1]:
+                    ready.append(((seen[0], seen[1], None), None))
+                answers = [(key, self._answer_blocking(*key)) for key, _ in ready]
+            except Unavailable:
+                if not lost:  # every stream asks again now, and is told UNAVAILABLE
+                    lost = True
+                    self._loop.call_soon(self._changed, ())
+                time.sleep(0.2)
+                continue
+            lost = False
+            seen = state
+            self._loop.call_soon(self._changed, tuple(answers))
+        self._loop.call_soon(self._close)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _changed(self, ready: tuple[tuple[_Key, Answer], ...] = ()) -> None:
+        self._answers.clear()
+        for key, answer in ready:
+            if answer[0].kind == NOT_READY:
+                continue  # asked again after its retry_after, never kept
+            fut = self._loop.loop.create_future()
+            fut.set_result(answer)
+            self._answers[key] = fut
+        self._generation += 1
+        waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            _resolve(wake)
+
+    def _close(self) -> None:
+        self._closed = True
+        self._changed()
+
+    def _cached(self, key: _Key) -> Answer | None:
+        """The answer to ``key`` if it is ready (the common case after a change: no waiting)."""
+        hit = self._answers.get(key)
+        if hit is not None and hit.done() and hit.exception() is None:
+            return hit.result()
+        return None
+
+    async def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
+        key = (epoch, revision, names)
+        hit = self._answers.get(key)
+        if hit is None or hit.done():
+            hit = asyncio.ensure_future(
+                self._loop.run_blocking(self._answer_blocking, epoch, revision, names)
+            )
+            self._answers[key] = hit
+            hit.add_done_callback(lambda f: self._settled(key, f))
+        return await asyncio.shield(hit)
+
+    def _settled(self, key: _Key, fut: asyncio.Future[Answer]) -> None:
+        """Errors and NOT_READY answers are not kept: the next asker asks the registry."""
+        if self._answers.get(key) is fut and (
+            fut.cancelled() or fut.exception() is not None or fut.result()[0].kind == NOT_READY
+        ):
+            del self._answers[key]
+
+    async def serve(
+        self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
+    ) -> None:
+        """Hold one stream until the client leaves or the server stops."""
+        if self.streams >= self.max_streams:
+            if self._on_stream is not None:
+                self._on_stream(0)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server holds at most {self.max_streams} Watch streams (--max-watchers); "
+                "poll, or retry later",
+            )
+        self.streams += 1
+        if self._on_stream is not None:
+            self._on_stream(1)
+        try:
+            await self._stream(epoch, revision, names, context)
+        finally:
+            self.streams -= 1
+            if self._on_stream is not None:
+                self._on_stream(-1)
+
+    async def _stream(
+        self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
+    ) -> None:
+        loop = self._loop.loop
+        last_sent = float("-inf")
+        last_kind = ""
+        # each stream's own period, up to 10 % shorter: streams opened together (a fleet
+        # reconnecting) do not send their keepalives in one burst forever after
+        keepalive = self._keepalive * (1.0 - 0.1 * random.random())
+        while not self._closed:
+            generation = self._generation  # taken first: a change while we answer is not lost
+            answer = self._cached((epoch, revision, names))
+            if answer is None:
+                try:
+                    answer = await self._answer(epoch, revision, names)
+                except Unavailable as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    return
+            result, data = answer
+            now = loop.time()
+            if now - last_sent >= keepalive or result.kind not in (NOT_MODIFIED, last_kind):
+                await context.write(data)
+                if self._on_answer is not None:
+                    self._on_answer(result.kind)
+                last_sent, last_kind = now, result.kind
+            if result.kind == NOT_READY:
+                due = loop.time() + min(keepalive, result.retry_after + 0.01)
+            else:
+                epoch, revision = result.epoch, result.revision
+                last_kind = ""
+                # on a whole-second grid: the keepalives due within a second go out together,
+                # in one pass of the loop (one wake-up of gRPC's threads, not one per stream)
+                due = math.ceil((last_sent + keepalive) / _TICK) * _TICK
+            if generation != self._generation or self._closed:
+                continue
+            # wait for the next change or the keepalive: one private future, woken by
+            # _changed or by the timer (a cancelled stream cancels only its own future)
+            wake = loop.create_future()
+            self._waiters.append(wake)
+            if len(self._waiters) > 2 * self.streams + 64:  # streams that left meanwhile
+                self._waiters = [w for w in self._waiters if not w.done()]
+            timer = loop.call_at(max(due, loop.time() + 0.01), _resolve, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
