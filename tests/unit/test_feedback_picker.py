@@ -140,30 +140,33 @@ def test_a_published_table_is_not_used_while_nodes_are_ejected() -> None:
 
 
 def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:
-    load = memoryview(bytearray(8 * 80)).cast("Q")  # ids at 8.., latencies at 8 + 32..
+    load = memoryview(bytearray(8 * 48)).cast("Q")  # expected waits of ids 0.. at 8..
     load[1] = 1
-    for i in range(32):
-        load[8 + 32 + i] = 1000  # 1 ms each
 
     class Source:
-        def load_view(self) -> tuple[memoryview, int, int, int, int]:
-            return load, 8, 32, 0, 1
+        def load_view(self) -> tuple[memoryview, int, int, int]:
+            return load, 8, 32, 1
 
+    def wait(node_id: int, in_flight: int, latency_us: int) -> None:
+        load[8 + node_id] = (in_flight + 1) * latency_us  # as the sidecar publishes it
+
+    for i in range(32):
+        wait(i, 0, 1000)  # 1 ms each
     p = make_picker(service())
     p.load_source = Source()
-    load[8 + 10] = 5  # node 80 (id 10) is busy
+    wait(10, 5, 1000)  # node 80 (id 10) is busy
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[80] == 0  # two distinct nodes are drawn: the busy one always loses
     assert min(picks[q] for q in (81, 82, 83)) > 4000 / 4
-    load[8 + 10] = 0
-    load[8 + 11] = 1  # ties go to the first drawn: still uniform among the idle ones
+    wait(10, 0, 1000)
+    wait(11, 1, 1000)  # ties go to the first drawn: still uniform among the idle ones
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[81] == 0
     assert min(picks[q] for q in (80, 82, 83)) > 4000 / 4
     # Latency weighs in: 2 calls in flight on a 1 ms node wait less than 0 on a 10 ms node.
-    load[8 + 11] = 0
-    load[8 + 10] = 2
-    load[8 + 32 + 12] = 10_000
+    wait(11, 0, 1000)
+    wait(10, 2, 1000)
+    wait(12, 0, 10_000)
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[82] == 0
     assert picks[80] > 0
