@@ -205,9 +205,12 @@ class FeedbackHub:
             self._primed = True
             seen = {}
         of = self._service_of
-        names = {of[i] for i in seen if i in of} | {
-            of[i] for i in self.outliers.ejected_ids() if i in of
-        }
+        if self.outliers.interval_due(now):  # every service's interval counts are judged
+            names = set(self._service_ids)
+        else:
+            names = {of[i] for i in seen if i in of} | {
+                of[i] for i in self.outliers.ejected_ids() if i in of
+            }
         services = {name: self._service_ids[name] for name in names}
         changed, new = self.outliers.step(now, seen, services)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
