@@ -328,14 +328,20 @@ class ServicePicker:
             "weighted_random": self._wrandom,
         }
         #: The default strategy's iterator, and its ``next`` as a no-argument pick.
-        self.default_it: Iterator[Node] = self.iters[self._default_name()]
+        self.default_it: Iterator[Node] = self._default_iter()
         self.default: Callable[[], Node] = self.default_it.__next__
 
     def _default_name(self) -> str:
         strategy = self.default_strategy
-        if strategy not in self.iters:  # consistent_hash without a key: random, as Envoy does
-            return "random"
+        if strategy not in self.iters and strategy != "least_request":
+            return "random"  # consistent_hash without a key: random, as Envoy does
         return strategy
+
+    def _default_iter(self) -> Iterator[Node]:
+        name = self._default_name()
+        if name == "least_request":  # no stream of its own: each next() is one P2C pick
+            return _Calls(self.least_request)
+        return self.iters[name]
 
     def _no_node(self) -> Node:
         raise NoAvailableNode(self._why)
@@ -565,7 +571,7 @@ class ExpiringPicker(ServicePicker):
         self._inner = self.iters
         if self.expires_ns:
             self.iters = {name: _Calls(partial(self._checked, name)) for name in self._inner}
-            self.default_it = self.iters[self._default_name()]
+            self.default_it = self._default_iter()
             self.default = self.default_it.__next__
 
     def _checked(self, name: str) -> Node:

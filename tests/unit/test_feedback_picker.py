@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -190,3 +191,30 @@ def test_cmctl_watch_reports_ejections_and_returns() -> None:
     assert _diff(snap(2, ejected), snap(3, plain)) == [
         "generation 3 revision 0: api returned 10.0.0.1:82"
     ]
+
+
+def test_least_request_as_the_services_default_strategy() -> None:
+    """A service registered with strategy "least_request": a key-less pick is a P2C pick on the
+    machine's expected waits, with or without ejections, and the record carries it."""
+    load = memoryview(bytearray(8 * 48)).cast("Q")
+    load[1] = 1
+    for i in range(32):
+        load[8 + i] = 1000
+
+    class Source:
+        def load_view(self) -> tuple[memoryview, int, int, int]:
+            return load, 8, 32, 1
+
+    load[8 + 10] = 50_000  # node 80 (id 10) waits 50 times longer
+    for ejected in [(), ((1, 30),)]:  # node 81 ejected: an ExpiringPicker
+        svc = replace(service(*ejected), strategy="least_request")
+        assert L.decode_service(L.encode_service(svc)).strategy == "least_request"
+        p = make_picker(svc)
+        p.load_source = Source()
+        assert isinstance(p, ExpiringPicker) == bool(ejected)
+        picks = Counter(p.pick().port for _ in range(3000))
+        assert picks[80] == 0  # two distinct nodes are drawn: the slow one always loses
+        assert set(picks) == {81, 82, 83} - ({81} if ejected else set())
+        assert Counter(p.default().port for _ in range(300))[80] == 0
+    # Without feedback: P2C with equal costs, a random pick.
+    assert ports(make_picker(replace(service(), strategy="least_request"))) == {80, 81, 82, 83}
