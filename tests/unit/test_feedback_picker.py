@@ -218,3 +218,12 @@ def test_least_request_as_the_services_default_strategy() -> None:
         assert Counter(p.default().port for _ in range(300))[80] == 0
     # Without feedback: P2C with equal costs, a random pick.
     assert ports(make_picker(replace(service(), strategy="least_request"))) == {80, 81, 82, 83}
+
+
+def test_least_request_default_passes_the_servers_options_and_the_wire() -> None:
+    from clustermap.server.validation import ServiceOptions
+    from clustermap.wire import service_from_pb, service_to_pb
+
+    assert ServiceOptions(strategy="least_request").strategy == "least_request"
+    svc = Service("api", NODES, strategy="least_request")
+    assert service_from_pb(service_to_pb(svc)).strategy == "least_request"
