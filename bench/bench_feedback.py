@@ -145,10 +145,9 @@ def sweep_cost(active: int, changing: int) -> dict[str, float]:
             assert try_lock(fd, L.HEADER_SIZE + r * size, size)
 
         def write(r: int, k: int) -> None:
-            words = [1 << 32 | r, *[0] * 7]
+            data = struct.pack("<8Q", 1 << 32 | r, *[0] * 7)
             for node in range(10):
-                words += [node + 1, (k << L.OK_SHIFT) | 1, 0, k << 32]
-            data = struct.pack(f"<{len(words)}Q", *words)
+                data += struct.pack("<QddQQ", node + 1, float(k << L.OK_SHIFT | 1), k / 1e3, 0, 0)
             os.pwrite(fd, data, L.HEADER_SIZE + r * size)
 
         for r in range(active):

@@ -21,6 +21,7 @@ import random
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import xxhash
@@ -29,7 +30,7 @@ from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
 from clustermap.balance.routing import Route, route, subset_pairs, zone_name
 from clustermap.defaults import DEFAULT_REGION
 from clustermap.errors import ClusterMapError, UnknownService
-from clustermap.feedback.calls import Call, CustomCall, record
+from clustermap.feedback.calls import Call, CustomCall, free_calls, record
 from clustermap.feedback.worker import Feedback
 from clustermap.model import Node, Service
 from clustermap.region.layout import SLOT_META
@@ -39,6 +40,7 @@ __all__ = ["DEFAULT_REGION", "MAX_SUBSETS", "ClusterMap", "default_region_path"]
 
 _xxh64 = xxhash.xxh64_intdigest
 _new = object.__new__
+_take_call = free_calls.pop
 
 # (words of the file it was read from, index of its slot's version word, version, the picker of
 # key-less picks (subset and zone applied), the picker of keyed picks (subset only; it holds the
@@ -85,7 +87,7 @@ class ClusterMap:
         self._pid = os.getpid()
         self._reader: RegionReader | None = None
         self._feedback: Feedback | None = None
-        self._fbw: memoryview | None = None  # this process's feedback words, once it has a row
+        self._fbw: memoryview[float] | None = None  # this process's feedback row as float64 words
         # (service, subset items as given or sorted) -> entry: see _subset_entry
         self._subsets: dict[tuple[str, tuple[tuple[str, str], ...]], _Entry] = {}
         self._zone = ""  # the machine's zone as the region records it (docs/routing.md)
@@ -305,14 +307,58 @@ class ClusterMap:
         key: str | bytes | None = None,
         strategy: str | None = None,
         subset: Mapping[str, str] | None = None,
-        *,
         ok_exceptions: tuple[type[BaseException], ...] | None = None,
         failure_exceptions: tuple[type[BaseException], ...] | None = None,
     ) -> Call:
         """``with cm.call("svc") as node:`` picks like :meth:`pick` and counts the call in flight
         machine-wide until the block ends, then records its outcome and latency (see
         :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
-        keeps the nodes whose meta has all those pairs (NoAvailableNode if none)."""
+        keeps the nodes whose meta has all those pairs (NoAvailableNode if none). (Pass
+        ``ok_exceptions`` / ``failure_exceptions`` by keyword; they are not keyword-only because
+        in CPython 3.11 a keyword-only default costs a dict lookup per call.)"""
+        fw = self._fbw
+        if (
+            fw is not None
+            and key is None
+            and strategy is None
+            and subset is None
+            and ok_exceptions is None
+            and failure_exceptions is None
+        ):  # the common case, inlined: no allocation, one dict lookup besides the pick's
+            try:
+                words, index, version, picker, keyed = self._entries[service]
+            except KeyError:
+                pass
+            else:
+                if words[index] == version:
+                    node = next(picker.default_it)
+                    slots = keyed.feedback_slots  # keyed: its service holds every node
+                    try:  # inlined _cached_slot
+                        i = slots[node[0]]  # type: ignore[index]
+                        if i < -1:
+                            i = slots[id(node)]  # type: ignore[index]
+                    except (KeyError, TypeError):  # (None: no slot cached yet)
+                        i = self._feedback_slot(keyed, node)
+                    try:
+                        c = _take_call()
+                    except IndexError:
+                        c = _new(Call)
+                        c._failed = None
+                    c.node = node
+                    c._i = i
+                    c._w = fw if i >= 0 else None
+                    return c
+        return self._call(service, key, strategy, subset, ok_exceptions, failure_exceptions)
+
+    def _call(
+        self,
+        service: str,
+        key: str | bytes | None,
+        strategy: str | None,
+        subset: Mapping[str, str] | None,
+        ok_exceptions: tuple[type[BaseException], ...] | None,
+        failure_exceptions: tuple[type[BaseException], ...] | None,
+    ) -> Call:
         if subset is not None:
             entry = self._subset_entry(service, subset)
         else:
@@ -329,7 +375,10 @@ class ClusterMap:
         )
         picker = entry[4]  # its service holds every node this pick may return
         if ok_exceptions is None and failure_exceptions is None:
-            c = _new(Call)
+            try:
+                c = _take_call()
+            except IndexError:
+                c = _new(Call)
         else:
             c = _new(CustomCall)
             c.ok_exceptions = ok_exceptions or ()
@@ -342,21 +391,18 @@ class ClusterMap:
         if fw is None and self._feedback_ready():
             fw = self._fbw
         if fw is not None:
-            slots = picker.feedback_slots
-            i = slots.get(id(node)) if slots is not None else None
-            if i is None:
-                i = self._feedback_slot(picker, node)
+            i = self._cached_slot(picker, node)
             if i >= 0:
-                c._words = fw
+                c._w = fw
                 c._i = i
                 return c
-        c._words = None
+        c._w = None
         return c
 
     def _feedback_ready(self) -> bool:
         fb = self._feedback_state()
         if fb.ready():
-            self._fbw = fb.words
+            self._fbw = fb.floats
             return True
         return False
 
@@ -374,8 +420,8 @@ class ClusterMap:
         i = self._feedback_slot(picker, node)
         if i < 0:
             return False
-        ns = 0 if latency is None else max(0, min(int(latency * 1e9), 1 << 50))
-        record(fb.words, i, not ok, ns, 0)  # type: ignore[arg-type]
+        seconds = 0.0 if latency is None or not latency > 0 else min(float(latency), 3600.0)
+        record(fb.words, fb.floats, i, not ok, seconds, 0)  # type: ignore[arg-type]
         return True
 
     def feedback_status(self) -> str:
@@ -391,9 +437,21 @@ class ClusterMap:
             fb = self._feedback = Feedback(path or self.path or default_region_path())
         return fb
 
+    def _cached_slot(self, picker: ServicePicker, node: Node) -> int:
+        """:meth:`_feedback_slot` through the picker's cache (``call`` inlines this)."""
+        slots = picker.feedback_slots
+        if slots is not None:
+            i = slots.get(node[0])
+            if i is not None and i < -1:
+                i = slots.get(id(node))
+            if i is not None:
+                return i
+        return self._feedback_slot(picker, node)
+
     def _feedback_slot(self, picker: ServicePicker, node: Node) -> int:
         """This process's entry for ``node`` of ``picker``'s service (-1: none), cached on the
-        picker for the nodes it holds."""
+        picker for the nodes it holds: by host when the host is the service's only node there
+        (a string key costs less than ``id()``), else by ``id(node)`` with the host marked -2."""
         service = picker.service
         overlay = service.overlay
         if overlay is None or self._feedback is None:
@@ -409,8 +467,12 @@ class ClusterMap:
         if mine:
             slots = picker.feedback_slots
             if slots is None:
-                slots = picker.feedback_slots = {}
-            slots[id(node)] = i
+                hosts = Counter(n.host for n in nodes)
+                slots = picker.feedback_slots = {h: -2 for h, k in hosts.items() if k > 1}
+            if slots.get(node.host) == -2:
+                slots[id(node)] = i
+            else:
+                slots[node.host] = i
         return i
 
     def __repr__(self) -> str:

@@ -41,7 +41,7 @@ DRAIN: Final = "drain"
 STATUSES: Final = (UP, DOWN, DRAIN)
 
 #: Load-balancing strategy names accepted by ``pick(strategy=...)`` and in a service's options.
-STRATEGIES: Final = ("round_robin", "random", "weighted", "consistent_hash")
+STRATEGIES: Final = ("round_robin", "random", "weighted", "consistent_hash", "least_request")
 
 #: Poll answer kinds, named once for the server (which answers) and the sidecar (which reads):
 #: nothing changed; the changed services only; the whole map; the server is still warming up.

@@ -82,11 +82,11 @@ _time_ns = time.time_ns
 
 
 class LoadSource(Protocol):
-    """Where least_request reads machine-wide figures: ``(words, base, capacity, zero, one)``
-    so that ``words[base + id]`` is node ``id``'s calls in flight, ``words[base + capacity +
-    id]`` its latency, ``words[zero]`` is 0 and ``words[one]`` is 1; None if unavailable."""
+    """Where least_request reads machine-wide figures: ``(words, base, capacity, one)`` so that
+    ``words[base + id]`` is node ``id``'s expected wait, (calls in flight + 1) x latency, and
+    ``words[one]`` is 1 (a node without an id); None if unavailable."""
 
-    def load_view(self) -> tuple[memoryview, int, int, int, int] | None: ...
+    def load_view(self) -> tuple[memoryview, int, int, int] | None: ...
 
 
 _xxh64 = xxhash.xxh64_intdigest
@@ -227,7 +227,6 @@ class ServicePicker:
         "_lr_i",
         "_lr_ids",
         "_lr_j",
-        "_lr_lat",
         "_lr_nodes",
         "_maglev_source",
         "_nodes_list",
@@ -288,12 +287,12 @@ class ServicePicker:
         self._wrandom: Iterator[Node] = _Calls(self._build_weighted_random)
         #: Where least_request finds the machine-wide in-flight counts (set by the client).
         self.load_source: LoadSource | None = None
-        #: The client's cache: ``id(node)`` -> word index of this process's feedback entry.
-        self.feedback_slots: dict[int, int] | None = None
+        #: The client's cache: host (or ``id(node)``) -> word index of this process's feedback
+        #: entry for the node (ClusterMap._feedback_slot).
+        self.feedback_slots: dict[str | int, int] | None = None
         self._load: memoryview | None = None
         self._lr_nodes: list[Node] = []
-        self._lr_ids: list[int] = []
-        self._lr_lat: list[int] = []
+        self._lr_ids: list[int] = []  # word index of each candidate's expected wait
         self._lr_count = 0
         # Pre-drawn indices of least_request's two choices (draws.py), made on first use.
         self._lr_i: Iterator[int] = iter(())
@@ -333,14 +332,20 @@ class ServicePicker:
             "weighted_random": self._wrandom,
         }
         #: The default strategy's iterator, and its ``next`` as a no-argument pick.
-        self.default_it: Iterator[Node] = self.iters[self._default_name()]
+        self.default_it: Iterator[Node] = self._default_iter()
         self.default: Callable[[], Node] = self.default_it.__next__
 
     def _default_name(self) -> str:
         strategy = self.default_strategy
-        if strategy not in self.iters:  # consistent_hash without a key: random, as Envoy does
-            return "random"
+        if strategy not in self.iters and strategy != "least_request":
+            return "random"  # consistent_hash without a key: random, as Envoy does
         return strategy
+
+    def _default_iter(self) -> Iterator[Node]:
+        name = self._default_name()
+        if name == "least_request":  # no stream of its own: each next() is one P2C pick
+            return _Calls(self.least_request)
+        return self.iters[name]
 
     def _no_node(self) -> Node:
         raise NoAvailableNode(self._why)
@@ -407,9 +412,9 @@ class ServicePicker:
             j = next(self._lr_j)
             if j >= i:
                 j += 1
-            # Expected wait (Finagle's peak EWMA cost): latency x (calls in flight + 1).
-            ids, lat = self._lr_ids, self._lr_lat
-            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+            # Expected wait (Finagle's peak EWMA cost), as the sidecar multiplied it.
+            ids = self._lr_ids
+            if load[ids[j]] < load[ids[i]]:
                 return self._lr_nodes[j]
             return self._lr_nodes[i]
         return self._least_request_slow()
@@ -428,8 +433,8 @@ class ServicePicker:
             j += 1
         load = self._load
         if load is not None:
-            ids, lat = self._lr_ids, self._lr_lat
-            if (load[ids[j]] + 1) * load[lat[j]] < (load[ids[i]] + 1) * load[lat[i]]:
+            ids = self._lr_ids
+            if load[ids[j]] < load[ids[i]]:
                 return nodes[j]
         return nodes[i]
 
@@ -457,15 +462,13 @@ class ServicePicker:
         view = self.load_source.load_view() if self.load_source is not None else None
         overlay = self.service.overlay
         if view is not None and overlay is not None:
-            _, base, capacity, zero, one = view
+            _, base, capacity, one = view
             position = {id(n): k for k, n in enumerate(self.service.nodes)}
-            ids, lat = [], []
+            ids = []
             for n in candidates:
                 node_id = overlay.ids[position[id(n)]]
-                known = 0 <= node_id < capacity
-                ids.append(base + node_id if known else zero)
-                lat.append(base + capacity + node_id if known else one)
-            self._lr_ids, self._lr_lat = ids, lat
+                ids.append(base + node_id if 0 <= node_id < capacity else one)
+            self._lr_ids = ids
         self._lr_nodes = list(candidates)
         count = len(candidates)
         self._lr_count = count
@@ -579,7 +582,7 @@ class ExpiringPicker(ServicePicker):
         self._inner = self.iters
         if self.expires_ns:
             self.iters = {name: _Calls(partial(self._checked, name)) for name in self._inner}
-            self.default_it = self.iters[self._default_name()]
+            self.default_it = self._default_iter()
             self.default = self.default_it.__next__
 
     def _checked(self, name: str) -> Node:

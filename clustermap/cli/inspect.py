@@ -54,7 +54,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("pick", help="what a worker would pick")
     p.add_argument("service")
     p.add_argument("--key", help="consistent-hash key")
-    p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random", "least_request"])
+    p.add_argument("--strategy", choices=[*STRATEGIES, "weighted_random"])
     p.add_argument("--count", type=int, default=1, metavar="N", help="pick N times")
     p.add_argument(
         "--subset",

@@ -14,6 +14,12 @@ with its latency. Which outcome:
 
 Feedback never raises into the caller: if the counters cannot be written the block runs as a
 plain pick.
+
+The hot path is shaped by its cost (docs/performance.md §6): the two words a successful call
+touches are float64 words (``calls`` and ``latency``, :mod:`~clustermap.feedback.layout`), whose
+arithmetic needs no multi-digit integers; the clock is :func:`time.monotonic` (a float); and a
+plain :class:`Call` goes back to a free list when its block ends, so the next ``call()`` does not
+allocate one.
 """
 
 from __future__ import annotations
@@ -24,63 +30,72 @@ from types import TracebackType
 from clustermap.feedback import layout as L
 from clustermap.model import Node
 
-__all__ = ["Call", "CustomCall", "record"]
+__all__ = ["Call", "CustomCall", "free_calls", "record"]
 
-_monotonic_ns = time.monotonic_ns
-_M = L.WORD_MASK
+_monotonic = time.monotonic
 _OK_DONE = L.OK_DONE
-_SHIFT = L.LATENCY_SHIFT
-_UNIT = L.LATENCY_UNIT_NS
+_WRAP = L.CALLS_WRAP
 _NOTHING: tuple[type[BaseException], ...] = ()
 _ANY: tuple[type[BaseException], ...] = (Exception,)
 
+#: Plain :class:`Call` objects whose block has ended, for ``ClusterMap.call`` to reuse (its
+#: ``pop`` and this ``append`` are atomic under the GIL, so threads may share the list).
+free_calls: list[Call] = []
 
-def record(words: memoryview, i: int, failed: bool, latency_ns: int, release: int) -> None:
-    """One result into the entry whose ``calls`` word is ``words[i]`` (docs/feedback.md);
-    ``release`` is 1 when it ends a call counted in flight, 0 for :meth:`ClusterMap.report`."""
-    lat = (latency_ns // L.LATENCY_UNIT_NS) << L.LATENCY_SHIFT
+
+def record(
+    words: memoryview, floats: memoryview[float], i: int, failed: bool, latency: float, release: int
+) -> None:
+    """One result into the entry whose ``calls`` word is ``floats[i]`` (docs/feedback.md);
+    ``words`` is the same file as unsigned words, ``latency`` in seconds, ``release`` is 1 when
+    the result ends a call counted in flight, 0 for :meth:`ClusterMap.report`."""
     try:
+        calls = floats[i] - release + (0.0 if failed else L.OK_ONE)
+        if calls >= _WRAP:
+            calls -= _WRAP
+        floats[i] = calls
+        floats[i + 1] += latency
         if not failed:
-            words[i] = (words[i] - release + (1 << L.OK_SHIFT) + lat) & _M
             return
-        calls = (words[i] - release + lat) & _M
-        words[i] = calls
-        words[i + 1] = (words[i + 1] + 1) & _M
-        ok = (calls >> L.OK_SHIFT) & L.OK_MASK
-        streak = words[i + 2]
+        words[i + 2] = (words[i + 2] + 1) & L.WORD_MASK
+        ok = L.successes(calls) & 0xFFFF_FFFF
+        streak = words[i + 3]
         run = min((streak & 0xFFFF_FFFF) + 1, 0xFFFF_FFFF) if streak >> 32 == ok else 1
-        words[i + 2] = ok << 32 | run
-    except (ValueError, OverflowError, IndexError):  # a word someone scribbled on: not ours
+        words[i + 3] = ok << 32 | run
+    except (ValueError, OverflowError, IndexError, TypeError):  # a word scribbled on: not ours
         pass
 
 
 class Call:
-    """What :meth:`ClusterMap.call` returns: a context manager for one call (use it once).
+    """What :meth:`ClusterMap.call` returns: a context manager for one call (use it once; a plain
+    Call is recycled for a later ``call()`` when its block ends).
 
     The node is picked when the object is made; it counts in flight from ``__enter__`` to
-    ``__exit__``. A successful call costs one store into this process's row at each end.
+    ``__exit__``. A successful call adds to one word of this process's row when it starts and
+    to two when it ends.
     """
 
-    __slots__ = ("_failed", "_i", "_t0", "_words", "node")
+    __slots__ = ("_failed", "_i", "_t0", "_w", "node")
 
     #: Exceptions escaping the block that count as a success / as a failure (see module doc).
     ok_exceptions: tuple[type[BaseException], ...] = _NOTHING
     failure_exceptions: tuple[type[BaseException], ...] = _ANY
 
     node: Node
-    _words: memoryview | None
+    #: This process's feedback row as float64 words, or None (feedback off for this call).
+    _w: memoryview[float] | None
     _i: int
-    _t0: int
+    _t0: float
     _failed: bool | None
 
     def __enter__(self) -> Node:
-        words = self._words
-        if words is not None:
+        w = self._w
+        if w is not None:
             try:
-                words[self._i] += 1
-            except (ValueError, OverflowError):
-                self._words = None
-        self._t0 = _monotonic_ns()
+                w[self._i] += 1.0
+            except (ValueError, TypeError):  # (a released view: nothing to count into)
+                self._w = None
+            self._t0 = _monotonic()
         return self.node
 
     def mark_failed(self) -> None:
@@ -97,35 +112,63 @@ class Call:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        words = self._words
-        if words is None:
-            return
-        i = self._i
-        failed = self._failed
-        if exc_type is None and failed is None:  # the common case, inlined: one store
-            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
-                words[i] = (
-                    words[i] + _OK_DONE + ((_monotonic_ns() - self._t0) // _UNIT << _SHIFT)
-                ) & _M
-            except (ValueError, OverflowError):
+        w = self._w
+        if w is not None and exc_type is None and self._failed is None:
+            # The common case, inlined: the latency, then one success and one call fewer.
+            i = self._i
+            try:
+                w[i + 1] += _monotonic() - self._t0
+                calls = w[i] + _OK_DONE
+                w[i] = calls if calls < _WRAP else calls - _WRAP
+            except (ValueError, TypeError):
                 pass
+            free_calls.append(self)
             return
+        failed = self._failed
+        self._failed = None
+        if w is not None:
+            self._judged(w, failed, exc_type)
+        free_calls.append(self)
+
+    def _judged(
+        self, w: memoryview[float], failed: bool | None, exc_type: type[BaseException] | None
+    ) -> None:
+        i = self._i
         if failed is None:
-            assert exc_type is not None
-            if issubclass(exc_type, self.ok_exceptions):
+            if exc_type is None or issubclass(exc_type, self.ok_exceptions):
                 failed = False
             elif issubclass(exc_type, self.failure_exceptions):
                 failed = True
             else:  # interrupted, not judged: only released
-                try:  # noqa: SIM105
-                    words[i] = (words[i] - 1) & _M
-                except (ValueError, OverflowError):
+                try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
+                    w[i] -= 1.0
+                except (ValueError, TypeError):
                     pass
                 return
-        record(words, i, failed, _monotonic_ns() - self._t0, 1)
+        words = w.obj
+        record(memoryview(words).cast("Q"), w, i, failed, _monotonic() - self._t0, 1)
 
 
 class CustomCall(Call):
-    """A :class:`Call` with its own ``ok_exceptions`` / ``failure_exceptions``."""
+    """A :class:`Call` with its own ``ok_exceptions`` / ``failure_exceptions`` (not recycled)."""
 
     __slots__ = ("failure_exceptions", "ok_exceptions")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        failed = self._failed
+        self._failed = None
+        if self._w is not None:
+            self._judged(self._w, failed, exc_type)
+
+
+# Never empty in a single-threaded worker: a list that shrinks to nothing and grows again
+# reallocates its storage on every call (300 instructions, a third of a bare call).
+free_calls.extend(object.__new__(Call) for _ in range(8))
+for _c in free_calls:
+    _c._failed = None
+del _c

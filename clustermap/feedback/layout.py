@@ -7,11 +7,11 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
 
     header (4096 B)
     0   8   magic b"CLMAPFBK"
-    8   4   format version (u32) = 1
+    8   4   format version (u32) = 2
     12  4   header size (u32) = 4096
     16  4   row count R (u32)
     20  4   entries per row K (u32)
-    24  4   row size (u32) = 64 + 32 * K
+    24  4   row size (u32) = 64 + 40 * K
     28  4   reserved (0)
     32  8   file id (u64, random)
     row r at 4096 + r * row size:
@@ -19,25 +19,28 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
     8   8   requests in flight through clustermap.http / clustermap.grpc (retry budget)
     16  8   retries in flight (retry budget, :mod:`clustermap.feedback.budget`)
     24  40  reserved (0)
-    64  ..  K entries of 4 words:
-            0  tag: node id + 1 (0 = unused); written last when the entry is taken; entries
-               are taken in order, so the first unused one ends the row
-            1  calls: bits 0-15 in flight, 16-39 successes (mod 2**24),
-               40-63 latency sum in units of 10 µs (mod 2**24)
-            2  failures (mod 2**64)
-            3  streak: bits 32-63 the successes count when the streak began, 0-31 failures since
-               (a streak whose success count is not the current one has been broken: 0)
+    64  ..  K entries of 5 words:
+            0  tag (u64): node id + 1 (0 = unused); written last when the entry is taken;
+               entries are taken in order, so the first unused one ends the row
+            1  calls (f64): an integer, in flight + 65536 x successes; below 2**53, the
+               successes modulo 2**36 (the writer subtracts 2**52 when it reaches it)
+            2  latency (f64): seconds, the sum over this entry's finished calls
+            3  failures (u64, mod 2**64)
+            4  streak (u64): bits 32-63 the successes (mod 2**32) when the streak began, 0-31
+               failures since (a streak whose success count is not the current one: 0)
 
 A worker owns a row while it holds an OFD write lock on the row's bytes (the kernel drops it when
 the process dies). Only the owner writes the row, one whole word at a time. A successful call is
-one store into the ``calls`` word when it starts and one when it ends; counters wrap, and the
-sidecar reads differences between two sweeps. Everything in this file is untrusted input for the
+one store into the ``calls`` word when it starts, and one into ``latency`` and one into ``calls``
+when it ends: float64 words, because their arithmetic costs a worker least (no multi-digit
+integers; docs/performance.md §6). Counters wrap, and the sidecar reads differences between two
+sweeps. Everything in this file is untrusted input for the
 sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may have written.
 
 ``<region>.load`` — written by the sidecar only, mapped read-only by workers::
 
     0   8   magic b"CLMAPLOD"
-    8   4   format version (u32) = 1
+    8   4   format version (u32) = 2
     12  4   header size (u32) = 4096
     16  4   capacity: number of node ids (u32)
     20  4   reserved (0)
@@ -47,6 +50,8 @@ sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may 
     48  8   1 (the latency of a node without an id)
     word at 4096 + 8 * id: calls in flight to node ``id``, summed over every live row
     word at 4096 + 8 * (capacity + id): node ``id``'s peak-EWMA latency in µs, at least 1
+    word at 4096 + 8 * (2 * capacity + id): node ``id``'s cost for least_request, the expected
+        wait (calls in flight + 1) x latency, at least 1: one load per candidate in a worker
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 __all__ = [
+    "CALLS_WRAP",
     "ENTRY_WORDS",
     "FEEDBACK_MAGIC",
     "HEADER_SIZE",
@@ -66,6 +72,7 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_ROWS",
     "OK_DONE",
+    "OK_ONE",
     "ONE_OFF",
     "ROW_HEADER",
     "SWEEP_OFF",
@@ -83,14 +90,15 @@ __all__ = [
     "parse_load_header",
     "parse_row",
     "row_offset",
+    "successes",
 ]
 
 FEEDBACK_MAGIC: Final = b"CLMAPFBK"
 LOAD_MAGIC: Final = b"CLMAPLOD"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER_SIZE: Final = 4096
 ROW_HEADER: Final = 64
-ENTRY_WORDS: Final = 4
+ENTRY_WORDS: Final = 5
 ENTRY_SIZE: Final = ENTRY_WORDS * 8
 SWEEP_OFF: Final = 32
 #: Offsets of header words of the load file that always hold 0 and 1: the calls in flight and
@@ -103,19 +111,23 @@ MAX_ENTRIES: Final = 4096
 MAX_IDS: Final = 1 << 24
 #: The longest ejection anyone honours: a reader treats a later ``until`` as garbage (expired).
 MAX_EJECTION_S: Final = 3600
-#: Fields of the ``calls`` word.
+#: Fields of the ``calls`` word (a float64 holding an integer).
 IN_FLIGHT_MASK: Final = 0xFFFF
 OK_SHIFT: Final = 16
-OK_MASK: Final = 0xFFFFFF
-LATENCY_SHIFT: Final = 40
-LATENCY_MASK: Final = 0xFFFFFF
-LATENCY_UNIT_NS: Final = 10_000
-WORD_MASK: Final = (1 << 64) - 1
+OK_MASK: Final = (1 << 36) - 1
+#: One success in the ``calls`` word.
+OK_ONE: Final = float(1 << OK_SHIFT)
 #: Added to ``calls`` when a call ends well: one success, one call fewer in flight.
-OK_DONE: Final = (1 << OK_SHIFT) - 1
+OK_DONE: Final = OK_ONE - 1.0
+#: The writer subtracts this from ``calls`` when it reaches it: successes wrap modulo 2**36,
+#: and every value stays an exact integer (below 2**53) even with calls in flight added.
+CALLS_WRAP: Final = float(1 << 52)
+_CALLS_LIMIT: Final = float(1 << 53)
+WORD_MASK: Final = (1 << 64) - 1
 #: Calls in flight per (worker, node) that the field holds; more is garbage, not load.
 MAX_IN_FLIGHT: Final = IN_FLIGHT_MASK
 
+_INF: Final = float("inf")
 _FB = struct.Struct("<8sIIIIII Q")
 _LOAD = struct.Struct("<8sIIII Q Q")
 _ENTRIES_CACHE: dict[int, struct.Struct] = {}
@@ -146,15 +158,20 @@ class LoadHeader:
 
 
 class Entry(NamedTuple):
-    """One (worker, node) counter set, as read from a row: ``ok`` and ``latency`` (10 µs units)
-    modulo 2**24, ``failed`` modulo 2**64, ``streak`` failures since this row's last success."""
+    """One (worker, node) counter set, as read from a row: ``ok`` modulo 2**36, ``failed``
+    modulo 2**64, ``streak`` failures since this row's last success, ``latency`` in seconds."""
 
     node_id: int
     in_flight: int
     ok: int
     failed: int
     streak: int
-    latency: int
+    latency: float
+
+
+def successes(calls: float) -> int:
+    """The successes field of a ``calls`` word (modulo 2**36)."""
+    return (int(calls) >> OK_SHIFT) & OK_MASK
 
 
 def feedback_size(rows: int, entries: int) -> int:
@@ -162,7 +179,7 @@ def feedback_size(rows: int, entries: int) -> int:
 
 
 def load_size(capacity: int) -> int:
-    return HEADER_SIZE + 16 * capacity
+    return HEADER_SIZE + 24 * capacity
 
 
 def row_offset(header: FeedbackHeader, row: int) -> int:
@@ -214,7 +231,7 @@ def parse_load_header(buf: bytes, actual_size: int) -> LoadHeader:
 def _entries_struct(entries: int) -> struct.Struct:
     s = _ENTRIES_CACHE.get(entries)
     if s is None:
-        s = _ENTRIES_CACHE[entries] = struct.Struct(f"<{ENTRY_WORDS * entries}Q")
+        s = _ENTRIES_CACHE[entries] = struct.Struct("<" + "QddQQ" * entries)
     return s
 
 
@@ -222,7 +239,8 @@ def parse_row(buf: bytes, entries: int, capacity: int) -> tuple[int, list[Entry]
     """(owner word, used entries, entries rejected) of one row, from untrusted bytes.
 
     Entries are taken in order, so the first unused one (tag 0) ends the row. An entry is
-    rejected when its id is outside ``[0, capacity)`` or repeats an earlier entry's id. Never
+    rejected when its id is outside ``[0, capacity)`` or repeats an earlier entry's id, when its
+    ``calls`` is not an integer in ``[0, 2**53)``, or its latency not finite and ``>= 0``. Never
     raises on any content of the right length; a short buffer raises :class:`LayoutError`.
     """
     size = ROW_HEADER + ENTRY_SIZE * entries
@@ -241,18 +259,23 @@ def parse_row(buf: bytes, entries: int, capacity: int) -> tuple[int, list[Entry]
         if node_id >= capacity or node_id in seen:
             rejected += 1
             continue
+        calls, latency = words[i + 1], words[i + 2]
+        # (NaN fails every comparison, so it is rejected too.)
+        if not (0.0 <= calls < _CALLS_LIMIT and calls == int(calls) and 0.0 <= latency < _INF):
+            rejected += 1
+            continue
         seen.add(node_id)
-        calls = words[i + 1]
-        ok = (calls >> OK_SHIFT) & OK_MASK
-        streak = words[i + 3]
+        c = int(calls)
+        ok = (c >> OK_SHIFT) & OK_MASK
+        streak = words[i + 4]
         out.append(
             Entry(
                 node_id,
-                calls & IN_FLIGHT_MASK,
+                c & IN_FLIGHT_MASK,
                 ok,
-                words[i + 2],
-                streak & 0xFFFF_FFFF if streak >> 32 == ok else 0,
-                (calls >> LATENCY_SHIFT) & LATENCY_MASK,
+                words[i + 3],
+                streak & 0xFFFF_FFFF if streak >> 32 == ok & 0xFFFF_FFFF else 0,
+                latency,
             )
         )
     return owner, out, rejected

@@ -3,7 +3,7 @@
 Nothing here may break a pick. Every failure (files missing, unwritable, corrupt, every row
 taken) turns feedback off for the process with one log line, and picks go on exactly as
 before; the files are tried again every :data:`RETRY_S` seconds. The hot path (the client's
-``call``) touches only :attr:`Feedback.words` at word indices this object handed out.
+``call``) touches only :attr:`Feedback.floats` at word indices this object handed out.
 
 A row belongs to this process while it holds an OFD lock on the row's bytes; the kernel drops
 the lock when the process dies, so a dead worker's calls stop counting and its row is reclaimed
@@ -59,6 +59,7 @@ class Feedback:
         "_row_end",
         "_slots",
         "capacity",
+        "floats",
         "load",
         "reason",
         "region",
@@ -70,6 +71,8 @@ class Feedback:
         self.region = region
         #: The feedback file's words (read-write), or None while feedback is off.
         self.words: memoryview | None = None
+        #: The same words as float64 (an entry's ``calls`` and ``latency``), or None.
+        self.floats: memoryview[float] | None = None
         #: The load file's words (read-only), or None.
         self.load: memoryview | None = None
         self.capacity = 0
@@ -146,6 +149,7 @@ class Feedback:
         self._next = base + L.ROW_HEADER // 8
         self._slots = {}
         self._row_end = base + head.row_size // 8
+        self.floats = memoryview(mm).cast("d")
         self.reason = f"on: row {row} of {head.rows} in {rows_path}"
         if self._logged:
             log.warning("clustermap feedback is on again in pid %d", os.getpid())
@@ -215,13 +219,14 @@ class Feedback:
             self._slots[node_id] = i + 1
             return i + 1
 
-    def load_view(self) -> tuple[memoryview, int, int, int, int] | None:
-        """For least_request: (load words, index of id 0, capacity, index of a 0 word, of a 1)."""
+    def load_view(self) -> tuple[memoryview, int, int, int] | None:
+        """For least_request: (load words, index of node id 0's cost, capacity, index of a word
+        holding 1)."""
         if self.load is None:
             self.ready()
         if self.load is None:
             return None
-        return self.load, L.HEADER_SIZE // 8, self.capacity, L.ZERO_OFF // 8, L.ONE_OFF // 8
+        return self.load, L.HEADER_SIZE // 8 + 2 * self.capacity, self.capacity, L.ONE_OFF // 8
 
     def after_fork(self) -> None:
         """In a forked child: give up the parent's row (without touching it), claim anew later."""
@@ -231,6 +236,7 @@ class Feedback:
         # The inherited mapping stays valid (and the load table in it is shared), but the
         # parent's row is not ours to write: forget it. The next ready() claims our own.
         self.words = None
+        self.floats = None
         self._mm = None
         self._slots = {}
         self.row = -1

@@ -150,6 +150,23 @@ class SidecarSettings(BaseSettings):
     outlier_failure_percentage_request_volume: int = Field(
         default=50, ge=1, description="failure percentage: calls a node needs in a window"
     )
+    outlier_success_rate_enforcing: float = Field(
+        default=100.0,
+        ge=0,
+        le=100,
+        description="success rate: % chance an outlier is ejected (0: off)",
+    )
+    outlier_success_rate_stdev_factor: float = Field(
+        default=1.9,
+        ge=0,
+        description="success rate: eject below mean - this x stdev (Envoy's 1900)",
+    )
+    outlier_success_rate_minimum_hosts: int = Field(
+        default=5, ge=1, description="success rate: nodes with enough calls needed"
+    )
+    outlier_success_rate_request_volume: int = Field(
+        default=100, ge=1, description="success rate: calls a node needs in a window"
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="least level logged"

@@ -258,8 +258,7 @@ class Sidecar:
             log.exception("feedback sweep failed")
             return
         for service, address, verdict in new:
-            kind = "consecutive" if "consecutive" in verdict.reason else "failure_percentage"
-            self.metrics.ejections.labels(kind).inc()
+            self.metrics.ejections.labels(verdict.kind).inc()
             self._count("ejections")
             log.warning(
                 "ejected %s %s for %.0f s: %s",
@@ -606,6 +605,10 @@ def _outlier_policy(s: SidecarSettings) -> OutlierPolicy:
         failure_percentage=s.outlier_failure_percentage,
         minimum_hosts=s.outlier_failure_percentage_minimum_hosts,
         request_volume=s.outlier_failure_percentage_request_volume,
+        success_rate_stdev_factor=s.outlier_success_rate_stdev_factor,
+        success_rate_minimum_hosts=s.outlier_success_rate_minimum_hosts,
+        success_rate_request_volume=s.outlier_success_rate_request_volume,
+        success_rate_enforcing=s.outlier_success_rate_enforcing,
     )
 
 

@@ -45,6 +45,8 @@ _MASK: Final = (1 << 64) - 1
 _MAX_DELTA: Final = 1 << 20
 #: Decay time of the latency average (Finagle's PeakEwma default), seconds.
 _LATENCY_TAU: Final = 10.0
+#: A mean latency above an hour is garbage, not a sample (µs).
+_MAX_LATENCY_US: Final = 3600e6
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
 #: new node with an old one's calls.
 _QUARANTINE_S: Final = 60.0
@@ -138,6 +140,7 @@ class FeedbackHub:
         self._primed = False
         self._walls: dict[float, int] = {}
         self._latency: dict[int, tuple[float, float]] = {}  # id -> (µs, when: monotonic)
+        self._pending: dict[int, float] = {}  # id -> latency (s) seen before its calls
         self._decay_at = 0.0
         gid = _gid(group)
         self._fd, self.header = _open_rows(self.rows_path, rows, entries, mode, gid)
@@ -188,6 +191,7 @@ class FeedbackHub:
         self.ids.retain(current.values())
         live = set(self.ids.ids.values())
         self._service_of = {i: n for i, n in self._service_of.items() if i in live}
+        self._pending = {i: v for i, v in self._pending.items() if i in live}
         self.outliers.forget(live)
 
     # -- sweeping ---------------------------------------------------------------------------------
@@ -201,9 +205,12 @@ class FeedbackHub:
             self._primed = True
             seen = {}
         of = self._service_of
-        names = {of[i] for i in seen if i in of} | {
-            of[i] for i in self.outliers.ejected_ids() if i in of
-        }
+        if self.outliers.interval_due(now):  # every service's interval counts are judged
+            names = set(self._service_ids)
+        else:
+            names = {of[i] for i in seen if i in of} | {
+                of[i] for i in self.outliers.ejected_ids() if i in of
+            }
         services = {name: self._service_ids[name] for name in names}
         changed, new = self.outliers.step(now, seen, services)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
@@ -222,7 +229,7 @@ class FeedbackHub:
         except OSError as exc:
             log.error("feedback: cannot read %s: %s", self.rows_path, exc)
             return {}
-        seen: dict[int, list[int]] = {}  # id -> [ok, failed, tail, calls, latency units]
+        seen: dict[int, list[float]] = {}  # id -> [ok, failed, tail, calls, latency seconds]
         touched: set[int] = set()
         in_use = 0
         for r in range(head.rows):
@@ -248,20 +255,37 @@ class FeedbackHub:
         for i in touched:
             if i < self.capacity:
                 self.load[L.HEADER_SIZE // 8 + i] = max(0, self._inflight.get(i, 0))
-        self._latencies(seen)
-        return {i: Observation(v[0], v[1], v[2]) for i, v in seen.items()}
+        touched |= self._latencies(seen)
+        self._costs(touched)
+        return {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
 
-    def _latencies(self, seen: dict[int, list[int]]) -> None:
+    def _costs(self, ids: set[int]) -> None:
+        """Each node's expected wait for least_request: (calls in flight + 1) x latency."""
+        load, capacity = self.load, self.capacity
+        base = L.HEADER_SIZE // 8
+        for i in ids:
+            if i < capacity:
+                load[base + 2 * capacity + i] = min(
+                    (load[base + i] + 1) * load[base + capacity + i], L.WORD_MASK
+                )
+
+    def _latencies(self, seen: dict[int, list[float]]) -> set[int]:
         """Peak EWMA of each node's latency (Finagle's): a slower sample is taken at once, a
         faster one blended in with decay time :data:`_LATENCY_TAU`; with no samples the figure
-        decays toward 0, so an avoided node is tried again in time."""
+        decays toward 0, so an avoided node is tried again in time. A worker adds a call's
+        latency just before counting the call: latency seen without its call waits for it."""
         now = time.monotonic()
         base = L.HEADER_SIZE // 8 + self.capacity
+        changed: set[int] = set()
         for i, v in seen.items():
-            calls, units = v[3], v[4]
-            if not calls or i >= self.capacity:
+            calls, seconds = v[3], v[4] + self._pending.pop(i, 0.0)
+            if i >= self.capacity:
                 continue
-            sample = units * (L.LATENCY_UNIT_NS / 1000) / calls
+            if not calls:
+                if seconds > 0:
+                    self._pending[i] = seconds
+                continue
+            sample = min(seconds * 1e6 / calls, _MAX_LATENCY_US)
             old, when = self._latency.get(i, (0.0, now))
             if sample >= old:
                 value = sample
@@ -270,8 +294,9 @@ class FeedbackHub:
                 value = old * w + sample * (1 - w)
             self._latency[i] = (value, now)
             self.load[base + i] = max(1, int(value))
+            changed.add(i)
         if now - self._decay_at < 0.25:
-            return
+            return changed
         self._decay_at = now
         for i, (value, when) in list(self._latency.items()):
             if i in seen and seen[i][3]:
@@ -283,9 +308,11 @@ class FeedbackHub:
             else:
                 self._latency[i] = (value, now)
             self.load[base + i] = max(1, int(value))
+            changed.add(i)
+        return changed
 
     def _apply(
-        self, r: int, row: _Row, raw: bytes, seen: dict[int, list[int]], touched: set[int]
+        self, r: int, row: _Row, raw: bytes, seen: dict[int, list[float]], touched: set[int]
     ) -> None:
         _, entries, rejected = L.parse_row(raw, self.header.entries, self.capacity)
         new = {e.node_id: e for e in entries}
@@ -297,26 +324,27 @@ class FeedbackHub:
                 continue
             d_ok = (e.ok - (old.ok if old else 0)) & L.OK_MASK
             d_failed = (e.failed - (old.failed if old else 0)) & _MASK
-            if d_ok > _MAX_DELTA or d_failed > _MAX_DELTA:
+            d_latency = e.latency - (old.latency if old else 0.0)
+            if d_ok > _MAX_DELTA or d_failed > _MAX_DELTA or d_latency < 0:
                 self._garbage(r, row, touched, "counters going backwards or jumping")
                 return
-            deltas.append((e, d_ok, d_failed))
+            deltas.append((e, d_ok, d_failed, d_latency))
         if rejected or not new.keys() >= previous.keys():
             self._garbage(r, row, touched, "entries with bad ids, or entries gone")
             return
-        for e, d_ok, d_failed in deltas:
+        for e, d_ok, d_failed, d_latency in deltas:
             old = previous.get(e.node_id)
             change = e.in_flight - (old.in_flight if old else 0)
             if change:
                 self._inflight[e.node_id] = self._inflight.get(e.node_id, 0) + change
                 touched.add(e.node_id)
-            if d_ok or d_failed:
-                acc = seen.setdefault(e.node_id, [0, 0, 0, 0, 0])
+            if d_ok or d_failed or d_latency:
+                acc = seen.setdefault(e.node_id, [0, 0, 0, 0, 0.0])
                 acc[0] += d_ok
                 acc[1] += d_failed
                 acc[2] += min(e.streak, d_failed)
                 acc[3] += d_ok + d_failed
-                acc[4] += (e.latency - (old.latency if old else 0)) & L.LATENCY_MASK
+                acc[4] += d_latency
         row.entries = new
         row.raw = raw
 
@@ -447,8 +475,8 @@ def _open_load(path: str, capacity: int) -> tuple[mmap.mmap, int]:
     finally:
         os.close(fd)
     # Start from nothing: the counts are rebuilt from the live rows by the first sweep, and
-    # every latency is 1 µs until measured.
+    # every latency (and so every cost) is 1 µs until measured.
     mm[L.HEADER_SIZE : L.HEADER_SIZE + 8 * capacity] = bytes(8 * capacity)
-    mm[L.HEADER_SIZE + 8 * capacity :] = struct.pack(f"<{capacity}Q", *([1] * capacity))
+    mm[L.HEADER_SIZE + 8 * capacity :] = struct.pack(f"<{2 * capacity}Q", *([1] * 2 * capacity))
     mm[L.ZERO_OFF : L.ZERO_OFF + 16] = struct.pack("<QQ", 0, 1)
     return mm, capacity

@@ -9,6 +9,11 @@ Envoy's semantics and defaults where they fit (docs/feedback.md lists the differ
 * **failure percentage** (off unless ``failure_percentage`` is set, as Envoy's enforcement is
   0 by default): every ``interval``, in a service with at least ``minimum_hosts`` nodes that had
   ``request_volume`` calls each, a node failing at least that percentage of them is ejected.
+* **success rate** (Envoy's statistical detector, on by default as there): every ``interval``,
+  in a service with at least ``success_rate_minimum_hosts`` nodes that had
+  ``success_rate_request_volume`` calls each, a node whose success rate is below
+  ``mean - success_rate_stdev_factor x stdev`` of those nodes' rates (population standard
+  deviation, as Envoy) is ejected, with probability ``success_rate_enforcing`` %.
 * **ejection time** = ``base_ejection_time`` × times ejected, at most ``max_ejection_time``; the
   multiplier drops by one for each ``interval`` the node spends in service.
 * **bounded share**: at most ``max_ejection_percent`` of a service's nodes are ejected at once,
@@ -18,10 +23,19 @@ Envoy's semantics and defaults where they fit (docs/feedback.md lists the differ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Ejected", "Observation", "OutlierPolicy", "Outliers"]
+__all__ = [
+    "Ejected",
+    "Observation",
+    "OutlierPolicy",
+    "Outliers",
+    "SuccessRateVerdict",
+    "success_rate_outliers",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +48,12 @@ class OutlierPolicy:
     failure_percentage: float | None = None
     minimum_hosts: int = 5
     request_volume: int = 50
+    #: Envoy's success_rate_stdev_factor is 1900 in thousandths: 1.9 here.
+    success_rate_stdev_factor: float = 1.9
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    #: Percent chance that a success-rate outlier is ejected (0: the detector is off).
+    success_rate_enforcing: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +76,46 @@ class Ejected:
     until: float
     reason: str
     times: int
+    #: Which detector: "consecutive", "failure_percentage" or "success_rate" (metrics label).
+    kind: str = "consecutive"
+
+
+@dataclass(frozen=True, slots=True)
+class SuccessRateVerdict:
+    """One interval's success-rate analysis of a service: the mean of the rates (percent) of
+    the nodes with enough calls, the threshold below which a node is an outlier, and those."""
+
+    mean: float
+    threshold: float
+    outliers: tuple[int, ...]
+
+
+def success_rate_outliers(
+    counts: Mapping[int, tuple[int, int]],
+    stdev_factor: float,
+    minimum_hosts: int,
+    request_volume: int,
+) -> SuccessRateVerdict | None:
+    """Envoy's success-rate detector over one interval's ``{node: (successes, failures)}``.
+
+    Nodes with fewer than ``request_volume`` calls take no part; with fewer than
+    ``minimum_hosts`` nodes left there is no verdict (None). Otherwise each node's success rate
+    is ``100 x successes / calls``, and the outliers are the nodes whose rate is below
+    ``mean - stdev_factor x stdev`` (population standard deviation over the same nodes).
+    """
+    rates = {
+        i: 100.0 * ok / (ok + failed)
+        for i, (ok, failed) in counts.items()
+        if ok + failed >= max(1, request_volume)
+    }
+    if len(rates) < max(1, minimum_hosts):
+        return None
+    mean = sum(rates.values()) / len(rates)
+    stdev = math.sqrt(sum((r - mean) ** 2 for r in rates.values()) / len(rates))
+    threshold = mean - stdev_factor * stdev
+    return SuccessRateVerdict(
+        mean, threshold, tuple(sorted(i for i, r in rates.items() if r < threshold))
+    )
 
 
 @dataclass(slots=True)
@@ -75,6 +135,8 @@ class Outliers:
     policy: OutlierPolicy
     _nodes: dict[int, _Node] = field(default_factory=dict)
     _interval_at: float = 0.0
+    #: Uniform in [0, 1): decides a partly enforced ejection (``success_rate_enforcing``).
+    draw: Callable[[], float] = random.random
 
     def forget(self, keep: Iterable[int]) -> None:
         """Drop the state of nodes no longer in the map."""
@@ -88,6 +150,11 @@ class Outliers:
 
     def ejected_ids(self) -> list[int]:
         return [i for i, n in self._nodes.items() if n.ejected is not None]
+
+    def interval_due(self, now: float) -> bool:
+        """Whether the next :meth:`step` at ``now`` ends an interval (it then judges the
+        failure percentage and success rate of every service it is given)."""
+        return now - self._interval_at >= self.policy.interval
 
     def streak(self, node_id: int) -> int:
         node = self._nodes.get(node_id)
@@ -117,7 +184,7 @@ class Outliers:
             node.window_failed += o.failed
         changed: set[str] = set()
         new: list[tuple[str, int, Ejected]] = []
-        interval_due = now - self._interval_at >= p.interval
+        interval_due = self.interval_due(now)
         for name, ids in services.items():
             members = [(i, nodes[i]) for i in ids if i >= 0 and i in nodes]
             if not members:
@@ -136,11 +203,12 @@ class Outliers:
                     node.times = max(0, node.times - steps)
                     node.last_decay += steps * p.interval
             allowed = max(1, int(len(ids) * p.max_ejection_percent / 100))
-            candidates: list[tuple[int, _Node, str]] = []
+            candidates: list[tuple[int, _Node, str, str]] = []
             if p.consecutive_failures > 0:
                 for i, node in members:
                     if node.ejected is None and node.streak >= p.consecutive_failures:
-                        candidates.append((i, node, f"{node.streak} consecutive failures"))
+                        reason = f"{node.streak} consecutive failures"
+                        candidates.append((i, node, reason, "consecutive"))
             if interval_due and p.failure_percentage is not None:
                 busy = [
                     (i, n)
@@ -151,10 +219,11 @@ class Outliers:
                     for i, node in busy:
                         share = 100 * node.window_failed / (node.window_ok + node.window_failed)
                         if share >= p.failure_percentage and all(c[0] != i for c in candidates):
-                            candidates.append(
-                                (i, node, f"{share:.0f}% of calls failed over {p.interval:g} s")
-                            )
-            for i, node, reason in candidates:
+                            reason = f"{share:.0f}% of calls failed over {p.interval:g} s"
+                            candidates.append((i, node, reason, "failure_percentage"))
+            if interval_due and p.success_rate_enforcing > 0:
+                candidates += self._success_rate(members, {c[0] for c in candidates})
+            for i, node, reason, kind in candidates:
                 if out >= allowed:
                     break
                 node.times += 1
@@ -162,7 +231,7 @@ class Outliers:
                     p.base_ejection_time * node.times,
                     max(p.base_ejection_time, p.max_ejection_time),
                 )
-                node.ejected = Ejected(now + span, reason, node.times)
+                node.ejected = Ejected(now + span, reason, node.times, kind)
                 node.streak = 0
                 out += 1
                 changed.add(name)
@@ -172,3 +241,29 @@ class Outliers:
             for node in nodes.values():
                 node.window_ok = node.window_failed = 0
         return changed, new
+
+    def _success_rate(
+        self, members: list[tuple[int, _Node]], taken: set[int]
+    ) -> list[tuple[int, _Node, str, str]]:
+        p = self.policy
+        live = {i: n for i, n in members if n.ejected is None}
+        verdict = success_rate_outliers(
+            {i: (n.window_ok, n.window_failed) for i, n in live.items()},
+            p.success_rate_stdev_factor,
+            p.success_rate_minimum_hosts,
+            p.success_rate_request_volume,
+        )
+        if verdict is None:
+            return []
+        out = []
+        for i in verdict.outliers:
+            if i in taken or self.draw() * 100 >= p.success_rate_enforcing:
+                continue
+            n = live[i]
+            rate = 100 * n.window_ok / (n.window_ok + n.window_failed)
+            reason = (
+                f"success rate {rate:.0f}% below {verdict.threshold:.0f}% "
+                f"(mean {verdict.mean:.0f}%) over {p.interval:g} s"
+            )
+            out.append((i, n, reason, "success_rate"))
+        return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -140,30 +141,33 @@ def test_a_published_table_is_not_used_while_nodes_are_ejected() -> None:
 
 
 def test_least_request_prefers_the_shorter_expected_wait_of_two() -> None:
-    load = memoryview(bytearray(8 * 80)).cast("Q")  # ids at 8.., latencies at 8 + 32..
+    load = memoryview(bytearray(8 * 48)).cast("Q")  # expected waits of ids 0.. at 8..
     load[1] = 1
-    for i in range(32):
-        load[8 + 32 + i] = 1000  # 1 ms each
 
     class Source:
-        def load_view(self) -> tuple[memoryview, int, int, int, int]:
-            return load, 8, 32, 0, 1
+        def load_view(self) -> tuple[memoryview, int, int, int]:
+            return load, 8, 32, 1
 
+    def wait(node_id: int, in_flight: int, latency_us: int) -> None:
+        load[8 + node_id] = (in_flight + 1) * latency_us  # as the sidecar publishes it
+
+    for i in range(32):
+        wait(i, 0, 1000)  # 1 ms each
     p = make_picker(service())
     p.load_source = Source()
-    load[8 + 10] = 5  # node 80 (id 10) is busy
+    wait(10, 5, 1000)  # node 80 (id 10) is busy
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[80] == 0  # two distinct nodes are drawn: the busy one always loses
     assert min(picks[q] for q in (81, 82, 83)) > 4000 / 4
-    load[8 + 10] = 0
-    load[8 + 11] = 1  # ties go to the first drawn: still uniform among the idle ones
+    wait(10, 0, 1000)
+    wait(11, 1, 1000)  # ties go to the first drawn: still uniform among the idle ones
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[81] == 0
     assert min(picks[q] for q in (80, 82, 83)) > 4000 / 4
     # Latency weighs in: 2 calls in flight on a 1 ms node wait less than 0 on a 10 ms node.
-    load[8 + 11] = 0
-    load[8 + 10] = 2
-    load[8 + 32 + 12] = 10_000
+    wait(11, 0, 1000)
+    wait(10, 2, 1000)
+    wait(12, 0, 10_000)
     picks = Counter(p.pick(strategy="least_request").port for _ in range(4000))
     assert picks[82] == 0
     assert picks[80] > 0
@@ -187,3 +191,39 @@ def test_cmctl_watch_reports_ejections_and_returns() -> None:
     assert _diff(snap(2, ejected), snap(3, plain)) == [
         "generation 3 revision 0: api returned 10.0.0.1:82"
     ]
+
+
+def test_least_request_as_the_services_default_strategy() -> None:
+    """A service registered with strategy "least_request": a key-less pick is a P2C pick on the
+    machine's expected waits, with or without ejections, and the record carries it."""
+    load = memoryview(bytearray(8 * 48)).cast("Q")
+    load[1] = 1
+    for i in range(32):
+        load[8 + i] = 1000
+
+    class Source:
+        def load_view(self) -> tuple[memoryview, int, int, int]:
+            return load, 8, 32, 1
+
+    load[8 + 10] = 50_000  # node 80 (id 10) waits 50 times longer
+    for ejected in [(), ((1, 30),)]:  # node 81 ejected: an ExpiringPicker
+        svc = replace(service(*ejected), strategy="least_request")
+        assert L.decode_service(L.encode_service(svc)).strategy == "least_request"
+        p = make_picker(svc)
+        p.load_source = Source()
+        assert isinstance(p, ExpiringPicker) == bool(ejected)
+        picks = Counter(p.pick().port for _ in range(3000))
+        assert picks[80] == 0  # two distinct nodes are drawn: the slow one always loses
+        assert set(picks) == {81, 82, 83} - ({81} if ejected else set())
+        assert Counter(p.default().port for _ in range(300))[80] == 0
+    # Without feedback: P2C with equal costs, a random pick.
+    assert ports(make_picker(replace(service(), strategy="least_request"))) == {80, 81, 82, 83}
+
+
+def test_least_request_default_passes_the_servers_options_and_the_wire() -> None:
+    from clustermap.server.validation import ServiceOptions
+    from clustermap.wire import service_from_pb, service_to_pb
+
+    assert ServiceOptions(strategy="least_request").strategy == "least_request"
+    svc = Service("api", NODES, strategy="least_request")
+    assert service_from_pb(service_to_pb(svc)).strategy == "least_request"

@@ -22,21 +22,23 @@ from clustermap.sidecar.feedback import FeedbackHub
 from clustermap.sidecar.outlier import OutlierPolicy
 
 ENTRIES = 4
-ROW = L.ROW_HEADER + 32 * ENTRIES
+ROW = L.ROW_HEADER + 8 * L.ENTRY_WORDS * ENTRIES
+EMPTY = (0, 0.0, 0.0, 0, 0)
 
 
-def entry(node_id: int, in_flight: int = 0, ok: int = 0, failed: int = 0) -> tuple[int, ...]:
-    """The four words of an entry (streak: ``failed`` failures since the last success)."""
-    calls = in_flight | ok << L.OK_SHIFT
-    return (node_id + 1, calls, failed, ok << 32 | failed)
+def entry(
+    node_id: int, in_flight: int = 0, ok: int = 0, failed: int = 0, latency: float = 0.0
+) -> tuple[int | float, ...]:
+    """The five words of an entry (streak: ``failed`` failures since the last success)."""
+    calls = float(in_flight | ok << L.OK_SHIFT)
+    return (node_id + 1, calls, latency, failed, (ok & 0xFFFF_FFFF) << 32 | failed)
 
 
-def row_bytes(owner: int, entries: list[tuple[int, ...]]) -> bytes:
-    words = [owner, *[0] * 7]
-    for e in entries:
-        words += list(e)
-    words += [0] * (ENTRIES * 4 - 4 * len(entries))
-    return struct.pack(f"<{len(words)}Q", *words)
+def row_bytes(owner: int, entries: list[tuple[int | float, ...]]) -> bytes:
+    out = struct.pack("<8Q", owner, *[0] * 7)
+    for e in [*entries, *[EMPTY] * (ENTRIES - len(entries))]:
+        out += struct.pack("<QddQQ", *e)
+    return out
 
 
 def test_headers_round_trip_and_refuse_garbage() -> None:
@@ -54,20 +56,48 @@ def test_headers_round_trip_and_refuse_garbage() -> None:
 
 
 def test_parse_row_keeps_valid_entries_and_rejects_the_rest() -> None:
-    broken = (1 + 4, 7 << L.OK_SHIFT | 3 << L.LATENCY_SHIFT, 2, 6 << 32 | 2)  # streak of 6 oks
+    broken = (1 + 4, float(7 << L.OK_SHIFT), 0.25, 2, 6 << 32 | 2)  # a streak of 6 oks
     raw = row_bytes(
         5,
         [
             entry(3, in_flight=2, ok=10, failed=1),  # node 3: 1 failure since its 10th success
             entry(3, 9, 9, 9),  # node 3 again: rejected
-            entry(500, 1, 1, 1),  # beyond capacity: rejected
             broken,  # a streak that began at success 6, but there have been 7: broken
+            entry(500, 1, 1, 1),  # beyond capacity: rejected
         ],
     )
     owner, entries, rejected = L.parse_row(raw, ENTRIES, 100)
     assert owner == 5
     assert rejected == 2
-    assert entries == [L.Entry(3, 2, 10, 1, 1, 0), L.Entry(4, 0, 7, 2, 0, 3)]
+    assert entries == [L.Entry(3, 2, 10, 1, 1, 0.0), L.Entry(4, 0, 7, 2, 0, 0.25)]
+
+
+@pytest.mark.parametrize(
+    ("calls", "latency"),
+    [
+        (float("nan"), 0.0),
+        (-1.0, 0.0),
+        (0.5, 0.0),
+        (float(1 << 53), 0.0),
+        (float("inf"), 0.0),
+        (1.0, float("nan")),
+        (1.0, -0.001),
+        (1.0, float("inf")),
+    ],
+)
+def test_parse_row_rejects_float_words_no_worker_writes(calls: float, latency: float) -> None:
+    raw = row_bytes(5, [(1, calls, latency, 0, 0), entry(1, 1)])
+    _, entries, rejected = L.parse_row(raw, ENTRIES, 100)
+    assert (rejected, [e.node_id for e in entries]) == (1, [1])
+
+
+def test_successes_wrap_with_the_calls_word() -> None:
+    """The writer subtracts 2**52 at the wrap: the successes field goes on modulo 2**36."""
+    calls = L.CALLS_WRAP - L.OK_ONE + 3  # 3 in flight, the last success before the wrap
+    assert L.successes(calls) == L.OK_MASK
+    after = calls + L.OK_DONE - L.CALLS_WRAP
+    assert L.successes(after) == 0
+    assert int(after) & L.IN_FLIGHT_MASK == 2
 
 
 @given(st.binary(min_size=ROW, max_size=ROW), st.integers(1, 1 << 24))

@@ -20,7 +20,7 @@ import pytest
 import clustermap
 from clustermap.feedback import layout as FL
 from tests.support.procs import python_env, wait_for
-from tests.support.stack import CMCTL, ServerProc, SidecarProc
+from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
 
 AGENT = str(Path(__file__).with_name("agent.py"))
 NODES = {"a": 18101, "b": 18102, "c": 18103}
@@ -281,3 +281,51 @@ def test_ejections_end_on_the_workers_clock_when_the_sidecar_is_gone(
     running.kill()  # nobody will republish the service now
     wait_for(lambda: address("c") in worker.picks(), 10, "the ejection to expire")
     assert cmctl(region_path, "status")["ejected"] == []
+
+
+def test_success_rate_ejects_a_node_failing_half_its_calls_never_five_in_a_row(
+    region_path: Path, agents: list[Agent]
+) -> None:
+    """Envoy's success-rate detector over the machine's counts: 5 nodes with enough calls in
+    an interval, one at ~50 % success among 100 % peers, consecutive failures off."""
+    server = ServerProc()
+    ports = [free_port() for _ in range(5)]
+    for port in ports:
+        server.register("api", "127.0.0.1", port)
+    env = {
+        "CLUSTERMAP_OUTLIER_CONSECUTIVE_FAILURES": "0",
+        "CLUSTERMAP_OUTLIER_INTERVAL": "1",
+        "CLUSTERMAP_OUTLIER_SUCCESS_RATE_REQUEST_VOLUME": "20",
+    }
+    old = dict(os.environ)
+    os.environ.update(env)  # SidecarProc passes the environment on
+    try:
+        sidecar = SidecarProc(region_path, [server.address], interval=0.1)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: Path(str(region_path) + ".load").exists(), 10, "the load file")
+        one, two = Agent(region_path), Agent(region_path)
+        agents += [one, two]
+        bad, *good = [f"127.0.0.1:{p}" for p in ports]
+
+        def batch_then_ejected() -> bool:
+            for _ in range(4):  # failures spread between successes, split over two workers
+                assert one("report", "api", bad, "fail", 2) == "ok 2"
+                assert two("report", "api", bad, "ok", 3) == "ok 3"
+            for node in good:
+                assert one("report", "api", node, "ok", 10) == "ok 10"
+                assert two("report", "api", node, "ok", 10) == "ok 10"
+            return bad not in two.picks(n=50)
+
+        wait_for(batch_then_ejected, 30, "the node to be ejected by its success rate")
+        status = cmctl(region_path, "status")
+        ejected = status["ejected"]
+        assert isinstance(ejected, list)
+        assert [e["address"] for e in ejected] == [bad]
+        assert ejected[0]["reason"].startswith("success rate "), ejected  # ~60 %, per interval
+    finally:
+        sidecar.close()
+        server.close()
