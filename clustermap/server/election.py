@@ -16,7 +16,9 @@ and the next in line leads. The :class:`~clustermap.server.store.Term` (leader k
 create revision) fences every verdict write (a ``CREATE`` compare on that key, see
 :meth:`~clustermap.server.etcd_store.EtcdStore.commit`), so a deposed leader (paused, cut off,
 its lease expired) cannot write even if it still believes it leads. Locally, a leader stops
-acting once its last successful renewal was sent more than ``ttl`` ago.
+acting once etcd says its lease is gone, or when renewals have failed for a whole ``ttl`` since
+the last one that succeeded was sent (a renewal merely late on a loaded machine does not end
+the term: the fence keeps that safe).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class EtcdElection:
 
     def leading(self, term: Term) -> bool:
         with self._lock:
-            return self._term == term and time.monotonic() - self._renewed < self._ttl
+            return self._term == term
 
     def resign(self) -> None:
         """Give up (stop renewing and revoke the lease: the next in line leads at once)."""
@@ -152,6 +154,11 @@ class EtcdElection:
                 ttl = self._client.keepalive(term.lease)
             except EtcdError as exc:
                 log.warning("election lease not renewed: %s", exc)
+                with self._lock:
+                    if self._term == term and time.monotonic() - self._renewed >= self._ttl:
+                        self._term = None  # unrenewed for a TTL: etcd has expired it
+                        log.warning("election lease lost: no longer probing")
+                        return
                 continue
             with self._lock:
                 if self._term != term:

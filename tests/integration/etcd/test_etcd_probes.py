@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +36,36 @@ def etcd3() -> Iterator[EtcdCluster]:
     c.close()
 
 
-def listen(port: int) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(64)
-    return s
+class Backend:
+    """A TCP backend that accepts (and drops) every connection, so probes never fill its
+    backlog however long the test runs."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def listen(port: int) -> Backend:
+    return Backend(port)
 
 
 def statuses(server: ServerProc) -> dict[int, str]:
@@ -88,6 +113,26 @@ fall = 1
     replicas = [ServerProc("--store", url, "--clusters", str(clusters), ttl=TTL, warmup=0)]
     replicas.append(ServerProc("--store", url, "--clusters", str(clusters), ttl=TTL, warmup=0))
     try:
+        _probing(etcd3, prefix, replicas, listener, live_port, dead_port)
+    except AssertionError as exc:  # say what each replica did
+        logs = "\n".join(
+            f"--- replica {r.child.pid}:\n{r.child.stderr()[-3000:]}" for r in replicas
+        )
+        raise AssertionError(f"{exc}\n{logs}") from None
+    finally:
+        for r in replicas:
+            r.close()
+
+
+def _probing(
+    etcd3: EtcdCluster,
+    prefix: str,
+    replicas: list[ServerProc],
+    listener: Backend,
+    live_port: int,
+    dead_port: int,
+) -> None:
+    try:
         # probes reach a verdict, seen through both replicas
         verdicts = {live_port: "up", dead_port: "down"}
         for r in replicas:
@@ -119,5 +164,3 @@ fall = 1
         print(f"takeover {took_over:.2f} s after SIGKILL (lease TTL {TTL} s)")
     finally:
         listener.close()
-        for r in replicas:
-            r.close()
