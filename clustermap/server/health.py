@@ -11,12 +11,14 @@ Here there is no lock at all: the table of statuses is touched on the loop only.
 status, then awaits the next change; a cancelled stream simply stops. At most
 :data:`MAX_WATCHERS` streams are held (each has at most one answer in flight); one more is
 refused RESOURCE_EXHAUSTED. :meth:`enter_graceful_shutdown` makes everything NOT_SERVING and
-ends every stream after it has been told so, so a graceful stop never waits on health watchers.
+returns once every stream has been told so and ended: the server's stop that follows neither
+waits on a health watcher nor cuts one short before its last answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Final
 
 import grpc
@@ -41,6 +43,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self._closing = False
         self._watchers = 0
         self._change: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None  # set when the last stream ends
 
     # -- RPCs (on the loop) -----------------------------------------------------------------
 
@@ -80,6 +83,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 await asyncio.wait((change,))
         finally:
             self._watchers -= 1
+            drained = self._drained
+            if self._watchers == 0 and drained is not None and not drained.done():
+                drained.set_result(None)
 
     # -- the server's side (any thread) -------------------------------------------------
 
@@ -87,9 +93,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         """Set a service's status and tell its watchers (ignored once shutting down)."""
         self._loop.call_soon(self._update, service, status)
 
-    def enter_graceful_shutdown(self) -> None:
-        """Everything NOT_SERVING for good; every Watch stream is told so, then ended."""
-        self._loop.call_soon(self._shut)
+    def enter_graceful_shutdown(self, timeout: float = 5.0) -> None:
+        """Everything NOT_SERVING for good; returns once every Watch stream has been told so and
+        has ended (at most ``timeout`` seconds: a client that stopped reading cannot hold it)."""
+        self._loop.call(self._shut(timeout))
 
     # -- on the loop ----------------------------------------------------------------------
 
@@ -99,11 +106,16 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self._status[service] = status
         self._wake()
 
-    def _shut(self) -> None:
+    async def _shut(self, timeout: float) -> None:
         for service in self._status:
             self._status[service] = _NOT_SERVING
         self._closing = True
+        if self._watchers:
+            self._drained = asyncio.get_running_loop().create_future()
         self._wake()
+        if self._drained is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
 
     def _wake(self) -> None:
         if self._change is not None and not self._change.done():

@@ -247,7 +247,7 @@ class ServerApp:
     def handle_term(self, signum: int) -> int:
         name = signal.Signals(signum).name
         log.info("stopping", extra={"event": "stopping", "signal": name, "grace": self.cfg.grace})
-        self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown(min(self.cfg.grace, 5.0))
         self.registry.close()
         self.hub.close()
         self.prober.stop()
