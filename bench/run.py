@@ -36,6 +36,7 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
     "feedback": (["bench_feedback.py"], ["bench_feedback.py", "--quick"], 300),
     "http": (["bench_http.py"], ["bench_http.py", "--quick"], 300),
     "tables": (["bench_tables.py"], ["bench_tables.py", "--quick", "--repeat", "7"], 600),
+    "routing": (["bench_routing.py"], ["bench_routing.py", "--quick"], 300),
     "callgrind": (["bench_callgrind.py"], ["bench_callgrind.py", "--number", "5000"], 1800),
     "propagation": (
         ["bench_propagation.py", "--changes", "40"],

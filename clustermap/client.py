@@ -197,12 +197,19 @@ class ClusterMap:
             return self._machine_zone(self._ensure_reader())
 
     def _entry(self, service: str, subset: Mapping[str, str] | None = None) -> _Entry:
+        """The fresh cache entry of ``service`` (in ``subset``), as ``pick`` finds it."""
         if subset is not None:
-            return self._subset_entry(service, subset)
-        entry = self._entries.get(service)
-        if entry is None or entry[0][entry[1]] != entry[2]:
-            entry = self._refresh(service)
-        return entry
+            try:
+                entry = self._subsets[(service, tuple(subset.items()))]
+            except (KeyError, TypeError, AttributeError):
+                return self._subset_entry(service, subset)
+            if entry[0][entry[1]] != entry[2]:
+                return self._subset_entry(service, subset)
+            return entry
+        found = self._entries.get(service)
+        if found is None or found[0][found[1]] != found[2]:
+            return self._refresh(service)
+        return found
 
     def services(self) -> list[str]:
         """Names of every service in the map, sorted."""
@@ -360,7 +367,7 @@ class ClusterMap:
         failure_exceptions: tuple[type[BaseException], ...] | None,
     ) -> Call:
         if subset is not None:
-            entry = self._subset_entry(service, subset)
+            entry = self._entry(service, subset)
         else:
             try:
                 entry = self._entries[service]
