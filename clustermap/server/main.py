@@ -98,11 +98,10 @@ class ServerApp:
 
         self.loop = LoopThread(cfg.max_workers)
         try:
-            self.port = self.loop.call(self._serve(cfg, clusters))
+            self.port = self.loop.call(self._serve(cfg))
         except BaseException:
             self.loop.stop()
             raise
-        self.hub.start()
         self._metrics_server = None
         if self.metrics is not None and cfg.metrics_listen:
             try:
@@ -111,8 +110,9 @@ class ServerApp:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
         self._ready_reported = self.registry.ready()
 
-    async def _serve(self, cfg: Config, clusters: object) -> int:
-        """Build the ``grpc.aio`` server on the loop (its objects belong to that thread)."""
+    async def _serve(self, cfg: Config) -> int:
+        """Build the ``grpc.aio`` server on the loop (its objects belong to that thread) and
+        bind its port; :meth:`run` starts it."""
         import grpc
         from grpc_health.v1 import health, health_pb2_grpc
 
@@ -196,7 +196,6 @@ class ServerApp:
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from None
         if not port:
             raise ConfigError(f"cannot listen on {cfg.listen}")
-        await self.server.start()
         return int(port)
 
     def _set_ready(self, ready: bool) -> None:
@@ -209,6 +208,8 @@ class ServerApp:
 
     def run(self) -> int:
         signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)).install()
+        self.loop.call(self.server.start())
+        self.hub.start()
         self.prober.start()
         cfg = self.cfg
         host = parse_address(cfg.listen, allow_zero=True)[0]

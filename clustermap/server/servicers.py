@@ -353,6 +353,12 @@ class SubscriptionServicer:
 
     async def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
         names = await self._names(request, context)
+        if names is None:  # the common polls: answered from the hub, no trip to the pool
+            cached = self.hub.current(request.epoch, request.revision)
+            if cached is not None:
+                if self._on_answer is not None:
+                    self._on_answer(cached[0].kind)
+                return cached[1]
         try:
             result, data = await self._loop.run_blocking(
                 self.answer, request.epoch, request.revision, names

@@ -150,6 +150,18 @@ class WatchHub:
             return hit.result()
         return None
 
+    def current(self, epoch: str, revision: int) -> Answer | None:
+        """The cached answer for a whole-map subscriber at (``epoch``, ``revision``) if it is
+        up to date with the registry (read without the lock), else None: the polls' fast path,
+        with no registry call. The answers the follower makes (NOT_MODIFIED at the current
+        revision, the delta from the previous one) are the ones most polls ask for. Flags
+        (self-preservation, a lost store) reach the cache within the follower's second, as
+        they reach keepalives."""
+        answer = self._cached((epoch, revision, None))
+        if answer is None or answer[0].revision != self._registry.revision:
+            return None
+        return answer
+
     async def _answer(self, epoch: str, revision: int, names: frozenset[str] | None) -> Answer:
         key = (epoch, revision, names)
         hit = self._answers.get(key)
