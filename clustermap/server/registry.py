@@ -283,13 +283,9 @@ class Registry:
 
     @property
     def revision(self) -> int:
-        return self._revision
-
-    @property
-    def revision(self) -> int:
         """The current revision, read without the lock (one int: a read that races a change
         sees the revision before it, as a call a moment earlier would have)."""
-        return self._store.revision
+        return self._revision
 
     @property
     def default_ttl(self) -> float:
