@@ -139,7 +139,9 @@ class SidecarSettings(BaseSettings):
         default=10.0, ge=0, le=100, description="share of a service ejected at most (≥ 1 node)"
     )
     outlier_interval: float = Field(
-        default=10.0, gt=0, description="failure-percentage window and multiplier decay, seconds"
+        default=10.0,
+        gt=0,
+        description="failure-percentage and success-rate window, multiplier decay (s)",
     )
     outlier_failure_percentage: float | None = Field(
         default=None, gt=0, le=100, description="eject nodes failing this % of calls (off)"
