@@ -150,6 +150,8 @@ class RampingPicker(ExpiringPicker):
         self._bases = {}
         self._lr_levels = None
         if not self._ramps:
+            if self._chains is not None:  # ended while this process was forked: plain again
+                self._end_ramps()
             return
         self._chains = (
             chain.from_iterable(iter(self._chunk_rr, None)),
