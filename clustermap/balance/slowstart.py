@@ -7,13 +7,14 @@ worker on the machine ramps together.
 
 A worker never rebuilds a picker per pick. :class:`RampingPicker` serves round_robin and
 weighted picks from a chain of C iterators, like a plain picker; every :data:`CHUNK` picks the
-chain calls :meth:`RampingPicker._chunk`, which reads the clock and, only when a node's weight
+chain calls ``RampingPicker._chunk``, which reads the clock and, only when a node's weight
 moved to another of the ramp's :data:`STEPS` levels, rebuilds the schedule: :data:`STEPS`
 rounds of the plain schedule in which a ramping node keeps only its share of its slots
 (:func:`ramp_schedule`, O(length), no simulation). So a warm pick stays O(1) (a C ``next()``
-plus one Python call per 64 picks), and a ramp rebuilds each schedule at most ``STEPS`` times.
-least_request reads the clock on each pick (it runs Python code anyway) and rebuilds its
-candidates on the same levels. When the last ramp ends, the picker rebinds its plain iterators
+plus one Python call per :data:`CHUNK` picks), and a ramp rebuilds each schedule at most
+``STEPS`` times. least_request's pick is unchanged: one of its two pre-drawn index streams
+calls back every :data:`CHUNK` draws to read the clock, and its candidates are rebuilt on the
+same levels. When the last ramp ends, the picker rebinds its plain iterators
 in place: afterwards it costs what a plain picker costs.
 random, weighted_random and consistent_hash do not ramp (Envoy ramps round robin and least
 request only; a hash ring that moved keys as weights ramp would defeat affinity).
@@ -22,10 +23,18 @@ request only; a hash ring that moved keys as weights ramp would defeat affinity)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, cycle, islice
+from functools import partial
+from itertools import chain, islice
 from typing import Final
 
-from clustermap.balance.picker import ExpiringPicker, MaglevTable, _Calls, _random, _time_ns
+from clustermap.balance.picker import (
+    ExpiringPicker,
+    MaglevTable,
+    ServicePicker,
+    _Calls,
+    _random,
+    _time_ns,
+)
 from clustermap.balance.schedule import smooth_wrr
 from clustermap.feedback.layout import MAX_EJECTION_S
 from clustermap.model import Node, Service, SlowStart
@@ -44,8 +53,8 @@ __all__ = [
 #: ``floor(slots * factor * STEPS)`` of its ``slots * STEPS`` slots (never fewer than 1), so a
 #: schedule is rebuilt at most this many times per ramp.
 STEPS: Final = 20
-#: Picks served between two reads of the clock during a ramp (round_robin, weighted).
-CHUNK: Final = 64
+#: Picks served between two reads of the clock during a ramp.
+CHUNK: Final = 256
 #: A ramp that starts further ahead than the longest ejection is garbage, and ignored.
 _HORIZON_NS: Final = MAX_EJECTION_S * 1_000_000_000
 
@@ -68,7 +77,11 @@ def ramping(ramp: SlowStart, now_ns: int) -> bool:
 
 
 def ramp_counts(
-    counts: dict[int, int], ramps: Sequence[tuple[int, int]], ramp: SlowStart, now_ns: int
+    counts: dict[int, int],
+    ramps: Sequence[tuple[int, int]],
+    ramp: SlowStart,
+    now_ns: int,
+    rounds: int = STEPS,
 ) -> dict[int, int]:
     """For each ``(i, since_ns)`` of ``ramps``, how many of its ``counts[i] * STEPS``
     appearances in :data:`STEPS` rounds of a schedule node ``i`` keeps at ``now_ns``:
@@ -77,29 +90,29 @@ def ramp_counts(
     out = {}
     for i, since in ramps:
         f = ramp_factor((now_ns - since) / 1e9, window_s, ramp.aggression, ramp.min_weight)
-        out[i] = max(1, int(counts[i] * f * STEPS))
+        out[i] = max(1, int(counts[i] * f * rounds))
     return out
 
 
-def ramp_schedule(base: Sequence[int], kept: dict[int, int]) -> list[int]:
+def ramp_schedule(base: Sequence[int], kept: dict[int, int], rounds: int = STEPS) -> list[int]:
     """:data:`STEPS` rounds of the schedule ``base`` (node indices) in which node ``i`` of
     ``kept`` keeps only ``kept[i]`` of its appearances, spread evenly over the rounds.
 
     O(length) with no simulation: a ramping node's weight changes only its own slots, so a
     level change costs about a millisecond per thousand slots (docs/slow-start.md).
     """
-    total = {i: base.count(i) * STEPS for i in kept}
+    total = {i: base.count(i) * rounds for i in kept}
     masks = {
         i: iter([(t * m) // total[i] != ((t + 1) * m) // total[i] for t in range(total[i])])
         for i, m in kept.items()
     }
-    return [i for i in list(base) * STEPS if i not in masks or next(masks[i])]
+    return [i for i in list(base) * rounds if i not in masks or next(masks[i])]
 
 
 class RampingPicker(ExpiringPicker):
     """The picker of a service with nodes in slow start (and possibly ejected nodes)."""
 
-    __slots__ = ("_chains", "_lr_check", "_lr_levels", "_ramps", "_state")
+    __slots__ = ("_bases", "_chains", "_lr_levels", "_ramps", "_state")
 
     def __init__(
         self,
@@ -108,11 +121,11 @@ class RampingPicker(ExpiringPicker):
     ) -> None:
         self._ramps: list[tuple[int, int]] = []
         self._chains: tuple[Iterator[Node], Iterator[Node]] | None = None
-        # per strategy ("rr", "w"): [kept counts, cycle over its schedule]; "rr-base", "w-base":
-        # [plain schedule, each ramping node's count in it]
-        self._state: dict[str, list[object]] = {}
+        # per strategy ("rr", "w"): its ramp schedule, and its plain schedule with each ramping
+        # node's count in it
+        self._state: dict[str, _Schedule] = {}
+        self._bases: dict[str, tuple[list[int], dict[int, int]]] = {}
         self._lr_levels: dict[int, int] | None = None
-        self._lr_check = 0
         super().__init__(service, maglev_source)
 
     # -- binding ------------------------------------------------------------------------------
@@ -134,9 +147,11 @@ class RampingPicker(ExpiringPicker):
                 if i is not None and now < since + window and since <= now + _HORIZON_NS:
                     self._ramps.append((i, since))
         self._state = {}
+        self._bases = {}
         self._lr_levels = None
-        self._lr_check = 0
         if not self._ramps:
+            if self._chains is not None:  # ended while this process was forked: plain again
+                self._end_ramps()
             return
         self._chains = (
             chain.from_iterable(iter(self._chunk_rr, None)),
@@ -167,42 +182,45 @@ class RampingPicker(ExpiringPicker):
 
     # -- round_robin and weighted -------------------------------------------------------------
 
-    def _chunk_rr(self) -> Iterator[Node]:
+    def _chunk_rr(self) -> list[Node]:
         return self._chunk("rr")
 
-    def _chunk_weighted(self) -> Iterator[Node]:
+    def _chunk_weighted(self) -> list[Node]:
         return self._chunk("w")
 
     def _base(self, kind: str) -> tuple[list[int], dict[int, int]]:
         """The plain schedule of ``kind`` (node indices) and each ramping node's count in it."""
-        state = self._state.get(kind + "-base")
-        if state is None:
+        found = self._bases.get(kind)
+        if found is None:
             n = len(self._nodes_list)
             base = list(range(n)) if kind == "rr" else smooth_wrr(self._weights())
-            state = self._state[kind + "-base"] = [base, {i: base.count(i) for i, _ in self._ramps}]
-        return state[0], state[1]  # type: ignore[return-value]
+            found = self._bases[kind] = (base, {i: base.count(i) for i, _ in self._ramps})
+        return found
 
     def _weights(self) -> list[int]:
         return [n.weight for n in self._nodes_list]
 
-    def _chunk(self, kind: str) -> Iterator[Node]:
-        """The next :data:`CHUNK` picks, from the schedule of the current ramp levels."""
-        now = _time_ns()
-        if not self._ramps or all(now >= since + self._window() for _, since in self._ramps):
-            if self._ramps:
-                self._end_ramps()
-            return islice(self._rr if kind == "rr" else self._wrr, CHUNK)
-        base, counts = self._base(kind)
-        kept = ramp_counts(counts, self._ramps, self._ramp(), now)
-        state = self._state.get(kind)
-        if state is None or state[0] != kept:
-            nodes = self._nodes_list
-            schedule = [nodes[i] for i in ramp_schedule(base, kept)]
-            start = int(_random() * len(schedule))
-            state = self._state[kind] = [kept, cycle(schedule[start:] + schedule[:start])]
-        it = state[1]
-        assert isinstance(it, Iterator)
-        return islice(it, CHUNK)
+    def _chunk(self, kind: str) -> list[Node]:
+        """The next :data:`CHUNK` picks, from the schedule of the current ramp levels. Never
+        raises: the chain it feeds would end for good (plain round-robin instead)."""
+        try:
+            now = _time_ns()
+            if not self._ramps or all(now >= t + self._window() for _, t in self._ramps):
+                if self._ramps:
+                    self._end_ramps()
+                return list(islice(self._rr if kind == "rr" else self._wrr, CHUNK))
+            base, counts = self._base(kind)
+            kept = ramp_counts(counts, self._ramps, self._ramp(), now)
+            state = self._state.get(kind)
+            if state is None or state.kept != kept:
+                nodes = self._nodes_list
+                schedule = [nodes[i] for i in ramp_schedule(base, kept)]
+                state = self._state[kind] = _Schedule(kept, schedule)
+            pos = state.pos
+            state.pos = (pos + CHUNK) % state.period
+            return state.extended[pos : pos + CHUNK]
+        except Exception:  # a bug here must never stop picks
+            return list(self._nodes_list)
 
     def _ramp(self) -> SlowStart:
         ramp = self.service.slow_start
@@ -213,28 +231,71 @@ class RampingPicker(ExpiringPicker):
         return self._ramp().window_ns
 
     # -- least_request ------------------------------------------------------------------------
+    # Its pick is unchanged: the ramp rides on its first draw stream, which every CHUNK draws
+    # calls _lr_chunk (clock, levels) like the round-robin chains above. What _lr_chunk
+    # changes must leave the pick in progress consistent: it only sends the next pick to the
+    # slow path (_reset_least_request), which rebuilds.
 
-    def least_request(self) -> Node:
-        if self._ramps:
+    # No per-pick clock read (and no Python frame of ExpiringPicker's): an ejection's end is
+    # noticed by _lr_chunk, within CHUNK picks.
+    least_request = ServicePicker.least_request
+
+    def _least_request_slow(self) -> Node:
+        if self.expires_ns and _time_ns() >= self.expires_ns:
+            self._expire()
+        return super()._least_request_slow()
+
+    def _lr_streams(self) -> None:
+        super()._lr_streams()
+        if self._ramps or self.expires_ns:
+            self._lr_i = chain.from_iterable(iter(partial(self._lr_chunk, self._lr_i), None))
+
+    def _lr_chunk(self, draws: Iterator[int]) -> list[int]:
+        try:
             now = _time_ns()
-            if now >= self._lr_check:
-                self._lr_tick(now)
-        return super().least_request()
-
-    def _lr_tick(self, now: int) -> None:
-        # Clock reads are cheap next to least_request; level changes are checked every 10 ms.
-        self._lr_check = now + 10_000_000
-        if all(now >= since + self._window() for _, since in self._ramps):
-            self._end_ramps()
-            return
-        kept = ramp_counts(self._base("w")[1], self._ramps, self._ramp(), now)
-        if kept != self._lr_levels:
-            self._lr_levels = kept
-            self._reset_least_request()
+            if self.expires_ns and now >= self.expires_ns:
+                # Not rebuilt here, in the middle of a pick that still reads the old streams:
+                # the next pick takes the slow path, which rebuilds.
+                self._reset_least_request()
+            elif not self._ramps:
+                pass
+            elif all(now >= t + self._window() for _, t in self._ramps):
+                self._end_ramps()  # the next pick rebuilds plain candidates
+            else:
+                base, counts = self._base("w")
+                kept = ramp_counts(counts, self._ramps, self._ramp(), now, _lr_rounds(base))
+                if kept != self._lr_levels:
+                    self._reset_least_request()  # the next pick rebuilds the candidates
+        except Exception:  # never end the chain
+            pass
+        return list(islice(draws, CHUNK))
 
     def _lr_candidates(self) -> list[Node]:
-        kept = self._lr_levels
-        if not self._ramps or kept is None:
+        if not self._ramps:
             return super()._lr_candidates()
+        base, counts = self._base("w")
+        rounds = _lr_rounds(base)
+        kept = self._lr_levels = ramp_counts(counts, self._ramps, self._ramp(), _time_ns(), rounds)
         nodes = self._nodes_list
-        return [nodes[i] for i in ramp_schedule(self._base("w")[0], kept)]
+        return [nodes[i] for i in ramp_schedule(base, kept, rounds)]
+
+
+def _lr_rounds(base: Sequence[int]) -> int:
+    """Rounds of least_request's candidates: at most 256 of them when that leaves at least 5
+    levels (its draws stay on the byte path of :mod:`~clustermap.balance.draws`), else
+    :data:`STEPS` (a large service: 16-bit draws)."""
+    rounds = 256 // len(base)
+    return min(rounds, STEPS) if rounds >= 5 else STEPS
+
+
+class _Schedule:
+    """A ramp schedule at one set of levels, served :data:`CHUNK` picks at a time."""
+
+    __slots__ = ("extended", "kept", "period", "pos")
+
+    def __init__(self, kept: dict[int, int], schedule: list[Node]) -> None:
+        self.kept = kept
+        self.period = len(schedule)
+        # Long enough to slice CHUNK picks from any position of a period.
+        self.extended = schedule * (CHUNK // self.period + 2)
+        self.pos = int(_random() * self.period)  # a random start per process, as round-robin

@@ -292,3 +292,33 @@ def test_ejections_and_ramps_compose() -> None:
     picks = [picker.pick() for _ in range(50 * CHUNK)]
     assert share(picks, svc.nodes[0]) == 0.0  # ejected
     assert share(picks, svc.nodes[3]) == pytest.approx(0.5 / 2.5, rel=0.05)
+
+
+def test_least_request_sees_an_ejection_end_during_a_ramp() -> None:
+    svc = ramped(4, since_s=1800.0)
+    until = time.time_ns() + S // 2
+    svc = replace(svc, overlay=Overlay((0, 1, 2, 3), (Ejection(0, until, "5 failures"),)))
+    picker = make_picker(svc)
+    assert isinstance(picker, RampingPicker)
+    picks = [picker.pick(strategy="least_request") for _ in range(4 * CHUNK)]
+    if time.time_ns() < until:
+        assert share(picks, svc.nodes[0]) == 0.0
+    deadline = time.monotonic() + 60
+    while picker.pick(strategy="least_request").address != svc.nodes[0].address:
+        assert time.monotonic() < deadline, "the ejected node never came back"
+    picks = [picker.pick(strategy="least_request") for _ in range(40 * CHUNK)]
+    assert share(picks, svc.nodes[3]) == pytest.approx(0.5 / 3.5, rel=0.3)  # still ramping
+
+
+def test_a_ramp_that_ended_before_a_fork_leaves_plain_iterators() -> None:
+    svc = ramped(4, since_s=0.0, window_s=1.0)
+    picker = make_picker(svc)
+    assert isinstance(picker, RampingPicker)
+    deadline = time.monotonic() + 60
+    while ramping(svc.slow_start, time.time_ns()):  # type: ignore[arg-type]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    picker.after_fork()  # as in a forked worker, with no pick since the ramp ended
+    assert isinstance(picker.default_it, cycle)
+    picks = [picker.pick(strategy="weighted") for _ in range(400)]
+    assert share(picks, svc.nodes[3]) == 0.25
