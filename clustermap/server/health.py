@@ -76,6 +76,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 if status != sent:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     sent = status
+                    # look again: the shutdown (or any change) may have landed while this
+                    # answer was in flight (the peer can read it before the write returns here);
+                    # ending now would close the stream without its last answer
+                    continue
                 if self._closing:
                     return
                 # asyncio.wait, not ``await change``: a cancelled stream must not cancel the
