@@ -63,7 +63,17 @@ class ServerProc:
             *args,
         ]
         self.child = Child(self.argv, env=python_env())
-        self._channel = grpc.insecure_channel(self.address)
+        # The channel is made before the server listens: its first connects fail, and gRPC's
+        # default reconnect backoff (1 s, growing to 120 s) would then space the health checks
+        # out past the wait below on a loaded machine. Keep retrying connects quickly instead.
+        self._channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 50),
+                ("grpc.min_reconnect_backoff_ms", 50),
+                ("grpc.max_reconnect_backoff_ms", 500),
+            ],
+        )
         health = health_pb2_grpc.HealthStub(self._channel)
 
         def serving() -> bool:
@@ -75,7 +85,7 @@ class ServerProc:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
 
-        wait_for(serving, 30, "cm-server to serve")
+        wait_for(serving, 60, "cm-server to serve")
         self.registry = registry_pb2_grpc.RegistryStub(self._channel)
 
     def register(
