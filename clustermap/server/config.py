@@ -21,9 +21,9 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from clustermap.config_sources import with_toml_file
 from clustermap.defaults import DEFAULT_SERVER
 from clustermap.model import parse_address
 from clustermap.rules import MAX_META_BYTES
@@ -282,16 +282,7 @@ class ServerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config = os.environ.get(CONFIG_ENV)
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config:
-            # a file that was named must exist: a typo in the path must not run on defaults
-            try:
-                Path(config).open("rb").close()
-            except OSError as exc:
-                raise ConfigError(f"cannot read config file {config}: {exc.strerror}") from None
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
-        return tuple(sources)
+        return with_toml_file(settings_cls, init_settings, env_settings, CONFIG_ENV)
 
     def shown(self) -> dict[str, Any]:
         """The settings as ``--print-config`` shows them: JSON values, secrets masked."""

@@ -8,7 +8,6 @@ prints the result, and ``docs/configuration.md`` is generated from this model
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,9 +17,9 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from clustermap.config_sources import with_toml_file
 from clustermap.defaults import DEFAULT_REGION, DEFAULT_SERVER
 from clustermap.feedback.layout import MAX_EJECTION_S, MAX_ENTRIES, MAX_IDS, MAX_ROWS
 from clustermap.model import parse_address
@@ -229,13 +228,4 @@ class SidecarSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config = os.environ.get("CLUSTERMAP_CONFIG")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config:
-            # a file that was named must exist: a typo in the path must not run on defaults
-            try:
-                Path(config).open("rb").close()
-            except OSError as exc:
-                raise ValueError(f"cannot read config file {config}: {exc.strerror}") from None
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
-        return tuple(sources)
+        return with_toml_file(settings_cls, init_settings, env_settings, "CLUSTERMAP_CONFIG")
