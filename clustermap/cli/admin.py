@@ -29,10 +29,11 @@ __all__ = ["AdminError", "add_commands", "parse_address"]
 T = TypeVar("T")
 
 STATUSES = ("up", "down", "drain")
-# reconnect quickly after a server restart, so a keepalive re-registers within a heartbeat or two
+# reconnect quickly after a server restart, so a keepalive re-registers within a heartbeat or two.
+# Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the timeout of one connection attempt
+# (default 20 s), and a short one never connects to a slow or distant server.
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
