@@ -85,7 +85,11 @@ class ServerProc:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
 
-        wait_for(serving, 60, "cm-server to serve")
+        try:
+            wait_for(serving, 60, "cm-server to serve")
+        except BaseException:  # no one holds this object yet to close it: leak no process
+            self.close()
+            raise
         self.registry = registry_pb2_grpc.RegistryStub(self._channel)
 
     def register(
