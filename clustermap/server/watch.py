@@ -108,9 +108,11 @@ class WatchHub:
                 if state == seen and not lost:
                     continue  # a timeout: nothing new (this wake-up notices flags and a lost store)
                 # the answers most streams need, made here before they wake so that they find
-                # them ready: the delta from the previous revision, and NOT_MODIFIED at this one
-                ready = [((now.epoch, now.revision, None), None)]
-                if seen[1] >= 0 and now.revision != seen[1]:
+                # them ready: the delta from the previous revision, and NOT_MODIFIED at this one.
+                # Not while no stream is open (a racing new one asks for its own): a burst of
+                # registrations would otherwise encode a delta per revision that no one reads.
+                ready = [((now.epoch, now.revision, None), None)] if self.streams else []
+                if ready and seen[1] >= 0 and now.revision != seen[1]:
                     ready.append(((seen[0], seen[1], None), None))
                 answers = [(key, self._answer_blocking(*key)) for key, _ in ready]
             except Unavailable:
