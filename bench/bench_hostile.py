@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import grpc
-from common import run_info
+from common import free_port, run_info
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -45,12 +44,6 @@ from clustermap._pb.clustermap.v1 import (
 )
 
 TARGET_MS = 100.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _latencies(stub: registry_pb2_grpc.RegistryStub, samples: int) -> list[float]:
@@ -82,7 +75,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("cm-server")),

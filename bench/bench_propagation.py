@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 import grpc
-from common import machine, write_json
+from common import free_port, machine, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
 from clustermap.errors import ClusterMapError
@@ -67,12 +66,6 @@ while True:
         last = seen
     time.sleep(0.001)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
@@ -127,7 +120,7 @@ class Gunicorn:
     def __init__(
         self, region: Path, workers: int, clients: int, procs: list[subprocess.Popen[str]]
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = dict(os.environ, CLUSTERMAP_REGION=str(region))
         self.master = subprocess.Popen(
             [
@@ -266,7 +259,7 @@ def main() -> None:
 
             etcd = start_cluster(3)
             store = ["--store", etcd.url("bench-propagation")]
-        addresses = [f"127.0.0.1:{_free_port()}" for _ in range(max(args.etcd_replicas, 1))]
+        addresses = [f"127.0.0.1:{free_port()}" for _ in range(max(args.etcd_replicas, 1))]
         for a in addresses:
             procs.append(
                 subprocess.Popen(

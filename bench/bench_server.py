@@ -22,20 +22,12 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import run_info
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common import run_info, start_server
 
 
 def _client(
@@ -157,25 +149,7 @@ def main() -> int:
         subscription_pb2_grpc,
     )
 
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    exe = str(Path(sys.executable).with_name("cm-server"))
-    server = subprocess.Popen(
-        [
-            exe,
-            "--listen",
-            address,
-            "--warmup",
-            "0",
-            "--heartbeat-ttl",
-            "600",
-            "--max-workers",
-            str(args.server_workers),
-            "--log-level",
-            "warning",
-        ],
-        start_new_session=True,
-    )
+    server, address = start_server("--max-workers", str(args.server_workers))
     results: dict[str, dict[str, float]] = {}
     try:
         ch = grpc.insecure_channel(address)

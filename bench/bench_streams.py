@@ -35,13 +35,12 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
-from common import machine, write_json
+from common import machine, start_server, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
@@ -245,25 +244,7 @@ def main() -> int:
         )
         return 2
 
-    with socket_port() as port:
-        address = f"127.0.0.1:{port}"
-    exe = str(Path(sys.executable).with_name("cm-server"))
-    server = subprocess.Popen(
-        [
-            exe,
-            "--listen",
-            address,
-            "--warmup",
-            "0",
-            "--heartbeat-ttl",
-            "600",
-            "--max-watchers",
-            str(max(counts) + 100),
-            "--log-level",
-            "warning",
-        ],
-        start_new_session=True,
-    )
+    server, address = start_server("--max-watchers", str(max(counts) + 100))
     rows = []
     try:
         ch = grpc.insecure_channel(address)
@@ -293,15 +274,6 @@ def main() -> int:
         {"bench": "streams", "machine": machine(), "rows": rows},
     )
     return 0
-
-
-@contextlib.contextmanager
-def socket_port():  # type: ignore[no-untyped-def]
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from clustermap.model import Node, Service
 
@@ -120,3 +123,20 @@ def write_json(path: str | None, results: dict[str, object]) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"info": run_info(), "results": results}, indent=2) + "\n")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A real cm-server on a free loopback port, ready at once and quiet (no warm-up, leases
+    of 600 s, warnings only), with ``args`` added; returns the process and its address."""
+    address = f"127.0.0.1:{free_port()}"
+    exe = str(Path(sys.executable).with_name("cm-server"))
+    argv = [exe, "--listen", address, "--warmup", "0", "--heartbeat-ttl", "600"]
+    argv += ["--log-level", "warning", *args]
+    return subprocess.Popen(argv, start_new_session=True), address
