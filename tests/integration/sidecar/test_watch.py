@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -188,30 +188,39 @@ def test_failover_to_the_second_server_when_the_first_dies(region_path: Path) ->
         second.close()
 
 
+def _through_a_tampered_delta(
+    server: ServerProc, region_path: Path, tamper: Callable[[subscription_pb2.PollResponse], None]
+) -> tuple[int, dict[str, int]]:
+    """A watching sidecar behind a proxy that applies ``tamper`` to every answer after the
+    first: once a change reached the region anyway and the stream is up again, the number of
+    answers tampered with and the sidecar's counters."""
+    proxy = TamperingProxy(server.address, tamper)
+    server.register("a", "10.0.0.1", 80)
+    sidecar = watcher(region_path, [proxy.address])
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: watching(region_path), what="the stream to be up")
+        server.register("a", "10.0.0.2", 80)  # the delta carrying this one is tampered with
+        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
+        wait_for(lambda: watching(region_path), what="the stream to be up again")
+        return proxy.tampered, meta(region_path).counters
+    finally:
+        sidecar.close()
+        proxy.close()
+
+
 def test_a_bad_answer_on_the_stream_is_rejected_and_resynced(
     server: ServerProc, region_path: Path
 ) -> None:
     def corrupt(resp: subscription_pb2.PollResponse) -> None:
         resp.checksum ^= 0x5A5A
 
-    proxy = TamperingProxy(server.address, corrupt)
-    server.register("a", "10.0.0.1", 80)
-    sidecar = watcher(region_path, [proxy.address])
-    try:
-        sidecar.wait_synced()
-        wait_for(lambda: watching(region_path), what="the stream to be up")
-        server.register("a", "10.0.0.2", 80)  # the delta carrying this one is corrupted
-        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
-        wait_for(lambda: watching(region_path), what="the stream to be up again")
-        c = meta(region_path).counters
-        assert proxy.tampered == 1
-        assert c.get("checksum_mismatches") == 1, c
-        assert c.get("full", 0) >= 2, c  # the first sync and the resync
-        assert c.get("watch_fallbacks") == 1, c
-        assert c.get("watch_reconnects") == 1, c
-    finally:
-        sidecar.close()
-        proxy.close()
+    tampered, c = _through_a_tampered_delta(server, region_path, corrupt)
+    assert tampered == 1
+    assert c.get("checksum_mismatches") == 1, c
+    assert c.get("full", 0) >= 2, c  # the first sync and the resync
+    assert c.get("watch_fallbacks") == 1, c
+    assert c.get("watch_reconnects") == 1, c
 
 
 def test_the_feedback_sweep_keeps_its_period_while_watching(
@@ -248,22 +257,10 @@ def test_a_malformed_answer_on_the_stream_ends_it_and_the_map_stays_good(
     def garble(resp: subscription_pb2.PollResponse) -> None:
         resp.kind = 99  # type: ignore[assignment]  # no such kind: refused by clustermap.wire
 
-    proxy = TamperingProxy(server.address, garble)
-    server.register("a", "10.0.0.1", 80)
-    sidecar = watcher(region_path, [proxy.address])
-    try:
-        sidecar.wait_synced()
-        wait_for(lambda: watching(region_path), what="the stream to be up")
-        server.register("a", "10.0.0.2", 80)  # the delta carrying this one is garbled
-        wait_for(lambda: addresses(region_path, "a") == {"10.0.0.1:80", "10.0.0.2:80"})
-        wait_for(lambda: watching(region_path), what="the stream to be up again")
-        c = meta(region_path).counters
-        assert proxy.tampered == 1
-        assert c.get("watch_fallbacks") == 1, c
-        assert "checksum_mismatches" not in c, c
-    finally:
-        sidecar.close()
-        proxy.close()
+    tampered, c = _through_a_tampered_delta(server, region_path, garble)
+    assert tampered == 1
+    assert c.get("watch_fallbacks") == 1, c
+    assert "checksum_mismatches" not in c, c
 
 
 class SilentProxy(TamperingProxy):
