@@ -53,6 +53,20 @@ def local_picks(service: Service) -> list[str]:
     return [picker.pick(key=k).address for k in KEYS]
 
 
+@pytest.fixture
+def table_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per Maglev table the region writer builds (the real build still runs)."""
+    builds: list[int] = []
+    real = writer_module.build_table
+
+    def counting(given: object) -> bytes:
+        builds.append(1)
+        return real(given)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_module, "build_table", counting)
+    return builds
+
+
 @pytest.mark.parametrize("count", [1, 5, 100, 300])
 def test_hashed_services_get_their_table_and_workers_index_it(
     region_path: Path, count: int
@@ -124,52 +138,36 @@ def test_published_table_equals_the_documented_vectors(region_path: Path, name: 
 
 
 def test_table_follows_changes_and_is_reused_when_nodes_are_unchanged(
-    region_path: Path, monkeypatch: pytest.MonkeyPatch
+    region_path: Path, table_builds: list[int]
 ) -> None:
     service = hashed("h", 20)
-    builds: list[int] = []
-    real = writer_module.build_table
-
-    def counting(given: object) -> bytes:
-        builds.append(1)
-        return real(given)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(writer_module, "build_table", counting)
     with RegionWriter(region_path) as w:
         w.publish([service])
         reader = RegionReader(region_path)
-        assert len(builds) == 1
+        assert len(table_builds) == 1
         # Same eligible nodes, other content (a down node): republished, table copied.
         more = Service(
             "h", (*service.nodes, Node("10.9.9.9", 1, status="down")), strategy="consistent_hash"
         )
         w.publish([more])
-        assert len(builds) == 1
+        assert len(table_builds) == 1
         assert table_of(reader, "h") == expected_table(service)
         w.publish([more])  # unchanged: nothing written
         assert w.last_stats is not None
         assert w.last_stats.unchanged == 1
         fewer = Service("h", service.nodes[:-1], strategy="consistent_hash")
         w.publish([fewer])
-        assert len(builds) == 2
+        assert len(table_builds) == 2
         assert table_of(reader, "h") == expected_table(fewer)
 
 
 def test_an_ejection_republishes_the_service_with_its_table_copied_not_used_by_workers(
-    region_path: Path, monkeypatch: pytest.MonkeyPatch
+    region_path: Path, table_builds: list[int]
 ) -> None:
     """Feedback republishes a service for its overlay alone: the table (over the nodes without
     ejections) is copied, and a worker with the node ejected builds its own until it returns."""
     service = hashed("h", 20)
     ids = Overlay(tuple(range(20)), ())
-    builds: list[int] = []
-    real = writer_module.build_table
-
-    def counting(given: object) -> bytes:
-        builds.append(1)
-        return real(given)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(writer_module, "build_table", counting)
     shared = local_picks(service)
     gone = service.nodes[3].address
     with RegionWriter(region_path) as w:
@@ -187,7 +185,7 @@ def test_an_ejection_republishes_the_service_with_its_table_copied_not_used_by_w
         w.publish([replace(service, overlay=ids)])  # the ejection ends
         assert [cm.pick("h", k).address for k in KEYS] == shared
         assert cm.picker("h").maglev_shared
-        assert len(builds) == 1
+        assert len(table_builds) == 1
 
 
 def test_tables_survive_reopen_and_growth(
