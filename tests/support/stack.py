@@ -8,6 +8,7 @@ revision), never by fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,9 @@ class ServerProc:
     def __init__(
         self, *args: str, port: int | None = None, ttl: float = 1.0, warmup: float = 0.2
     ) -> None:
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        # Port 0 unless told: the server takes a free port itself and logs it, so no other
+        # process can take the port between our choosing it and the server binding it.
+        self.address = f"127.0.0.1:{port or 0}"
         self.argv = [
             CM_SERVER,
             "--listen",
@@ -63,10 +65,18 @@ class ServerProc:
             *args,
         ]
         self.child = Child(self.argv, env=python_env())
-        # The channel is made before the server listens: its first connects fail, and gRPC's
-        # default reconnect backoff (1 s, growing to 120 s) would then space the health checks
-        # out past the wait below on a loaded machine. Keep retrying connects quickly instead
-        # (not via grpc.min_reconnect_backoff_ms: that is also each attempt's connect timeout).
+        if not port:
+            try:
+                self.address = wait_for(self._listening, 60, "cm-server to listen")
+            except BaseException:
+                self.child.close()
+                raise
+        self.port = int(self.address.rpartition(":")[2])
+        # With a given port the channel may be made before the server listens (a restart): its
+        # first connects fail, and gRPC's default reconnect backoff (1 s, growing to 120 s)
+        # would then space the health checks out past the wait below on a loaded machine. Keep
+        # retrying connects quickly instead (not via grpc.min_reconnect_backoff_ms: that is also
+        # each attempt's connect timeout).
         self._channel = grpc.insecure_channel(
             self.address,
             options=[
@@ -91,6 +101,12 @@ class ServerProc:
             self.close()
             raise
         self.registry = registry_pb2_grpc.RegistryStub(self._channel)
+
+    def _listening(self) -> str | None:
+        if self.child.proc.poll() is not None:
+            raise AssertionError(f"cm-server exited: {self.child.stderr()}")
+        found = re.search(r"event=listening address=(\S+)", self.child.stderr())
+        return found.group(1) if found else None
 
     def register(
         self, service: str, host: str, port: int, weight: int = 1, ttl: float = 0.0, **meta: str
