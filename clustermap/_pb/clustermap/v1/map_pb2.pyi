@@ -155,7 +155,9 @@ class Service(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     strategy: _builtins.str
-    """"round_robin" | "random" | "weighted" | "consistent_hash" """
+    """One of clustermap.rules.STRATEGIES: "round_robin" | "random" | "weighted" |
+    "consistent_hash" | "least_request"
+    """
     panic_threshold: _builtins.float
     """0.0-1.0, 0 disables panic mode"""
     revision: _builtins.int
