@@ -28,6 +28,7 @@ import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
 from clustermap.balance.routing import Route, route, subset_pairs, zone_name
+from clustermap.balance.trial import offer_trial
 from clustermap.defaults import DEFAULT_REGION
 from clustermap.errors import ClusterMapError, UnknownService
 from clustermap.feedback.calls import Call, CustomCall, free_calls, record
@@ -251,7 +252,9 @@ class ClusterMap:
                     _published_maglev(reader, name, version),
                 )
                 picker, keyed = found.picker, found.keyed
-                picker.load_source = keyed.load_source = self._feedback_state()
+                fb = picker.load_source = keyed.load_source = self._feedback_state()
+                if service.overlay is not None and service.overlay.trials:  # half-open nodes
+                    offer_trial(service, picker, fb.owner, time.time_ns())
             entry: _Entry = (reader.words, reader.version_index(slot), version, picker, keyed)
             self._entries[name] = entry
             return entry

@@ -30,6 +30,7 @@ __all__ = [
     "Overlay",
     "Service",
     "SlowStart",
+    "Trial",
     "format_address",
     "parse_address",
 ]
@@ -96,16 +97,31 @@ class Ejection(NamedTuple):
     reason: str
 
 
+class Trial(NamedTuple):
+    """A half-open node's one trial request (docs/feedback.md): the node stays in
+    :attr:`Overlay.ejected` for every worker, except that the process holding the feedback row
+    whose owner word is ``owner`` serves it to one key-less pick. ``until_ns`` (wall clock) is
+    when the trial ends; the node's ejection ends then too, so it returns on the workers' own
+    clock if no sidecar is left to judge the trial.
+    """
+
+    position: int
+    owner: int
+    until_ns: int
+
+
 @dataclass(frozen=True, slots=True)
 class Overlay:
     """What the sidecar adds to a service from callers' feedback; never the server's data.
 
     ``ids`` is parallel to :attr:`Service.nodes`: each node's index into the machine's feedback
-    counters (-1: none). ``ejected`` lists the nodes currently ejected.
+    counters (-1: none). ``ejected`` lists the nodes currently ejected; ``trials`` the ejected
+    nodes that are half-open, each granted to one worker's row.
     """
 
     ids: tuple[int, ...] = ()
     ejected: tuple[Ejection, ...] = ()
+    trials: tuple[Trial, ...] = ()
 
 
 class SlowStart(NamedTuple):

@@ -18,7 +18,7 @@ from clustermap.balance.routing import OFF, ZoneDecision, routing_options, zone_
 from clustermap.client import ClusterMap
 from clustermap.errors import UnknownService
 from clustermap.feedback.status import feedback_status
-from clustermap.model import STRATEGIES, Ejection, Node, Service
+from clustermap.model import STRATEGIES, Ejection, Node, Service, Trial
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
 from clustermap.region.layout import Meta
@@ -74,8 +74,8 @@ def add_commands(sub: Any) -> None:
 # -- JSON shapes (also used by tests and the docs) -----------------------------------------------
 
 
-def node_json(n: Node, ejected: bool = False) -> dict[str, Any]:
-    return {
+def node_json(n: Node, ejected: bool = False, trial: Trial | None = None) -> dict[str, Any]:
+    out = {
         "host": n.host,
         "port": n.port,
         "address": n.address,
@@ -83,6 +83,26 @@ def node_json(n: Node, ejected: bool = False) -> dict[str, Any]:
         "status": n.status,
         "meta": dict(n.meta),
         "ejected": ejected,
+        "half_open": ejected and trial is not None,
+    }
+    if ejected and trial is not None:
+        out["trial"] = trial_json(trial, time.time_ns())
+    return out
+
+
+def _trials(s: Service, ejected: dict[int, Ejection]) -> dict[int, Trial]:
+    """Positions of ``s``'s half-open nodes (ejected, with a trial granted to one row)."""
+    if s.overlay is None:
+        return {}
+    return {t.position: t for t in s.overlay.trials if t.position in ejected}
+
+
+def trial_json(t: Trial, now_ns: int) -> dict[str, Any]:
+    return {
+        "pid": t.owner & 0xFFFF_FFFF,
+        "owner": t.owner,
+        "until": round(t.until_ns / 1e9, 3),
+        "seconds_left": round((t.until_ns - now_ns) / 1e9, 1),
     }
 
 
@@ -99,16 +119,20 @@ def ejected_json(services: dict[str, Service]) -> list[dict[str, Any]]:
     out = []
     for name in sorted(services):
         s = services[name]
-        for position, e in sorted(_ejections(s, now).items()):
-            out.append(
-                {
-                    "service": name,
-                    "address": s.nodes[position].address,
-                    "reason": e.reason,
-                    "until": round(e.until_ns / 1e9, 3),
-                    "seconds_left": round((e.until_ns - now) / 1e9, 1),
-                }
-            )
+        ejected = _ejections(s, now)
+        trials = _trials(s, ejected)
+        for position, e in sorted(ejected.items()):
+            entry: dict[str, Any] = {
+                "service": name,
+                "address": s.nodes[position].address,
+                "reason": e.reason,
+                "until": round(e.until_ns / 1e9, 3),
+                "seconds_left": round((e.until_ns - now) / 1e9, 1),
+                "state": "half-open" if position in trials else "ejected",
+            }
+            if position in trials:
+                entry["trial"] = trial_json(trials[position], now)
+            out.append(entry)
     return out
 
 
@@ -123,9 +147,10 @@ def zone_json(d: ZoneDecision) -> dict[str, Any]:
 
 def service_json(s: Service, zone: str = "") -> dict[str, Any]:
     ejected = _ejections(s, time.time_ns())
+    trials = _trials(s, ejected)
     return {
         "zone": zone_json(_zone(s, zone)),
-        "nodes": [node_json(n, k in ejected) for k, n in enumerate(s.nodes)],
+        "nodes": [node_json(n, k in ejected, trials.get(k)) for k, n in enumerate(s.nodes)],
         "strategy": s.strategy,
         "panic_threshold": s.panic_threshold,
         "revision": s.revision,
@@ -231,9 +256,12 @@ def dump(args: argparse.Namespace) -> int:
         )
         width = max((len(n.address) for n in s.nodes), default=0)
         ejected = _ejections(s, time.time_ns())
+        trials = _trials(s, ejected)
         for i, n in enumerate(s.nodes):
             meta = " ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(n.meta.items()))
             flag = "EJECTED " if i in ejected else ""
+            if i in trials:
+                flag = f"HALF-OPEN (trial: pid {trials[i].owner & 0xFFFF_FFFF}) "
             line = (
                 f"  {printable(n.address):<{width}}  weight {n.weight:<4} {printable(n.status):<5}"
             )
@@ -286,6 +314,16 @@ def status(args: argparse.Namespace) -> int:
     else:
         rows.append(("feedback", f"off: {fb['reason']}"))
     for e in st["ejected"]:
+        if "trial" in e:
+            rows.append(
+                (
+                    "half-open",
+                    f"{printable(e['service'])} {printable(e['address'])}: trial by pid "
+                    f"{e['trial']['pid']}, {e['trial']['seconds_left']} s left "
+                    f"(ejected: {printable(e['reason'])})",
+                )
+            )
+            continue
         rows.append(
             (
                 "ejected",

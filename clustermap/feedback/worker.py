@@ -61,6 +61,7 @@ class Feedback:
         "capacity",
         "floats",
         "load",
+        "owner",
         "reason",
         "region",
         "row",
@@ -77,6 +78,8 @@ class Feedback:
         self.load: memoryview | None = None
         self.capacity = 0
         self.row = -1
+        #: Our row's owner word, ``(nonce << 32) | pid``; 0 without a row.
+        self.owner = 0
         self.reason = "not started"
         self._fd = -1
         self._mm: mmap.mmap | None = None
@@ -144,8 +147,9 @@ class Feedback:
         # never credits its counters to us; then publish our claim.
         words[base] = 0
         mm[(base + 1) * 8 : (base * 8 + head.row_size)] = bytes(head.row_size - 8)
-        words[base] = (secrets.randbits(31) + 1) << 32 | (os.getpid() & 0xFFFF_FFFF)
-        self._fd, self._mm, self.row = fd, mm, row
+        owner = (secrets.randbits(31) + 1) << 32 | (os.getpid() & 0xFFFF_FFFF)
+        words[base] = owner
+        self._fd, self._mm, self.row, self.owner = fd, mm, row, owner
         self._next = base + L.ROW_HEADER // 8
         self._slots = {}
         self._row_end = base + head.row_size // 8
@@ -240,6 +244,7 @@ class Feedback:
         self._mm = None
         self._slots = {}
         self.row = -1
+        self.owner = 0
         self._pid = os.getpid()
         self._retry_at = 0.0
         self._logged = False

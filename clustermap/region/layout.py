@@ -73,7 +73,16 @@ import msgpack
 import xxhash
 
 from clustermap.errors import CorruptRegion
-from clustermap.model import STATUSES, STRATEGIES, Ejection, Node, Overlay, Service, SlowStart
+from clustermap.model import (
+    STATUSES,
+    STRATEGIES,
+    Ejection,
+    Node,
+    Overlay,
+    Service,
+    SlowStart,
+    Trial,
+)
 
 __all__ = [
     "DATA_ALIGN",
@@ -333,7 +342,9 @@ def encode_service(s: Service) -> bytes:
     then, when the sidecar has feedback verdicts, ``[ids, [[position, until_ns, reason], ...]]``
     with ``ids`` packed as little-endian int32s (one per node, -1: none), then, when nodes are
     in slow start, ``[window_ns, aggression, min_weight, [[position, since_ns], ...]]`` (with a
-    7th element of ids -1 if there is no overlay: older readers ignore the 8th).
+    7th element of ids -1 if there is no overlay: older readers ignore the 8th), then, when
+    nodes are half-open, ``[[position, owner, until_ns], ...]`` (with a neutral 8th, a ramp of
+    no node, if none is running: older readers ignore the 9th).
     """
     doc: list[object] = [
         s.name,
@@ -349,11 +360,16 @@ def encode_service(s: Service) -> bytes:
     if overlay is not None:
         ids = struct.pack(f"<{len(overlay.ids)}i", *overlay.ids)
         doc.append([ids, [list(e) for e in overlay.ejected]])
+    trials = overlay.trials if overlay is not None else ()
     if s.slow_start is not None:
         r = s.slow_start
         doc.append(
             [r.window_ns, float(r.aggression), float(r.min_weight), [list(p) for p in r.since]]
         )
+    elif trials:  # the 9th element needs an 8th
+        doc.append([1, 1.0, 0.0, []])
+    if trials:
+        doc.append([list(t) for t in trials])
     return _pack(doc)
 
 
@@ -385,6 +401,21 @@ def _decode_overlay(raw: Any, count: int) -> Overlay:
     return Overlay(ids, ejected)
 
 
+def _decode_trials(raw: Any, overlay: Overlay | None, count: int) -> Overlay | None:
+    trials = tuple(Trial(*t) for t in raw)
+    for t in trials:
+        if not (
+            type(t.position) is int
+            and 0 <= t.position < count
+            and type(t.owner) is int
+            and type(t.until_ns) is int
+        ):
+            raise TypeError(f"bad trial {t!r:.80}")
+    if overlay is None or not trials:
+        return overlay
+    return Overlay(overlay.ids, overlay.ejected, trials)
+
+
 def _decode_slow_start(raw: Any, count: int) -> SlowStart:
     window_ns, aggression, min_weight, since_raw = raw
     since = tuple((p, t) for p, t in since_raw)
@@ -410,6 +441,10 @@ def decode_service(payload: bytes | memoryview) -> Service:
         # Trailing elements are additions a reader may not know; the 7th is the overlay.
         overlay = _decode_overlay(d[6], len(nodes)) if len(d) > 6 else None
         ramp = _decode_slow_start(d[7], len(nodes)) if len(d) > 7 else None  # 8th: slow start
+        if ramp is not None and not ramp.since:  # a neutral 8th, written for a 9th
+            ramp = None
+        if len(d) > 8:  # 9th: half-open trials
+            overlay = _decode_trials(d[8], overlay, len(nodes))
         if not (isinstance(name, str) and type(revision) is int and strategy in STRATEGIES):
             raise TypeError("bad service fields")
         if not isinstance(panic, float) or not 0.0 <= panic <= 1.0 or not isinstance(meta, dict):

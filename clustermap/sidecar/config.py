@@ -168,6 +168,19 @@ class SidecarSettings(BaseSettings):
     outlier_success_rate_request_volume: int = Field(
         default=100, ge=1, description="success rate: calls a node needs in a window"
     )
+    outlier_half_open_tries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="half-open: worker rows offered a returning node's one trial request in "
+        "turn before it returns anyway (0: no trial, it returns when its time is up)",
+    )
+    outlier_half_open_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="half-open: seconds one row has to send the trial and record its outcome",
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="least level logged"

@@ -267,6 +267,21 @@ class Sidecar:
                 verdict.until - time.monotonic(),
                 verdict.reason,
             )
+        for service, node_id, event in hub.outliers.trial_events:
+            self.metrics.trials.labels(event).inc()
+            address = hub.address(service, node_id)
+            e = hub.outliers.ejected(node_id)
+            if e is not None and e.half_open is not None:
+                log.info(
+                    "half-open %s %s: trial %s, granted to row %d (pid %d)",
+                    service,
+                    address,
+                    event,
+                    e.half_open.row,
+                    e.half_open.owner & 0xFFFF_FFFF,
+                )
+            else:
+                log.info("half-open %s %s: trial %s", service, address, event)
         now_ns = time.time_ns()
         upserts = [
             self.ramps.decorate(hub.decorate(self.published[n]), now_ns)
@@ -609,6 +624,8 @@ def _outlier_policy(s: SidecarSettings) -> OutlierPolicy:
         success_rate_minimum_hosts=s.outlier_success_rate_minimum_hosts,
         success_rate_request_volume=s.outlier_success_rate_request_volume,
         success_rate_enforcing=s.outlier_success_rate_enforcing,
+        half_open_tries=s.outlier_half_open_tries,
+        half_open_timeout=s.outlier_half_open_timeout,
     )
 
 

@@ -33,7 +33,7 @@ from typing import Final
 from clustermap.feedback import layout as L
 from clustermap.feedback.ofd import held
 from clustermap.feedback.worker import feedback_paths
-from clustermap.model import Ejection, Overlay, Service
+from clustermap.model import Ejection, Overlay, Service, Trial
 from clustermap.sidecar.outlier import Ejected, Observation, OutlierPolicy, Outliers
 
 __all__ = ["FeedbackHub", "NodeIds"]
@@ -47,6 +47,8 @@ _MAX_DELTA: Final = 1 << 20
 _LATENCY_TAU: Final = 10.0
 #: A mean latency above an hour is garbage, not a sample (µs).
 _MAX_LATENCY_US: Final = 3600e6
+#: A row that called a service within this long may be granted a half-open node's trial.
+_RECENT_S: Final = 60.0
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
 #: new node with an old one's calls.
 _QUARANTINE_S: Final = 60.0
@@ -142,6 +144,12 @@ class FeedbackHub:
         self._latency: dict[int, tuple[float, float]] = {}  # id -> (µs, when: monotonic)
         self._pending: dict[int, float] = {}  # id -> latency (s) seen before its calls
         self._decay_at = 0.0
+        # Half-open trials: service -> {row: (owner word, last sweep it called the service)};
+        # node id -> (row, owner) of its trial; what the trial rows said this sweep.
+        self._recent: dict[str, dict[int, tuple[int, float]]] = {}
+        self._probes: dict[int, tuple[int, int]] = {}
+        self._outcomes: dict[int, bool | None] = {}
+        self._now = 0.0
         gid = _gid(group)
         self._fd, self.header = _open_rows(self.rows_path, rows, entries, mode, gid)
         try:
@@ -167,11 +175,14 @@ class FeedbackHub:
             if i >= 0:
                 self._service_of[i] = service.name
         ejected = []
+        trials = []
         for position, i in enumerate(ids):
             e = self.outliers.ejected(i) if i >= 0 else None
             if e is not None:
                 ejected.append(Ejection(position, self._wall(e), e.reason))
-        return replace(service, overlay=Overlay(ids, tuple(ejected)))
+                if e.half_open is not None:
+                    trials.append(Trial(position, e.half_open.owner, self._wall(e)))
+        return replace(service, overlay=Overlay(ids, tuple(ejected), tuple(trials)))
 
     def _wall(self, e: Ejected) -> int:
         """The wall clock (ns) of ``e.until``, fixed once so republishing is deterministic."""
@@ -192,6 +203,7 @@ class FeedbackHub:
         live = set(self.ids.ids.values())
         self._service_of = {i: n for i, n in self._service_of.items() if i in live}
         self._pending = {i: v for i, v in self._pending.items() if i in live}
+        self._recent = {n: v for n, v in self._recent.items() if n in current}
         self.outliers.forget(live)
 
     # -- sweeping ---------------------------------------------------------------------------------
@@ -200,6 +212,13 @@ class FeedbackHub:
         """Read every row once; (services to republish, new ejections as (service, address,
         verdict))."""
         now = time.monotonic() if now is None else now
+        self._now = now
+        self._probes = {
+            i: (e.half_open.row, e.half_open.owner)
+            for i in self.outliers.ejected_ids()
+            if (e := self.outliers.ejected(i)) is not None and e.half_open is not None
+        }
+        self._outcomes = {}
         seen = self._read_rows()
         if not self._primed:  # a restarted sidecar: the rows' history is a baseline, not news
             self._primed = True
@@ -212,7 +231,7 @@ class FeedbackHub:
                 of[i] for i in self.outliers.ejected_ids() if i in of
             }
         services = {name: self._service_ids[name] for name in names}
-        changed, new = self.outliers.step(now, seen, services)
+        changed, new = self.outliers.step(now, seen, services, self._outcomes, self._choose)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
         out = []
         for name, node_id, verdict in new:
@@ -238,6 +257,7 @@ class FeedbackHub:
             prev = self._rows.get(r)
             if owner == 0 or not held(self._fd, L.HEADER_SIZE + r * size, size):
                 if prev is not None:  # released: its calls in flight no longer count
+                    self._lost(r, prev)
                     self._drop(prev, touched)
                     del self._rows[r]
                 continue
@@ -246,6 +266,7 @@ class FeedbackHub:
                 continue
             if prev is None or prev.owner != owner:
                 if prev is not None:
+                    self._lost(r, prev)
                     self._drop(prev, touched)
                 prev = self._rows[r] = _Row(owner)
             if prev.bad:
@@ -332,7 +353,16 @@ class FeedbackHub:
         if rejected or not new.keys() >= previous.keys():
             self._garbage(r, row, touched, "entries with bad ids, or entries gone")
             return
+        probes = self._probes
+        called: set[str] = set()
         for e, d_ok, d_failed, d_latency in deltas:
+            if probes and probes.get(e.node_id) == (r, row.owner) and (d_ok or d_failed):
+                # the trial's outcome (a failure wins if the row somehow made more than one)
+                self._outcomes[e.node_id] = self._outcomes.get(e.node_id, True) and not d_failed
+            name = self._service_of.get(e.node_id)
+            if name is not None and name not in called:
+                called.add(name)
+                self._recent.setdefault(name, {})[r] = (row.owner, self._now)
             old = previous.get(e.node_id)
             change = e.in_flight - (old.in_flight if old else 0)
             if change:
@@ -348,7 +378,32 @@ class FeedbackHub:
         row.entries = new
         row.raw = raw
 
+    def _lost(self, r: int, row: _Row) -> None:
+        """``row``'s owner is gone (or its row is garbage): a trial it held has no outcome."""
+        for i, probe in self._probes.items():
+            if probe == (r, row.owner):
+                self._outcomes.setdefault(i, None)
+
+    def _choose(self, name: str, node_id: int, tried: frozenset[int]) -> tuple[int, int] | None:
+        """The row for a trial of ``name``'s node: the live row that called the service most
+        recently (within :data:`_RECENT_S`), not tried yet for this trial."""
+        best: tuple[float, int, int] | None = None
+        for r, (owner, when) in self._recent.get(name, {}).items():
+            row = self._rows.get(r)
+            if (
+                r in tried
+                or row is None
+                or row.owner != owner
+                or row.bad
+                or self._now - when > _RECENT_S
+            ):
+                continue
+            if best is None or when > best[0]:
+                best = (when, r, owner)
+        return None if best is None else (best[1], best[2])
+
     def _garbage(self, r: int, row: _Row, touched: set[int], why: str) -> None:
+        self._lost(r, row)
         self._drop(row, touched)
         row.bad = True
         self.garbage += 1
@@ -360,6 +415,14 @@ class FeedbackHub:
                 self._inflight[e.node_id] = self._inflight.get(e.node_id, 0) - e.in_flight
                 touched.add(e.node_id)
         row.entries = {}
+
+    def address(self, name: str, node_id: int) -> str:
+        """``host:port`` of ``name``'s node with id ``node_id`` ("?" if gone)."""
+        s = self._services.get(name)
+        ids = self._service_ids.get(name, [])
+        if s is None or node_id not in ids:
+            return "?"
+        return s.nodes[ids.index(node_id)].address
 
     def ejected(self) -> list[tuple[str, str, Ejected]]:
         out = []

@@ -93,6 +93,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.trials = Counter(
+            "clustermap_sidecar_trials",
+            "Half-open trials: started, moved to another row, and how they ended "
+            "(success, failure, returned: no outcome from any row)",
+            ["event"],
+            registry=r,
+        )
         self.ejected = Gauge(
             "clustermap_sidecar_ejected_nodes", "Nodes ejected right now", registry=r
         )

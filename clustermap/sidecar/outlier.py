@@ -18,7 +18,13 @@ Envoy's semantics and defaults where they fit (docs/feedback.md lists the differ
   multiplier drops by one for each ``interval`` the node spends in service.
 * **bounded share**: at most ``max_ejection_percent`` of a service's nodes are ejected at once,
   but always at least one may be.
-* the node **returns on its own** when its time is up, with its streak forgotten.
+* the node **returns on its own** when its time is up, with its streak forgotten; or, with
+  ``half_open_tries`` > 0, goes **half-open** first: it stays ejected for every worker but one,
+  the process holding a row the caller's ``choose`` names (one that recently called the
+  service), which sends it one trial request. Its outcome (``outcomes``) decides: a success
+  returns the node, a failure ejects it again for base × (times ejected + 1); no outcome within
+  ``half_open_timeout`` (or the row's owner gone) moves the trial to another row, and after
+  ``half_open_tries`` rows the node returns, as it would without half-open.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Final
 
 __all__ = [
+    "TRIAL_GRACE_S",
     "Ejected",
+    "HalfOpen",
     "Observation",
     "OutlierPolicy",
     "Outliers",
@@ -54,6 +63,28 @@ class OutlierPolicy:
     success_rate_request_volume: int = 100
     #: Percent chance that a success-rate outlier is ejected (0: the detector is off).
     success_rate_enforcing: float = 100.0
+    #: Rows a half-open node's trial is offered to in turn before it simply returns (0: no
+    #: half-open state; the node returns when its time is up).
+    half_open_tries: int = 3
+    #: Seconds a row has to send the trial request and record its outcome.
+    half_open_timeout: float = 10.0
+
+
+#: A half-open node stays ejected on the workers' clocks this much past the sidecar's own
+#: deadline for the trial, so a trial moving to another row never lets the node back for all in
+#: between; if the sidecar is gone, the node returns then.
+TRIAL_GRACE_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HalfOpen:
+    """A half-open node's trial: granted to feedback row ``row`` while its owner word is
+    ``owner``, until ``deadline`` (monotonic); ``tried`` are the rows offered it so far."""
+
+    row: int
+    owner: int
+    deadline: float
+    tried: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +107,11 @@ class Ejected:
     until: float
     reason: str
     times: int
-    #: Which detector: "consecutive", "failure_percentage" or "success_rate" (metrics label).
+    #: Which detector: "consecutive", "failure_percentage", "success_rate", or "trial" for a
+    #: failed trial request (metrics label).
     kind: str = "consecutive"
+    #: Set while the node is half-open (``until`` is then the trial's end plus a grace).
+    half_open: HalfOpen | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +152,10 @@ def success_rate_outliers(
     )
 
 
+#: ``choose(service, node id, rows tried) -> (row, owner word) | None``: a row for a trial.
+Chooser = Callable[[str, int, frozenset[int]], "tuple[int, int] | None"]
+
+
 @dataclass(slots=True)
 class _Node:
     streak: int = 0
@@ -137,6 +175,9 @@ class Outliers:
     _interval_at: float = 0.0
     #: Uniform in [0, 1): decides a partly enforced ejection (``success_rate_enforcing``).
     draw: Callable[[], float] = random.random
+    #: What the last :meth:`step` did with trials: (service, node id, "started" | "success" |
+    #: "failure" | "moved" | "returned").
+    trial_events: list[tuple[str, int, str]] = field(default_factory=list)
 
     def forget(self, keep: Iterable[int]) -> None:
         """Drop the state of nodes no longer in the map."""
@@ -165,14 +206,20 @@ class Outliers:
         now: float,
         seen: Mapping[int, Observation],
         services: Mapping[str, list[int]],
+        outcomes: Mapping[int, bool | None] | None = None,
+        choose: Chooser | None = None,
     ) -> tuple[set[str], list[tuple[str, int, Ejected]]]:
         """One sweep at ``now``: (services whose ejections changed, new ejections).
 
         ``services`` maps each service to its nodes' ids (-1 for a node without one); it needs
-        only the services with a node in ``seen`` or ejected.
+        only the services with a node in ``seen`` or ejected. ``outcomes`` are the results of
+        half-open nodes' trials seen this sweep from their trial rows (True: success, False:
+        failure, None: the row's owner is gone); ``choose(service, node id, rows tried)`` names
+        a row ``(row, owner)`` for a trial, or None (then, or without it, nodes return at once).
         """
         p = self.policy
         nodes = self._nodes
+        self.trial_events = []
         for node_id, o in seen.items():
             node = nodes.get(node_id)
             if node is None:
@@ -190,12 +237,10 @@ class Outliers:
             if not members:
                 continue
             out = 0
-            for _, node in members:
-                if node.ejected is not None and now >= node.ejected.until:
-                    node.ejected = None
-                    node.streak = 0
-                    node.last_decay = now
-                    changed.add(name)
+            for i, node in members:
+                e = node.ejected
+                if e is not None and (e.half_open is not None or now >= e.until):
+                    self._half_open(name, i, node, now, outcomes, choose, changed, new)
                 if node.ejected is not None:
                     out += 1
                 elif now - node.last_decay >= p.interval:  # one step per interval in service
@@ -241,6 +286,72 @@ class Outliers:
             for node in nodes.values():
                 node.window_ok = node.window_failed = 0
         return changed, new
+
+    def _half_open(
+        self,
+        name: str,
+        i: int,
+        node: _Node,
+        now: float,
+        outcomes: Mapping[int, bool | None] | None,
+        choose: Chooser | None,
+        changed: set[str],
+        new: list[tuple[str, int, Ejected]],
+    ) -> None:
+        """An ejected node whose time is up, or a half-open one: start, judge or move its
+        trial, or return it."""
+        p = self.policy
+        e = node.ejected
+        assert e is not None
+        trial = e.half_open
+        tried: frozenset[int] = frozenset()
+        if trial is not None:
+            outcome = outcomes.get(i, ...) if outcomes else ...
+            if outcome is True:
+                self._return(name, i, node, now, changed, "success")
+                return
+            if outcome is False:
+                node.times += 1
+                span = min(
+                    p.base_ejection_time * node.times,
+                    max(p.base_ejection_time, p.max_ejection_time),
+                )
+                node.ejected = Ejected(now + span, "trial request failed", node.times, "trial")
+                changed.add(name)
+                new.append((name, i, node.ejected))
+                self.trial_events.append((name, i, "failure"))
+                return
+            if outcome is not None and now < trial.deadline:
+                return  # still waiting for the trial's outcome
+            tried = trial.tried
+        elif now < e.until:
+            return
+        found = (
+            choose(name, i, tried)
+            if choose is not None and len(tried) < p.half_open_tries
+            else None
+        )
+        if found is None:
+            self._return(name, i, node, now, changed, "returned" if tried else "")
+            return
+        row, owner = found
+        node.ejected = replace(
+            e,
+            until=now + p.half_open_timeout + TRIAL_GRACE_S,
+            half_open=HalfOpen(row, owner, now + p.half_open_timeout, tried | {row}),
+        )
+        changed.add(name)
+        self.trial_events.append((name, i, "moved" if tried else "started"))
+
+    def _return(
+        self, name: str, i: int, node: _Node, now: float, changed: set[str], event: str
+    ) -> None:
+        node.ejected = None
+        node.streak = 0
+        node.last_decay = now
+        changed.add(name)
+        if event:
+            self.trial_events.append((name, i, event))
 
     def _success_rate(
         self, members: list[tuple[int, _Node]], taken: set[int]
