@@ -185,13 +185,20 @@ class FeedbackHub:
         return replace(service, overlay=Overlay(ids, tuple(ejected), tuple(trials)))
 
     def _wall(self, e: Ejected) -> int:
-        """The wall clock (ns) of ``e.until``, fixed once so republishing is deterministic."""
-        wall = self._walls.get(e.until)
+        """The wall clock (ns) at which workers end ``e`` (:meth:`Outliers.published_until`),
+        fixed once so republishing is deterministic."""
+        outliers = self.outliers
+        until = outliers.published_until(e)
+        wall = self._walls.get(until)
         if wall is None:
-            wall = time.time_ns() + int((e.until - time.monotonic()) * 1e9)
-            live = {v.until for i in self.outliers.ejected_ids() if (v := self.outliers.ejected(i))}
+            wall = time.time_ns() + int((until - time.monotonic()) * 1e9)
+            live = {
+                outliers.published_until(v)
+                for i in outliers.ejected_ids()
+                if (v := outliers.ejected(i))
+            }
             self._walls = {k: w for k, w in self._walls.items() if k in live}
-            self._walls[e.until] = wall
+            self._walls[until] = wall
         return wall
 
     def retain(self, services: Iterable[Service]) -> None:

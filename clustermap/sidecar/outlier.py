@@ -70,9 +70,10 @@ class OutlierPolicy:
     half_open_timeout: float = 10.0
 
 
-#: A half-open node stays ejected on the workers' clocks this much past the sidecar's own
-#: deadline for the trial, so a trial moving to another row never lets the node back for all in
-#: between; if the sidecar is gone, the node returns then.
+#: An ejection (with half-open on) or a trial ends on the workers' clocks this much past the
+#: sidecar's own end, so the node never returns to every worker in between the sidecar's
+#: deciding and its publishing the half-open state or the next row's trial; if the sidecar is
+#: gone, the node returns then.
 TRIAL_GRACE_S: Final = 1.0
 
 
@@ -188,6 +189,14 @@ class Outliers:
     def ejected(self, node_id: int) -> Ejected | None:
         node = self._nodes.get(node_id)
         return node.ejected if node is not None else None
+
+    def published_until(self, e: Ejected) -> float:
+        """When the workers end ``e`` on their own clocks: with half-open on, a grace after the
+        sidecar's own end, so the node never returns to every worker in the moment between
+        that end and the sidecar's publishing the half-open state (or the next trial)."""
+        if e.half_open is None and self.policy.half_open_tries > 0:
+            return e.until + TRIAL_GRACE_S
+        return e.until
 
     def ejected_ids(self) -> list[int]:
         return [i for i, n in self._nodes.items() if n.ejected is not None]

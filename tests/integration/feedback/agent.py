@@ -6,6 +6,9 @@ Commands (one per line; each answers one line on stdout):
     callfail SERVICE NAME N              N calls on the node with meta name=NAME, each raising
     hold SERVICE NAME N                  N calls entered on that node and left open -> "held N"
     release                              exit every held call -> "released N"
+    http SERVICE N                       N calls, each a real GET / on the picked node inside
+                                         ``with call()`` (a 5xx raises: a failure)
+                                         -> JSON {address: count}
     picks SERVICE STRATEGY N             N picks -> JSON {address: count}
     nodes SERVICE                        JSON list of clustermap.nodes(SERVICE)
     status                               feedback_status()
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.request
 from collections import Counter
 from contextlib import ExitStack
 
@@ -55,6 +59,17 @@ def main() -> None:
             held.close()
             print("released", count, flush=True)
             count = 0
+        elif cmd == "http":
+            service, n = args
+            got: Counter[str] = Counter()
+            for _ in range(int(n)):
+                try:
+                    with cm.call(service) as node:
+                        got[node.address] += 1
+                        urllib.request.urlopen(f"http://{node.address}/", timeout=10).read()
+                except OSError:  # HTTPError (a 5xx) and refused connections: failures
+                    pass
+            print(json.dumps(got), flush=True)
         elif cmd == "picks":
             service, strategy, n = args
             picks = Counter(cm.pick(service, strategy=strategy).address for _ in range(int(n)))
