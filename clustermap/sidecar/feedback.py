@@ -220,9 +220,10 @@ class FeedbackHub:
         verdict))."""
         now = time.monotonic() if now is None else now
         self._now = now
+        ejected = self.outliers.ejected_ids()
         self._probes = {
             i: (e.half_open.row, e.half_open.owner)
-            for i in self.outliers.ejected_ids()
+            for i in ejected
             if (e := self.outliers.ejected(i)) is not None and e.half_open is not None
         }
         self._outcomes = {}
@@ -234,9 +235,7 @@ class FeedbackHub:
         if self.outliers.interval_due(now):  # every service's interval counts are judged
             names = set(self._service_ids)
         else:
-            names = {of[i] for i in seen if i in of} | {
-                of[i] for i in self.outliers.ejected_ids() if i in of
-            }
+            names = {of[i] for i in seen if i in of} | {of[i] for i in ejected if i in of}
         services = {name: self._service_ids[name] for name in names}
         changed, new = self.outliers.step(now, seen, services, self._outcomes, self._choose)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
