@@ -17,6 +17,7 @@ from clustermap.balance.picker import live_ejections
 from clustermap.balance.routing import OFF, ZoneDecision, routing_options, zone_decision, zone_name
 from clustermap.client import ClusterMap
 from clustermap.errors import UnknownService
+from clustermap.feedback.layout import owner_pid
 from clustermap.feedback.status import feedback_status
 from clustermap.model import STRATEGIES, Ejection, Node, Service, Trial
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
@@ -99,7 +100,7 @@ def _trials(s: Service, ejected: dict[int, Ejection]) -> dict[int, Trial]:
 
 def trial_json(t: Trial, now_ns: int) -> dict[str, Any]:
     return {
-        "pid": t.owner & 0xFFFF_FFFF,
+        "pid": owner_pid(t.owner),
         "owner": t.owner,
         "until": round(t.until_ns / 1e9, 3),
         "seconds_left": round((t.until_ns - now_ns) / 1e9, 1),
@@ -261,7 +262,7 @@ def dump(args: argparse.Namespace) -> int:
             meta = " ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(n.meta.items()))
             flag = "EJECTED " if i in ejected else ""
             if i in trials:
-                flag = f"HALF-OPEN (trial: pid {trials[i].owner & 0xFFFF_FFFF}) "
+                flag = f"HALF-OPEN (trial: pid {owner_pid(trials[i].owner)}) "
             line = (
                 f"  {printable(n.address):<{width}}  weight {n.weight:<4} {printable(n.status):<5}"
             )

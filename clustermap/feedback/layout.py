@@ -86,6 +86,8 @@ __all__ = [
     "encode_load_header",
     "feedback_size",
     "load_size",
+    "owner_pid",
+    "owner_word",
     "parse_feedback_header",
     "parse_load_header",
     "parse_row",
@@ -167,6 +169,16 @@ class Entry(NamedTuple):
     failed: int
     streak: int
     latency: float
+
+
+def owner_word(nonce: int, pid: int) -> int:
+    """A row's owner word: ``(nonce << 32) | pid``, ``nonce`` > 0 so it is never 0."""
+    return nonce << 32 | (pid & 0xFFFF_FFFF)
+
+
+def owner_pid(owner: int) -> int:
+    """The pid in a row's owner word (cmctl shows which process holds a half-open trial)."""
+    return owner & 0xFFFF_FFFF
 
 
 def successes(calls: float) -> int:

@@ -147,7 +147,7 @@ class Feedback:
         # never credits its counters to us; then publish our claim.
         words[base] = 0
         mm[(base + 1) * 8 : (base * 8 + head.row_size)] = bytes(head.row_size - 8)
-        owner = (secrets.randbits(31) + 1) << 32 | (os.getpid() & 0xFFFF_FFFF)
+        owner = L.owner_word(secrets.randbits(31) + 1, os.getpid())
         words[base] = owner
         self._fd, self._mm, self.row, self.owner = fd, mm, row, owner
         self._next = base + L.ROW_HEADER // 8

@@ -21,6 +21,7 @@ from typing import Final
 from prometheus_client import Counter
 
 from clustermap.errors import ClusterMapError
+from clustermap.feedback.layout import owner_pid
 from clustermap.model import Service, parse_address
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
@@ -278,7 +279,7 @@ class Sidecar:
                     address,
                     event,
                     e.half_open.row,
-                    e.half_open.owner & 0xFFFF_FFFF,
+                    owner_pid(e.half_open.owner),
                 )
             else:
                 log.info("half-open %s %s: trial %s", service, address, event)
