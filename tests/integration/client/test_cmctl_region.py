@@ -57,6 +57,7 @@ def test_dump_json_is_the_documented_shape(region: Path) -> None:
         "status": "drain",
         "meta": {},
         "ejected": False,
+        "half_open": False,
     }
     only = json.loads(cmctl("--region", str(region), "dump", "cache", "--json").stdout)
     assert list(only["services"]) == ["cache"]
