@@ -6,7 +6,7 @@ Commands (one per line; each answers one line on stdout):
     callfail SERVICE NAME N              N calls on the node with meta name=NAME, each raising
     hold SERVICE NAME N                  N calls entered on that node and left open -> "held N"
     release                              exit every held call -> "released N"
-    http SERVICE N                       N calls, each a real GET / on the picked node inside
+    http SERVICE N [STRATEGY]            N calls, each a real GET / on the picked node inside
                                          ``with call()`` (a 5xx raises: a failure)
                                          -> JSON {address: count}
     picks SERVICE STRATEGY N             N picks -> JSON {address: count}
@@ -60,11 +60,11 @@ def main() -> None:
             print("released", count, flush=True)
             count = 0
         elif cmd == "http":
-            service, n = args
+            service, n, *how = args
             got: Counter[str] = Counter()
             for _ in range(int(n)):
                 try:
-                    with cm.call(service) as node:
+                    with cm.call(service, strategy=how[0] if how else None) as node:
                         got[node.address] += 1
                         urllib.request.urlopen(f"http://{node.address}/", timeout=10).read()
                 except OSError:  # HTTPError (a 5xx) and refused connections: failures

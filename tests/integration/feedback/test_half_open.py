@@ -32,6 +32,7 @@ class Stack:
     backend: Child
     ports: list[int]
     agents: list[Agent]
+    strategy: str = ""
 
     @property
     def bad(self) -> str:
@@ -55,7 +56,7 @@ class Stack:
     def calls(self, n: int = 6) -> None:
         """Every worker makes ``n`` real calls, in turn."""
         for a in self.agents:
-            a("http", "api", n)
+            a("http", "api", n, self.strategy)
 
 
 def make_stack(region: Path, workers: int, **env: str) -> Stack:
@@ -111,10 +112,12 @@ def half_open(s: Stack) -> dict[str, Any]:
     return wait_for(found, 30, "the node to go half-open")
 
 
+@pytest.mark.parametrize("strategy", ["", "least_request"])
 def test_one_trial_machine_wide_failure_ejects_longer_success_returns_it_to_all(
-    stack: Stack,
+    stack: Stack, strategy: str
 ) -> None:
     s = stack
+    s.strategy = strategy  # the service's default (round-robin), or least_request per call
     before = eject(s)
 
     # Every worker keeps calling while the node is ejected, then half-open: the trial fails.
