@@ -209,6 +209,7 @@ def _round(
         "all_p99_ms": round(1e3 * _pct(last, 99), 1),
         "missing": missing,
         "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
+        "cpu_ms_per_change": round(1e3 * busy / max(1, len(sent)), 1),
         "load_avg": round((load_before + load) / 2, 1),
     }
     print(
@@ -216,7 +217,8 @@ def _round(
         f"{row['rss_held_mib']} MiB ({row['kib_per_stream']} KiB/stream), idle CPU "
         f"{row['idle_cpu_pct']} % of a core; change -> stream p50 {row['p50_ms']} ms, p99 "
         f"{row['p99_ms']} ms; -> all streams p50 {row['all_p50_ms']} ms, p99 "
-        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent; "
+        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent "
+        f"({row['cpu_ms_per_change']} ms per change); "
         f"missing {missing}, open errors {open_errors}; "
         f"load avg {row['load_avg']}",
         flush=True,
@@ -234,6 +236,9 @@ def main() -> int:
     ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument(
+        "--pin", action="store_true", help="server on the first CPU, clients on the others"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     nofile = _raise_nofile()
@@ -244,7 +249,15 @@ def main() -> int:
         )
         return 2
 
+    if args.pin:  # the server on CPU 0, the clients (and this process) on the others
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print("--pin needs at least 2 CPUs", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, {cpus[0]})
     server, address = start_server("--max-watchers", str(max(counts) + 100))
+    if args.pin:
+        os.sched_setaffinity(0, set(cpus[1:]))
     rows = []
     try:
         ch = grpc.insecure_channel(address)
