@@ -26,8 +26,9 @@ latest state and costs one message of memory at most.
 Keepalives: a stream that has sent nothing for ``keepalive`` seconds (less up to 10 %, drawn per
 stream so that streams opened together spread out, then rounded up to a whole second so that
 the keepalives of one second go out in one batch: alone, each would cost a round of thread
-wake-ups in gRPC) is sent NOT_MODIFIED. At
-most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
+wake-ups in gRPC) is sent NOT_MODIFIED. Idle streams' futures are filed by that second, and one
+loop timer per second (not one per stream, created and cancelled on every message) wakes
+them. At most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
