@@ -24,7 +24,8 @@ read the first answer (the full map) on every stream. Then:
   counts as missing. The server's CPU during the changes (all its threads), per message
   delivered and per change, is the fan-out's cost; the busiest thread's share (the event
   loop, which holds the GIL for every message's Python part) is its floor when gRPC's own
-  threads (poller, event engine) have another core.
+  threads (poller, event engine) have another core. The client processes' CPU per change is
+  shown too: when it nears their cores' time, the latencies measure the clients.
 
 The clients share the machine with the server (and on the reference machine with other work:
 the load average is recorded), so latencies include the clients' own scheduling. ``--pin``
@@ -193,6 +194,7 @@ def _round(
 
     sent: dict[int, float] = {}
     c1, threads1 = _cpu(pid), _thread_cpu(pid)
+    k1 = sum(_cpu(p.pid) for p in procs if p.pid is not None)
     for i in range(args.changes):
         t = time.time()
         resp = reg.UpdateNode(
@@ -206,6 +208,7 @@ def _round(
     time.sleep(2)
     busy = _cpu(pid) - c1  # all of it: keepalives are not due while changes keep coming
     threads2 = _thread_cpu(pid)
+    clients_busy = sum(_cpu(p.pid) for p in procs if p.pid is not None) - k1
     # the event loop's thread is the busiest: with a core of its own for gRPC's other threads,
     # its CPU per change is the fan-out's floor (it holds the GIL for all the Python work)
     loop_busy = max((threads2[t] - threads1.get(t, 0.0) for t in threads2), default=0.0)
@@ -241,6 +244,7 @@ def _round(
         "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
         "cpu_ms_per_change": round(1e3 * busy / max(1, len(sent)), 1),
         "loop_cpu_ms_per_change": round(1e3 * loop_busy / max(1, len(sent)), 1),
+        "clients_cpu_ms_per_change": round(1e3 * clients_busy / max(1, len(sent)), 1),
         "load_avg": round((load_before + load) / 2, 1),
     }
     print(
@@ -250,7 +254,7 @@ def _round(
         f"{row['p99_ms']} ms; -> all streams p50 {row['all_p50_ms']} ms, p99 "
         f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent "
         f"({row['cpu_ms_per_change']} ms per change, of which the loop thread "
-        f"{row['loop_cpu_ms_per_change']} ms); "
+        f"{row['loop_cpu_ms_per_change']} ms; the clients {row['clients_cpu_ms_per_change']} ms); "
         f"missing {missing}, open errors {open_errors}; "
         f"load avg {row['load_avg']}",
         flush=True,
