@@ -84,6 +84,7 @@ class WatchHub:
         # idle streams' wake-ups, by the time their keepalive is due: a change resolves them all,
         # one timer per due time (not per stream) resolves its own when it fires
         self._idle: dict[float, set[asyncio.Future[None]]] = {}
+        self._timed: set[float] = set()  # due times with a timer (one each, across changes)
         self._answers: dict[_Key, asyncio.Future[Answer]] = {}  # until the next change
         self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
 
@@ -148,6 +149,7 @@ class WatchHub:
 
     def _due(self, due: float) -> None:
         """Keepalive timer: wake the streams idle until ``due`` (those a change has not)."""
+        self._timed.discard(due)
         for wake in self._idle.pop(due, ()):
             if not wake.done():
                 wake.set_result(None)
@@ -264,7 +266,9 @@ class WatchHub:
             wakes = idle.get(due)
             if wakes is None:
                 idle[due] = {wake}
-                loop.call_at(due, self._due, due)
+                if due not in self._timed:
+                    self._timed.add(due)
+                    loop.call_at(due, self._due, due)
             else:
                 wakes.add(wake)
             try:
