@@ -30,7 +30,9 @@ read the first answer (the full map) on every stream. Then:
 The clients share the machine with the server (and on the reference machine with other work:
 the load average is recorded), so latencies include the clients' own scheduling. ``--pin``
 puts the server (all its threads) on the first CPU and the clients on the others, so the
-server's CPU figures are its own; CPU seconds are what other load distorts least. A stream
+server's CPU figures are its own; CPU seconds are what other load distorts least. ``--pin 2``
+gives the server two CPUs (its event loop on one, gRPC's poller and event-engine threads
+mostly on the other), on a machine with at least 3. A stream
 refused while opening is retried (up to 5 times), as a sidecar would.
 """
 
@@ -273,7 +275,13 @@ def main() -> int:
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument(
-        "--pin", action="store_true", help="server on the first CPU, clients on the others"
+        "--pin",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="server on the first N CPUs (1 without N), clients on the others",
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -285,15 +293,15 @@ def main() -> int:
         )
         return 2
 
-    if args.pin:  # the server on CPU 0, the clients (and this process) on the others
+    if args.pin:  # the server on the first CPUs, the clients (and this process) on the others
         cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            print("--pin needs at least 2 CPUs", file=sys.stderr)
+        if len(cpus) <= args.pin:
+            print(f"--pin {args.pin} needs at least {args.pin + 1} CPUs", file=sys.stderr)
             return 2
-        os.sched_setaffinity(0, {cpus[0]})
+        os.sched_setaffinity(0, set(cpus[: args.pin]))
     server, address = start_server("--max-watchers", str(max(counts) + 100))
     if args.pin:
-        os.sched_setaffinity(0, set(cpus[1:]))
+        os.sched_setaffinity(0, set(cpus[args.pin :]))
     rows = []
     try:
         ch = grpc.insecure_channel(address)
