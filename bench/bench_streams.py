@@ -1,7 +1,10 @@
 """One cm-server process holding thousands of Watch streams: idle cost and fan-out latency.
 
 Run: uv run python bench/bench_streams.py [--streams 1000,2000,5000] [--procs 4]
-     [--per-connection 1] [--idle 10] [--changes 20] [--json PATH]
+     [--per-connection 1] [--idle 10] [--changes 20] [--pin] [--json PATH]
+
+The figures of record (docs/performance.md §4b), on a quiet machine with at least 2 cores:
+``uv run python bench/bench_streams.py --pin`` (about 4 minutes).
 
 For each stream count N (a sweep against one server with 100 services x 10 nodes), ``--procs``
 client processes open N/procs raw gRPC Watch streams each (grpc.aio; ``--per-connection``
@@ -19,10 +22,18 @@ read the first answer (the full map) on every stream. Then:
   UpdateNode call (one clock: one machine). p50 / p99 over every (stream, change), and of the
   last stream to get each change. A stream that skipped a revision (collapsed to a later one)
   counts as missing. The server's CPU during the changes (all its threads), per message
-  delivered, is the fan-out's cost per stream.
+  delivered and per change, is the fan-out's cost; the busiest thread's share (the event
+  loop, which holds the GIL for every message's Python part) is its floor when gRPC's own
+  threads (poller, event engine) have another core. The client processes' CPU per change is
+  shown too: when it nears their cores' time, the latencies measure the clients.
 
 The clients share the machine with the server (and on the reference machine with other work:
-the load average is recorded), so latencies include the clients' own scheduling.
+the load average is recorded), so latencies include the clients' own scheduling. ``--pin``
+puts the server (all its threads) on the first CPU and the clients on the others, so the
+server's CPU figures are its own; CPU seconds are what other load distorts least. ``--pin 2``
+gives the server two CPUs (its event loop on one, gRPC's poller and event-engine threads
+mostly on the other), on a machine with at least 3. A stream
+refused while opening is retried (up to 5 times), as a sidecar would.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import random
 import resource
 import statistics
 import sys
@@ -46,6 +58,7 @@ from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
 
 WATCH = "/clustermap.v1.Subscription/Watch"
+OPEN_ATTEMPTS = 5
 
 
 def _raise_nofile() -> int:
@@ -76,28 +89,34 @@ def _client(
 
         async def one(channel: grpc.aio.Channel) -> None:
             nonlocal count, errors
-            call = channel.unary_stream(
-                WATCH,
-                request_serializer=spb.PollRequest.SerializeToString,
-                response_deserializer=spb.PollResponse.FromString,
-            )(spb.PollRequest())
             first = True
-            try:
-                async for msg in call:
-                    if first:
-                        first = False
-                        count += 1
-                        if count == n:
-                            opened.set()
-                    elif msg.kind in (spb.POLL_KIND_DELTA, spb.POLL_KIND_FULL):
-                        arrivals.append((msg.revision, time.time()))
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            if first:  # ended before its first answer: counted as an error
-                errors += 1
-                count += 1
-                if count == n:
-                    opened.set()
+            for attempt in range(OPEN_ATTEMPTS):  # a stream refused while opening is retried,
+                call = channel.unary_stream(  # as a sidecar retries it
+                    WATCH,
+                    request_serializer=spb.PollRequest.SerializeToString,
+                    response_deserializer=spb.PollResponse.FromString,
+                )(spb.PollRequest())
+                try:
+                    async for msg in call:
+                        if first:
+                            first = False
+                            count += 1
+                            if count == n:
+                                opened.set()
+                        elif msg.kind in (spb.POLL_KIND_DELTA, spb.POLL_KIND_FULL):
+                            arrivals.append((msg.revision, time.time()))
+                except grpc.aio.AioRpcError as exc:
+                    if first and attempt == OPEN_ATTEMPTS - 1:
+                        print(f"stream not opened: {exc.code().name}", file=sys.stderr)
+                except asyncio.CancelledError:
+                    return
+                if not first:
+                    return
+                await asyncio.sleep(0.5 + random.random())
+            errors += 1  # never got its first answer
+            count += 1
+            if count == n:
+                opened.set()
 
         tasks = []
         for i in range(n):
@@ -133,6 +152,16 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each of the process's threads so far (threads that ended are left out)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
@@ -166,7 +195,8 @@ def _round(
     load = os.getloadavg()[0]
 
     sent: dict[int, float] = {}
-    c1 = _cpu(pid)
+    c1, threads1 = _cpu(pid), _thread_cpu(pid)
+    k1 = sum(_cpu(p.pid) for p in procs if p.pid is not None)
     for i in range(args.changes):
         t = time.time()
         resp = reg.UpdateNode(
@@ -179,6 +209,11 @@ def _round(
         time.sleep(args.spacing)
     time.sleep(2)
     busy = _cpu(pid) - c1  # all of it: keepalives are not due while changes keep coming
+    threads2 = _thread_cpu(pid)
+    clients_busy = sum(_cpu(p.pid) for p in procs if p.pid is not None) - k1
+    # the event loop's thread is the busiest: with a core of its own for gRPC's other threads,
+    # its CPU per change is the fan-out's floor (it holds the GIL for all the Python work)
+    loop_busy = max((threads2[t] - threads1.get(t, 0.0) for t in threads2), default=0.0)
     stop.set()
     results = [out.get(timeout=600) for _ in procs]
     for p in procs:
@@ -209,6 +244,9 @@ def _round(
         "all_p99_ms": round(1e3 * _pct(last, 99), 1),
         "missing": missing,
         "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
+        "cpu_ms_per_change": round(1e3 * busy / max(1, len(sent)), 1),
+        "loop_cpu_ms_per_change": round(1e3 * loop_busy / max(1, len(sent)), 1),
+        "clients_cpu_ms_per_change": round(1e3 * clients_busy / max(1, len(sent)), 1),
         "load_avg": round((load_before + load) / 2, 1),
     }
     print(
@@ -216,7 +254,9 @@ def _round(
         f"{row['rss_held_mib']} MiB ({row['kib_per_stream']} KiB/stream), idle CPU "
         f"{row['idle_cpu_pct']} % of a core; change -> stream p50 {row['p50_ms']} ms, p99 "
         f"{row['p99_ms']} ms; -> all streams p50 {row['all_p50_ms']} ms, p99 "
-        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent; "
+        f"{row['all_p99_ms']} ms; server CPU {row['cpu_us_per_message']} us per message sent "
+        f"({row['cpu_ms_per_change']} ms per change, of which the loop thread "
+        f"{row['loop_cpu_ms_per_change']} ms; the clients {row['clients_cpu_ms_per_change']} ms); "
         f"missing {missing}, open errors {open_errors}; "
         f"load avg {row['load_avg']}",
         flush=True,
@@ -234,6 +274,15 @@ def main() -> int:
     ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument(
+        "--pin",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="server on the first N CPUs (1 without N), clients on the others",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     nofile = _raise_nofile()
@@ -244,7 +293,15 @@ def main() -> int:
         )
         return 2
 
+    if args.pin:  # the server on the first CPUs, the clients (and this process) on the others
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) <= args.pin:
+            print(f"--pin {args.pin} needs at least {args.pin + 1} CPUs", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, set(cpus[: args.pin]))
     server, address = start_server("--max-watchers", str(max(counts) + 100))
+    if args.pin:
+        os.sched_setaffinity(0, set(cpus[args.pin :]))
     rows = []
     try:
         ch = grpc.insecure_channel(address)

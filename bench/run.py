@@ -75,8 +75,8 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
         420,
     ),
     "streams": (
-        ["bench_streams.py", "--streams", "1000,2000,5000"],
-        ["bench_streams.py", "--streams", "500,1000", "--idle", "16", "--changes", "5"],
+        ["bench_streams.py", "--streams", "1000,2000,5000", "--pin"],
+        ["bench_streams.py", "--streams", "500,1000", "--idle", "16", "--changes", "5", "--pin"],
         900,
     ),
 }

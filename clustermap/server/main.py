@@ -17,6 +17,7 @@ Threads and what they own:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -209,6 +210,14 @@ class ServerApp:
     def run(self) -> int:
         signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)).install()
         self.loop.call(self.server.start())
+        from clustermap.server.serving import coalesce_grpc_wakeups, tune_gc
+
+        async def coalesce() -> bool:  # on the loop: its reader table is loop state
+            return coalesce_grpc_wakeups(asyncio.get_running_loop())
+
+        if not self.loop.call(coalesce()):
+            log.debug("grpc.aio's completion reader not found: wake-ups not coalesced")
+        tune_gc()
         self.hub.start()
         self.prober.start()
         cfg = self.cfg

@@ -50,6 +50,7 @@ class ServerMetrics:
         self.polls = Counter(
             "clustermap_server_polls", "Poll answers by kind", ["kind"], registry=self.prom
         )
+        self._polls_by_kind: dict[str, Any] = {}
         self.refused = Counter(
             "clustermap_server_auth_refused", "Calls refused for credentials", registry=self.prom
         )
@@ -63,7 +64,12 @@ class ServerMetrics:
         )
 
     def on_poll(self, kind: str) -> None:
-        self.polls.labels(kind).inc()
+        """Once per answer, on Watch streams once per message: the labelled child is looked up
+        (a lock and a tuple) once per kind, not on every message."""
+        child = self._polls_by_kind.get(kind)
+        if child is None:
+            child = self._polls_by_kind[kind] = self.polls.labels(kind)
+        child.inc()
 
     def on_refused(self) -> None:
         self.refused.inc()

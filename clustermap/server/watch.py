@@ -26,8 +26,9 @@ latest state and costs one message of memory at most.
 Keepalives: a stream that has sent nothing for ``keepalive`` seconds (less up to 10 %, drawn per
 stream so that streams opened together spread out, then rounded up to a whole second so that
 the keepalives of one second go out in one batch: alone, each would cost a round of thread
-wake-ups in gRPC) is sent NOT_MODIFIED. At
-most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
+wake-ups in gRPC) is sent NOT_MODIFIED. Idle streams' futures are filed by that second, and one
+loop timer per second (not one per stream, created and cancelled on every message) wakes
+them. At most ``max_streams`` streams are held; one more is refused RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ class WatchHub:
         self.streams = 0
         self._closed = False
         self._generation = 0  # bumped on every change
-        self._waiters: list[asyncio.Future[None]] = []  # idle streams' wake-ups
+        # idle streams' wake-ups, by the time their keepalive is due: a change resolves them all,
+        # one timer per due time (not per stream) resolves its own when it fires
+        self._idle: dict[float, set[asyncio.Future[None]]] = {}
+        self._timed: set[float] = set()  # due times with a timer (one each, across changes)
         self._answers: dict[_Key, asyncio.Future[Answer]] = {}  # until the next change
         self._follower = threading.Thread(target=self._follow, name="cm-watch", daemon=True)
 
@@ -137,9 +141,18 @@ class WatchHub:
             fut.set_result(answer)
             self._answers[key] = fut
         self._generation += 1
-        waiters, self._waiters = self._waiters, []
-        for wake in waiters:
-            _resolve(wake)
+        idle, self._idle = self._idle, {}
+        for wakes in idle.values():
+            for wake in wakes:
+                if not wake.done():
+                    wake.set_result(None)
+
+    def _due(self, due: float) -> None:
+        """Keepalive timer: wake the streams idle until ``due`` (those a change has not)."""
+        self._timed.discard(due)
+        for wake in self._idle.pop(due, ()):
+            if not wake.done():
+                wake.set_result(None)
 
     def _close(self) -> None:
         self._closed = True
@@ -208,17 +221,23 @@ class WatchHub:
         self, epoch: str, revision: int, names: frozenset[str] | None, context: Any
     ) -> None:
         loop = self._loop.loop
+        answers = self._answers
+        idle = self._idle
+        on_answer = self._on_answer
         last_sent = float("-inf")
         last_kind = ""
         # each stream's own period, up to 10 % shorter: streams opened together (a fleet
         # reconnecting) do not send their keepalives in one burst forever after
         keepalive = self._keepalive * (1.0 - 0.1 * random.random())
+        key = (epoch, revision, names)
         while not self._closed:
             generation = self._generation  # taken first: a change while we answer is not lost
-            answer = self._cached((epoch, revision, names))
-            if answer is None:
+            hit = answers.get(key)
+            if hit is not None and hit.done() and hit.exception() is None:
+                answer = hit.result()  # the common case after a change: ready, no waiting
+            else:
                 try:
-                    answer = await self._answer(epoch, revision, names)
+                    answer = await self._answer(*key)
                 except Unavailable as exc:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                     return
@@ -226,32 +245,34 @@ class WatchHub:
             now = loop.time()
             if now - last_sent >= keepalive or result.kind not in (NOT_MODIFIED, last_kind):
                 await context.write(data)
-                if self._on_answer is not None:
-                    self._on_answer(result.kind)
+                if on_answer is not None:
+                    on_answer(result.kind)
                 last_sent, last_kind = now, result.kind
             if result.kind == NOT_READY:
                 due = loop.time() + min(keepalive, result.retry_after + 0.01)
             else:
-                epoch, revision = result.epoch, result.revision
+                key = (result.epoch, result.revision, names)
                 last_kind = ""
                 # on a whole-second grid: the keepalives due within a second go out together,
                 # in one pass of the loop (one wake-up of gRPC's threads, not one per stream)
-                due = math.ceil((last_sent + keepalive) / _TICK) * _TICK
+                due = max(math.ceil((last_sent + keepalive) / _TICK) * _TICK, now + 0.01)
             if generation != self._generation or self._closed:
                 continue
-            # wait for the next change or the keepalive: one private future, woken by
-            # _changed or by the timer (a cancelled stream cancels only its own future)
+            if idle is not self._idle:  # a change swapped the table (and woke its streams)
+                idle = self._idle
+            # wait for the next change or the keepalive: a private future (a cancelled stream
+            # cancels only its own), in the table of its due time, woken by whichever comes first
             wake = loop.create_future()
-            self._waiters.append(wake)
-            if len(self._waiters) > 2 * self.streams + 64:  # streams that left meanwhile
-                self._waiters = [w for w in self._waiters if not w.done()]
-            timer = loop.call_at(max(due, loop.time() + 0.01), _resolve, wake)
+            wakes = idle.get(due)
+            if wakes is None:
+                idle[due] = {wake}
+                if due not in self._timed:
+                    self._timed.add(due)
+                    loop.call_at(due, self._due, due)
+            else:
+                wakes.add(wake)
             try:
                 await wake
-            finally:
-                timer.cancel()
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+            except asyncio.CancelledError:  # the client left: forget its wake-up now
+                idle.get(due, set()).discard(wake)
+                raise
