@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -203,38 +204,47 @@ def server(
         wait_health: str = "clustermap.v1.Registry",
         port: int | None = None,
     ) -> Server:
-        fixed = port
-        for attempt in range(5):
-            port = fixed or free_port()
-            address = f"127.0.0.1:{port}"
-            log_path = tmp_path / f"server-{len(started)}-{attempt}.log"
-            cmd = [CM_SERVER, "--listen", address, *args]
-            if "--store" not in args:
-                cmd += store_args
-            if "--warmup" not in args:
-                cmd += ["--warmup", "0"]
-            with log_path.open("wb") as log_file:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env={**os.environ, **(env or {})},
-                )
-            srv = Server(proc, address, log_path, store, credentials, target_name)
-            started.append(srv)
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    if srv.health(wait_health) == health_pb2.HealthCheckResponse.SERVING:
-                        return srv
-                except grpc.RpcError:
-                    time.sleep(0.02)
-            if proc.poll() is None:
-                raise AssertionError(f"cm-server did not become healthy:\n{srv.log()}")
-            if fixed or "cannot listen" not in srv.log():
+        # Port 0 unless told: the server binds a free port itself and logs it. A port chosen
+        # here could be taken by another test's server before ours binds it, and the health
+        # check below would then be answered by that other server.
+        log_path = tmp_path / f"server-{len(started)}.log"
+        cmd = [CM_SERVER, "--listen", f"127.0.0.1:{port or 0}", *args]
+        if "--store" not in args:
+            cmd += store_args
+        if "--warmup" not in args:
+            cmd += ["--warmup", "0"]
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        srv = Server(proc, f"127.0.0.1:{port}", log_path, store, credentials, target_name)
+        started.append(srv)
+
+        def listening() -> str | None:
+            if proc.poll() is not None:
                 raise AssertionError(f"cm-server exited with {proc.returncode}:\n{srv.log()}")
-        raise AssertionError("no free port found for cm-server")
+            log = srv.log()  # key=value lines, or JSON with --log-format json
+            found = re.search(r"event=listening address=(\S+)", log) or re.search(
+                r'"event":"listening","address":"([^"]+)"', log
+            )
+            return found.group(1) if found else None
+
+        if not port:
+            srv.address = wait_for(listening, 60, "cm-server to listen")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if srv.health(wait_health) == health_pb2.HealthCheckResponse.SERVING:
+                    return srv
+            except grpc.RpcError:
+                time.sleep(0.02)
+        if proc.poll() is None:
+            raise AssertionError(f"cm-server did not become healthy:\n{srv.log()}")
+        raise AssertionError(f"cm-server exited with {proc.returncode}:\n{srv.log()}")
 
     yield start
     for srv in started:
