@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, ParamSpec, TypeVar
 
-from clustermap.checksum import service_digest, update_checksum
+from clustermap.checksum import pack_node, service_digest, update_checksum
 from clustermap.model import (
     DELTA,
     DOWN,
@@ -154,14 +154,17 @@ def _store_call(fn: Callable[P, R]) -> Callable[P, R]:
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
-    """A node's stored entry and the node it publishes (built once per change)."""
+    """A node's stored entry, the node it publishes and its part of the service digest (built
+    once per change of the node, not per change of its service)."""
 
     entry: NodeEntry
     node: Node
+    packed: bytes
 
     @classmethod
     def of(cls, key: tuple[str, int], entry: NodeEntry) -> _Slot:
-        return cls(entry, entry.record.node(*key))
+        node = entry.record.node(*key)
+        return cls(entry, node, pack_node(node))
 
 
 _Nodes = dict[str, dict[tuple[str, int], _Slot]]
@@ -267,6 +270,7 @@ class Registry:
         self._by_lease: dict[int, NodeKey] = {}
         self._static: set[NodeKey] = set()
         self._log = ChangeLog(log_size)
+        self._own: dict[int, list[NodeEvent]] = {}  # our commits the map does not hold yet
         self._expired = 0
         self._preserving = False
         self._min_ttl = default_ttl
@@ -340,58 +344,84 @@ class Registry:
             self._static = {k for k, e in entries.items() if e.record.origin == STATIC}
             self._log.reset(revision)
             self._full = None
+            self._fold_locked()
             self._changed.notify_all()
 
     def changed(self, revision: int, events: Sequence[NodeEvent]) -> None:
         with self._lock:
-            touched: set[str] = set()
-            for ev in events:
-                service, host, port = ev.key
-                records = self._nodes.get(service)
-                slot = records.get((host, port)) if records else None
-                old = slot.entry if slot is not None else None
-                if old is not None and old.lease:
-                    self._by_lease.pop(old.lease, None)
-                if ev.entry is None:
-                    if records is None or old is None:
-                        continue
-                    del records[(host, port)]
-                    if not records:
-                        del self._nodes[service]
-                    self._static.discard(ev.key)
-                    if ev.expired and old.lease:
-                        self._expired += 1
-                else:
-                    self._nodes.setdefault(service, {})[(host, port)] = _Slot.of(
-                        (host, port), ev.entry
-                    )
-                    if ev.entry.lease:
-                        self._by_lease[ev.entry.lease] = ev.key
-                    if ev.entry.record.origin == STATIC:
-                        self._static.add(ev.key)
-                    else:
-                        self._static.discard(ev.key)
-                touched.add(service)
-            changed = []
-            for name in sorted(touched):
-                old_s = self._services.get(name)
-                new_s = self._build(name, self._nodes)
-                if _same(old_s, new_s):
+            self._apply_locked(revision, events)
+            self._fold_locked()
+
+    def _apply_locked(self, revision: int, events: Sequence[NodeEvent]) -> None:
+        """Move the map to ``revision`` by ``events``; those of revisions it already holds (a
+        write of ours folded in before the store's watch delivered it) are skipped."""
+        if revision <= self._revision:
+            return
+        current = self._revision
+        touched: set[str] = set()
+        for ev in events:
+            if ev.revision and ev.revision <= current:
+                continue
+            service, host, port = ev.key
+            records = self._nodes.get(service)
+            slot = records.get((host, port)) if records else None
+            old = slot.entry if slot is not None else None
+            if old is not None and old.lease:
+                self._by_lease.pop(old.lease, None)
+            if ev.entry is None:
+                if records is None or old is None:
                     continue
-                if new_s is None:
-                    del self._services[name]
+                del records[(host, port)]
+                if not records:
+                    del self._nodes[service]
+                self._static.discard(ev.key)
+                if ev.expired and old.lease:
+                    self._expired += 1
+            else:
+                self._nodes.setdefault(service, {})[(host, port)] = _Slot.of((host, port), ev.entry)
+                if ev.entry.lease:
+                    self._by_lease[ev.entry.lease] = ev.key
+                if ev.entry.record.origin == STATIC:
+                    self._static.add(ev.key)
                 else:
-                    self._services[name] = new_s
-                self._checksum = update_checksum(
-                    self._checksum,
-                    old_s.digest if old_s else None,
-                    new_s.digest if new_s else None,
-                )
-                changed.append(name)
-            self._log.append(revision, changed)
-            if revision > self._revision or changed:
-                self._revision = max(self._revision, revision)
-                self._changed.notify_all()
+                    self._static.discard(ev.key)
+            touched.add(service)
+        changed = []
+        for name in sorted(touched):
+            old_s = self._services.get(name)
+            new_s = self._build(name, self._nodes)
+            if _same(old_s, new_s):
+                continue
+            if new_s is None:
+                del self._services[name]
+            else:
+                self._services[name] = new_s
+            self._checksum = update_checksum(
+                self._checksum,
+                old_s.digest if old_s else None,
+                new_s.digest if new_s else None,
+            )
+            changed.append(name)
+        self._log.append(revision, changed)
+        self._revision = revision
+        self._changed.notify_all()
+
+    def _fold_locked(self) -> None:
+        """Apply our own committed writes that directly follow the map's revision.
+
+        A store revision counts every write to the store, so a write of ours committed at the
+        revision right after the map's changed exactly what it wrote: the map moves to it at
+        once, as the store's watch would later (and then skips it), and the write is answered
+        without waiting for the watch. A write past a gap (someone else's revisions between)
+        waits in :attr:`_own` until the watch (or a fold) fills the gap."""
+        own = self._own
+        while own:
+            events = own.pop(self._revision + 1, None)
+            if events is None:
+                for stale in [r for r in own if r <= self._revision]:
+                    del own[stale]
+                return
+            self._apply_locked(self._revision + 1, events)
 
     # -- registry calls -------------------------------------------------------------------
 
@@ -737,10 +767,19 @@ class Registry:
         return slot.entry if slot is not None else None
 
     def _commit(self, ops: Sequence[Op], term: Term | None = None) -> int | None:
-        """One store transaction; once the registry has seen its revision, that revision (None:
-        a guard failed, and the registry has caught up with the store: reread and retry)."""
+        """One store transaction; once the map holds its revision, that revision (None: a guard
+        failed, and the registry has caught up with the store: reread and retry). The map holds
+        it at once when it directly follows the map's revision (:meth:`_fold_locked`), else
+        once the store's watch delivered it (read-your-writes either way)."""
         committed, seen = self._store.commit(ops, term)
-        self._catch_up(seen if committed is None else committed)
+        if committed is None:
+            self._catch_up(seen)
+            return None
+        with self._lock:
+            if committed > self._revision:
+                self._own[committed] = [_event(op, committed) for op in ops]
+                self._fold_locked()
+        self._catch_up(committed)
         return committed
 
     def _commit_all(self, ops: Sequence[Op], term: Term | None) -> bool:
@@ -791,7 +830,7 @@ class Registry:
             meta=MappingProxyType(dict(opts.meta)),
             revision=max(s.entry.mod for s in slots),
         )
-        return StoredService(service, service_digest(service))
+        return StoredService(service, service_digest(service, [s.packed for s in slots]))
 
     def _check_bounds(
         self,
@@ -828,6 +867,13 @@ def _same(a: StoredService | None, b: StoredService | None) -> bool:
     return (
         a.digest == b.digest and a.service.revision == b.service.revision and a.service == b.service
     )
+
+
+def _event(op: Op, revision: int) -> NodeEvent:
+    """What ``op``, committed at ``revision``, changed (as the store's watch reports it)."""
+    if isinstance(op, Put):
+        return NodeEvent(op.key, NodeEntry(op.record, revision, op.lease), revision=revision)
+    return NodeEvent(op.key, None, revision=revision)
 
 
 def _mod(entry: NodeEntry | None) -> int:
