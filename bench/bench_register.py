@@ -121,7 +121,7 @@ def drive(
     }
 
 
-def scenarios(server: Server, threads: int, duration: float, run: int) -> dict[str, dict]:
+def scenarios(server: Server, threads: int, duration: float, which: list[str]) -> dict[str, dict]:
     for s in range(100):
         for n in range(10):
             server.registry.Register(
@@ -149,10 +149,13 @@ def scenarios(server: Server, threads: int, duration: float, run: int) -> dict[s
 
         return call
 
-    out = {
-        "register": drive(server, threads, duration, register),
-        "register_1": drive(server, 1, duration, register),
-    }
+    out = {}
+    if "register" in which:
+        out["register"] = drive(server, threads, duration, register)
+    if "register_1" in which:
+        out["register_1"] = drive(server, 1, duration, register)
+    if "poll_not_modified" not in which:
+        return out
     probe = subscription_pb2_grpc.SubscriptionStub(server.channel)
     cur = wire.poll_answer_from_pb(probe.Poll(wire.poll_request(), timeout=10))
 
@@ -172,6 +175,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--stores", default="memory,etcd")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json")
     a = p.parse_args()
     trees = [(n, Path(t).resolve()) for n, _, t in (x.partition("=") for x in a.tree)]
@@ -189,7 +193,7 @@ def main() -> int:
                     url = "memory" if store == "memory" else cluster.url(f"bench{n}")  # type: ignore[union-attr]
                     server = Server(tree, url)
                     try:
-                        res = scenarios(server, a.threads, a.duration, n)
+                        res = scenarios(server, a.threads, a.duration, a.scenarios.split(","))
                     finally:
                         server.close()
                     row = runs.setdefault(f"{store} {name}", {})
@@ -204,7 +208,7 @@ def main() -> int:
             cluster.close()
     print(f"\n{machine()}; {a.threads} client threads, {a.duration:g} s per scenario, "
           f"{a.rounds} rounds alternated; medians (each run in brackets)")  # fmt: skip
-    for scen in SCENARIOS:
+    for scen in a.scenarios.split(","):
         print(f"\n{scen}")
         for key, row in runs.items():
             figs = row[scen]
