@@ -64,7 +64,8 @@ class Server:
     def __init__(self, tree: Path, store: str) -> None:
         exe = tree / ".venv" / "bin" / "cm-server"
         argv = [str(exe), "--listen", "127.0.0.1:0", "--warmup", "0", "--heartbeat-ttl", "10"]
-        self.child = Child([*argv, "--store", store], env=python_env())
+        env = {k: v for k, v in python_env().items() if k != "PYTHONPATH"}  # the tree's own code
+        self.child = Child([*argv, "--store", store], env=env)
 
         def listening() -> str | None:
             if self.child.proc.poll() is not None:

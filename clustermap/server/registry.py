@@ -6,7 +6,9 @@ transaction guarded by the key's ``mod`` revision, retried on a conflict with an
 and follows what the store reports back (:meth:`Registry.loaded`, :meth:`Registry.changed`):
 from those node records it builds each service's published value, the map checksum and the one
 change log (:mod:`clustermap.server.changelog`) that answers deltas. A write returns once the
-registry has seen its own revision (read-your-writes), so the two stores behave the same:
+map holds its own revision (read-your-writes; folded in from the write itself when it directly
+follows the map's revision, see :meth:`Registry._fold_locked`), so the two stores behave the
+same:
 
 * a service exists while it has a node in the map; its ``revision`` is the newest ``mod``
   revision of those nodes, so every replica computes the same value whenever it loaded;
