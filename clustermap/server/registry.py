@@ -649,6 +649,11 @@ class Registry:
 
     # -- subscription ---------------------------------------------------------------------
 
+    def following(self) -> bool:
+        """Whether this replica's view of its store is current enough to answer polls (False:
+        they are refused :class:`Unavailable`). Lock-free and non-blocking."""
+        return self._store.stale_for() <= self._stale_after
+
     def poll(self, epoch: str, revision: int, names: frozenset[str] | None = None) -> PollResult:
         """Answer a subscriber at (``epoch``, ``revision``), optionally for ``names`` only."""
         lost = self._store.stale_for()
