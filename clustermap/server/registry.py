@@ -45,6 +45,7 @@ down) answers polls UNAVAILABLE, so sidecars fail over to one that still follows
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -268,6 +269,7 @@ class Registry:
         self._revision = 0
         self._checksum = 0
         self._nodes: _Nodes = {}
+        self._order: dict[str, list[tuple[str, int]]] = {}  # each service's nodes, sorted
         self._services: dict[str, StoredService] = {}
         self._by_lease: dict[int, NodeKey] = {}
         self._static: set[NodeKey] = set()
@@ -335,13 +337,14 @@ class Registry:
 
     def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
         nodes = _group(entries)
-        services = self._build_all(nodes)
+        order = {name: sorted(records) for name, records in nodes.items()}
+        services = self._build_all(nodes, order)
         checksum = 0
         for stored in services.values():
             checksum = update_checksum(checksum, None, stored.digest)
         with self._lock:
             self._epoch, self._revision, self._checksum = epoch, revision, checksum
-            self._nodes, self._services = nodes, services
+            self._nodes, self._services, self._order = nodes, services, order
             self._by_lease = {e.lease: k for k, e in entries.items() if e.lease}
             self._static = {k for k, e in entries.items() if e.record.origin == STATIC}
             self._log.reset(revision)
@@ -376,10 +379,16 @@ class Registry:
                 del records[(host, port)]
                 if not records:
                     del self._nodes[service]
+                    del self._order[service]
+                else:
+                    order = self._order[service]
+                    del order[bisect.bisect_left(order, (host, port))]
                 self._static.discard(ev.key)
                 if ev.expired and old.lease:
                     self._expired += 1
             else:
+                if old is None:
+                    bisect.insort(self._order.setdefault(service, []), (host, port))
                 self._nodes.setdefault(service, {})[(host, port)] = _Slot.of((host, port), ev.entry)
                 if ev.entry.lease:
                     self._by_lease[ev.entry.lease] = ev.key
@@ -391,7 +400,7 @@ class Registry:
         changed = []
         for name in sorted(touched):
             old_s = self._services.get(name)
-            new_s = self._build(name, self._nodes)
+            new_s = self._build(name, self._nodes, self._order)
             if _same(old_s, new_s):
                 continue
             if new_s is None:
@@ -820,12 +829,26 @@ class Registry:
             names = frozenset(n for n in old.keys() | now.keys() if old.get(n) != now.get(n))
             self._log.remember(revision, self._revision, names)
 
-    def _build_all(self, nodes: _Nodes) -> dict[str, StoredService]:
-        built = {name: self._build(name, nodes) for name in nodes}
+    def _build_all(
+        self, nodes: _Nodes, order: Mapping[str, list[tuple[str, int]]] | None = None
+    ) -> dict[str, StoredService]:
+        built = {name: self._build(name, nodes, order) for name in nodes}
         return {name: s for name, s in built.items() if s is not None}
 
-    def _build(self, name: str, nodes: _Nodes) -> StoredService | None:
-        slots = [s for _, s in sorted(nodes.get(name, {}).items()) if s.entry.record.probed]
+    def _build(
+        self, name: str, nodes: _Nodes, order: Mapping[str, list[tuple[str, int]]] | None = None
+    ) -> StoredService | None:
+        """``name`` as published from ``nodes``; ``order``: each service's node keys already
+        sorted (kept up to date by the registry rather than sorted again on every change)."""
+        records = nodes.get(name)
+        if not records:
+            return None
+        keys = order.get(name) if order is not None else None
+        slots = [
+            s
+            for s in map(records.__getitem__, sorted(records) if keys is None else keys)
+            if s.entry.record.probed
+        ]
         if not slots:
             return None
         opts = self._options.get(name, _DEFAULT_OPTIONS)
