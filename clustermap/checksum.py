@@ -35,7 +35,14 @@ import xxhash
 
 from clustermap.model import Node, Service
 
-__all__ = ["FORMAT_TAG", "MASK", "map_checksum", "service_digest", "update_checksum"]
+__all__ = [
+    "FORMAT_TAG",
+    "MASK",
+    "map_checksum",
+    "pack_node",
+    "service_digest",
+    "update_checksum",
+]
 
 FORMAT_TAG: Final = "cm1"
 MASK: Final = (1 << 64) - 1
@@ -49,18 +56,43 @@ def _node_doc(node: Node) -> list[object]:
     return [node.host, int(node.port), int(node.weight), node.status, _pairs(node.meta)]
 
 
-def service_digest(service: Service) -> int:
-    """The 64-bit digest of everything a subscriber can observe in ``service``."""
-    nodes = sorted(service.nodes, key=lambda n: (n.host, n.port))
-    doc = [
-        FORMAT_TAG,
-        service.name,
-        [_node_doc(n) for n in nodes],
-        service.strategy,
-        float(service.panic_threshold),
-        _pairs(service.meta),
+def pack_node(node: Node) -> bytes:
+    """One node's entry in the digest document, encoded (for :func:`service_digest` callers
+    that keep it with the node: the server, which rebuilds a digest on every change)."""
+    return msgpack.packb(_node_doc(node), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_HEAD: Final = _array_header(6) + msgpack.packb(FORMAT_TAG, use_bin_type=True)
+
+
+def service_digest(service: Service, packed: Iterable[bytes] | None = None) -> int:
+    """The 64-bit digest of everything a subscriber can observe in ``service``.
+
+    ``packed``: the service's nodes already encoded by :func:`pack_node`, in (host, port)
+    order (the document is assembled from its encoded parts: the same bytes as packing it
+    whole)."""
+    if packed is None:
+        nodes = sorted(service.nodes, key=lambda n: (n.host, n.port))
+        packed = [pack_node(n) for n in nodes]
+    parts = [
+        _HEAD,
+        msgpack.packb(service.name, use_bin_type=True),
+        _array_header(len(service.nodes)),
+        *packed,
+        msgpack.packb(
+            [service.strategy, float(service.panic_threshold), _pairs(service.meta)],
+            use_bin_type=True,
+        )[1:],  # the last three elements of the document, without their array header
     ]
-    return xxhash.xxh3_64_intdigest(msgpack.packb(doc, use_bin_type=True))
+    return xxhash.xxh3_64_intdigest(b"".join(parts))
 
 
 def map_checksum(digests: Iterable[int]) -> int:

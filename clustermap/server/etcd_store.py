@@ -277,7 +277,8 @@ class EtcdStore:
             key = self.keys.parse_node(kv.key)
             if key is None:
                 return None
-            return NodeEvent(key, NodeEntry(decode_record(kv.value), kv.mod_revision, kv.lease))
+            entry = NodeEntry(decode_record(kv.value), kv.mod_revision, kv.lease)
+            return NodeEvent(key, entry, revision=kv.mod_revision)
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("ignoring malformed key %r: %s", kv.key, exc)
             return None
@@ -298,12 +299,16 @@ class EtcdStore:
         """One watch response → one ``changed`` call (the watch thread only)."""
         events: list[NodeEvent] = []
         revision = self._revision
+        assert self._listener is not None
+        held = self._listener.revision  # writes of its own it already holds need no decoding
         # revisions whose deletes a request made (a response may span several revisions)
         requested = {ev.kv.mod_revision for ev in resp.events if ev.kv.key == self.keys.dereg}
         for ev in resp.events:
             if ev.kv.mod_revision <= self._revision:
                 continue  # already delivered (a reconnect's overlap)
             revision = max(revision, ev.kv.mod_revision)
+            if ev.kv.mod_revision <= held:
+                continue
             if ev.type == kv_pb2.Event.DELETE:
                 try:
                     key = self.keys.parse_node(ev.kv.key)
@@ -311,13 +316,15 @@ class EtcdStore:
                     continue
                 if key is not None:
                     expired = ev.kv.mod_revision not in requested
-                    events.append(NodeEvent(key, None, expired=expired))
+                    events.append(
+                        NodeEvent(key, None, expired=expired, revision=ev.kv.mod_revision)
+                    )
             elif (event := self._decode(ev.kv)) is not None:
                 events.append(event)
         if revision > self._revision:
             self._revision = revision
-            assert self._listener is not None
-            self._listener.changed(revision, events)
+            if revision > held:
+                self._listener.changed(revision, events)
 
     def _watch_loop(self) -> None:
         delay = 0.05

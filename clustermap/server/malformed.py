@@ -33,43 +33,57 @@ class _Malformed:
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # method -> (its handler, that handler wrapped): wrapped once, not on every call (on
+        # the loop only: no lock)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        decode = handler.request_deserializer
+        method = handler_call_details.method
+        hit = self._wrapped.get(method)
+        if hit is None or hit[0] is not handler:
+            hit = self._wrapped[method] = (handler, _wrap(handler, method))
+        return hit[1]
 
-        def deserialize(data: bytes) -> Any:
-            try:
-                return decode(data)
-            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
-                return _Malformed(str(exc) or type(exc).__name__)
 
-        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def call(request: Any, context: Any) -> Any:
-                if isinstance(request, _Malformed):
-                    log.info(
-                        "malformed request",
-                        extra={
-                            "event": "invalid",
-                            "method": handler_call_details.method,
-                            "peer": context.peer(),
-                        },
-                    )
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"malformed request: {clip(request.reason)[1:-1]}",
-                    )
-                return await behavior(request, context)
+def _wrap(handler: Any, method: str) -> Any:
+    """``handler`` with its deserializer and behaviour guarded against malformed requests."""
+    decode = handler.request_deserializer
 
-            return call
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return _Malformed(str(exc) or type(exc).__name__)
 
-        if handler.unary_unary is not None:
-            return handler._replace(
-                request_deserializer=deserialize, unary_unary=guard(handler.unary_unary)
-            )
+    def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: Any) -> Any:
+            if isinstance(request, _Malformed):
+                log.info(
+                    "malformed request",
+                    extra={
+                        "event": "invalid",
+                        "method": method,
+                        "peer": context.peer(),
+                    },
+                )
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed request: {clip(request.reason)[1:-1]}",
+                )
+            return await behavior(request, context)
+
+        return call
+
+    if handler.unary_unary is not None:
         return handler._replace(
-            request_deserializer=deserialize, unary_stream=guard(handler.unary_stream)
+            request_deserializer=deserialize, unary_unary=guard(handler.unary_unary)
         )
+    return handler._replace(
+        request_deserializer=deserialize, unary_stream=guard(handler.unary_stream)
+    )

@@ -6,7 +6,9 @@ transaction guarded by the key's ``mod`` revision, retried on a conflict with an
 and follows what the store reports back (:meth:`Registry.loaded`, :meth:`Registry.changed`):
 from those node records it builds each service's published value, the map checksum and the one
 change log (:mod:`clustermap.server.changelog`) that answers deltas. A write returns once the
-registry has seen its own revision (read-your-writes), so the two stores behave the same:
+map holds its own revision (read-your-writes; folded in from the write itself when it directly
+follows the map's revision, see :meth:`Registry._fold_locked`), so the two stores behave the
+same:
 
 * a service exists while it has a node in the map; its ``revision`` is the newest ``mod``
   revision of those nodes, so every replica computes the same value whenever it loaded;
@@ -43,6 +45,7 @@ down) answers polls UNAVAILABLE, so sidecars fail over to one that still follows
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, ParamSpec, TypeVar
 
-from clustermap.checksum import service_digest, update_checksum
+from clustermap.checksum import pack_node, service_digest, update_checksum
 from clustermap.model import (
     DELTA,
     DOWN,
@@ -154,14 +157,17 @@ def _store_call(fn: Callable[P, R]) -> Callable[P, R]:
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
-    """A node's stored entry and the node it publishes (built once per change)."""
+    """A node's stored entry, the node it publishes and its part of the service digest (built
+    once per change of the node, not per change of its service)."""
 
     entry: NodeEntry
     node: Node
+    packed: bytes
 
     @classmethod
     def of(cls, key: tuple[str, int], entry: NodeEntry) -> _Slot:
-        return cls(entry, entry.record.node(*key))
+        node = entry.record.node(*key)
+        return cls(entry, node, pack_node(node))
 
 
 _Nodes = dict[str, dict[tuple[str, int], _Slot]]
@@ -263,10 +269,12 @@ class Registry:
         self._revision = 0
         self._checksum = 0
         self._nodes: _Nodes = {}
+        self._order: dict[str, list[tuple[str, int]]] = {}  # each service's nodes, sorted
         self._services: dict[str, StoredService] = {}
         self._by_lease: dict[int, NodeKey] = {}
         self._static: set[NodeKey] = set()
         self._log = ChangeLog(log_size)
+        self._own: dict[int, list[NodeEvent]] = {}  # our commits the map does not hold yet
         self._expired = 0
         self._preserving = False
         self._min_ttl = default_ttl
@@ -329,69 +337,102 @@ class Registry:
 
     def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
         nodes = _group(entries)
-        services = self._build_all(nodes)
+        order = {name: sorted(records) for name, records in nodes.items()}
+        services = self._build_all(nodes, order)
         checksum = 0
         for stored in services.values():
             checksum = update_checksum(checksum, None, stored.digest)
         with self._lock:
             self._epoch, self._revision, self._checksum = epoch, revision, checksum
-            self._nodes, self._services = nodes, services
+            self._nodes, self._services, self._order = nodes, services, order
             self._by_lease = {e.lease: k for k, e in entries.items() if e.lease}
             self._static = {k for k, e in entries.items() if e.record.origin == STATIC}
             self._log.reset(revision)
             self._full = None
+            self._fold_locked()
             self._changed.notify_all()
 
     def changed(self, revision: int, events: Sequence[NodeEvent]) -> None:
         with self._lock:
-            touched: set[str] = set()
-            for ev in events:
-                service, host, port = ev.key
-                records = self._nodes.get(service)
-                slot = records.get((host, port)) if records else None
-                old = slot.entry if slot is not None else None
-                if old is not None and old.lease:
-                    self._by_lease.pop(old.lease, None)
-                if ev.entry is None:
-                    if records is None or old is None:
-                        continue
-                    del records[(host, port)]
-                    if not records:
-                        del self._nodes[service]
-                    self._static.discard(ev.key)
-                    if ev.expired and old.lease:
-                        self._expired += 1
-                else:
-                    self._nodes.setdefault(service, {})[(host, port)] = _Slot.of(
-                        (host, port), ev.entry
-                    )
-                    if ev.entry.lease:
-                        self._by_lease[ev.entry.lease] = ev.key
-                    if ev.entry.record.origin == STATIC:
-                        self._static.add(ev.key)
-                    else:
-                        self._static.discard(ev.key)
-                touched.add(service)
-            changed = []
-            for name in sorted(touched):
-                old_s = self._services.get(name)
-                new_s = self._build(name, self._nodes)
-                if _same(old_s, new_s):
+            self._apply_locked(revision, events)
+            self._fold_locked()
+
+    def _apply_locked(self, revision: int, events: Sequence[NodeEvent]) -> None:
+        """Move the map to ``revision`` by ``events``; those of revisions it already holds (a
+        write of ours folded in before the store's watch delivered it) are skipped."""
+        if revision <= self._revision:
+            return
+        current = self._revision
+        touched: set[str] = set()
+        for ev in events:
+            if ev.revision and ev.revision <= current:
+                continue
+            service, host, port = ev.key
+            records = self._nodes.get(service)
+            slot = records.get((host, port)) if records else None
+            old = slot.entry if slot is not None else None
+            if old is not None and old.lease:
+                self._by_lease.pop(old.lease, None)
+            if ev.entry is None:
+                if records is None or old is None:
                     continue
-                if new_s is None:
-                    del self._services[name]
+                del records[(host, port)]
+                if not records:
+                    del self._nodes[service]
+                    del self._order[service]
                 else:
-                    self._services[name] = new_s
-                self._checksum = update_checksum(
-                    self._checksum,
-                    old_s.digest if old_s else None,
-                    new_s.digest if new_s else None,
-                )
-                changed.append(name)
-            self._log.append(revision, changed)
-            if revision > self._revision or changed:
-                self._revision = max(self._revision, revision)
-                self._changed.notify_all()
+                    order = self._order[service]
+                    del order[bisect.bisect_left(order, (host, port))]
+                self._static.discard(ev.key)
+                if ev.expired and old.lease:
+                    self._expired += 1
+            else:
+                if old is None:
+                    bisect.insort(self._order.setdefault(service, []), (host, port))
+                self._nodes.setdefault(service, {})[(host, port)] = _Slot.of((host, port), ev.entry)
+                if ev.entry.lease:
+                    self._by_lease[ev.entry.lease] = ev.key
+                if ev.entry.record.origin == STATIC:
+                    self._static.add(ev.key)
+                else:
+                    self._static.discard(ev.key)
+            touched.add(service)
+        changed = []
+        for name in sorted(touched):
+            old_s = self._services.get(name)
+            new_s = self._build(name, self._nodes, self._order)
+            if _same(old_s, new_s):
+                continue
+            if new_s is None:
+                del self._services[name]
+            else:
+                self._services[name] = new_s
+            self._checksum = update_checksum(
+                self._checksum,
+                old_s.digest if old_s else None,
+                new_s.digest if new_s else None,
+            )
+            changed.append(name)
+        self._log.append(revision, changed)
+        self._revision = revision
+        self._changed.notify_all()
+
+    def _fold_locked(self) -> None:
+        """Apply our own committed writes that directly follow the map's revision.
+
+        A store revision counts every write to the store, so a write of ours committed at the
+        revision right after the map's changed exactly what it wrote: the map moves to it at
+        once, as the store's watch would later (and then skips it), and the write is answered
+        without waiting for the watch. A write past a gap (someone else's revisions between)
+        waits in :attr:`_own` until the watch (or a fold) fills the gap."""
+        own = self._own
+        while own:
+            events = own.pop(self._revision + 1, None)
+            if events is None:
+                for stale in [r for r in own if r <= self._revision]:
+                    del own[stale]
+                return
+            self._apply_locked(self._revision + 1, events)
 
     # -- registry calls -------------------------------------------------------------------
 
@@ -617,6 +658,11 @@ class Registry:
 
     # -- subscription ---------------------------------------------------------------------
 
+    def following(self) -> bool:
+        """Whether this replica's view of its store is current enough to answer polls (False:
+        they are refused :class:`Unavailable`). Lock-free and non-blocking."""
+        return self._store.stale_for() <= self._stale_after
+
     def poll(self, epoch: str, revision: int, names: frozenset[str] | None = None) -> PollResult:
         """Answer a subscriber at (``epoch``, ``revision``), optionally for ``names`` only."""
         lost = self._store.stale_for()
@@ -737,10 +783,19 @@ class Registry:
         return slot.entry if slot is not None else None
 
     def _commit(self, ops: Sequence[Op], term: Term | None = None) -> int | None:
-        """One store transaction; once the registry has seen its revision, that revision (None:
-        a guard failed, and the registry has caught up with the store: reread and retry)."""
+        """One store transaction; once the map holds its revision, that revision (None: a guard
+        failed, and the registry has caught up with the store: reread and retry). The map holds
+        it at once when it directly follows the map's revision (:meth:`_fold_locked`), else
+        once the store's watch delivered it (read-your-writes either way)."""
         committed, seen = self._store.commit(ops, term)
-        self._catch_up(seen if committed is None else committed)
+        if committed is None:
+            self._catch_up(seen)
+            return None
+        with self._lock:
+            if committed > self._revision:
+                self._own[committed] = [_event(op, committed) for op in ops]
+                self._fold_locked()
+        self._catch_up(committed)
         return committed
 
     def _commit_all(self, ops: Sequence[Op], term: Term | None) -> bool:
@@ -774,12 +829,26 @@ class Registry:
             names = frozenset(n for n in old.keys() | now.keys() if old.get(n) != now.get(n))
             self._log.remember(revision, self._revision, names)
 
-    def _build_all(self, nodes: _Nodes) -> dict[str, StoredService]:
-        built = {name: self._build(name, nodes) for name in nodes}
+    def _build_all(
+        self, nodes: _Nodes, order: Mapping[str, list[tuple[str, int]]] | None = None
+    ) -> dict[str, StoredService]:
+        built = {name: self._build(name, nodes, order) for name in nodes}
         return {name: s for name, s in built.items() if s is not None}
 
-    def _build(self, name: str, nodes: _Nodes) -> StoredService | None:
-        slots = [s for _, s in sorted(nodes.get(name, {}).items()) if s.entry.record.probed]
+    def _build(
+        self, name: str, nodes: _Nodes, order: Mapping[str, list[tuple[str, int]]] | None = None
+    ) -> StoredService | None:
+        """``name`` as published from ``nodes``; ``order``: each service's node keys already
+        sorted (kept up to date by the registry rather than sorted again on every change)."""
+        records = nodes.get(name)
+        if not records:
+            return None
+        keys = order.get(name) if order is not None else None
+        slots = [
+            s
+            for s in map(records.__getitem__, sorted(records) if keys is None else keys)
+            if s.entry.record.probed
+        ]
         if not slots:
             return None
         opts = self._options.get(name, _DEFAULT_OPTIONS)
@@ -791,7 +860,7 @@ class Registry:
             meta=MappingProxyType(dict(opts.meta)),
             revision=max(s.entry.mod for s in slots),
         )
-        return StoredService(service, service_digest(service))
+        return StoredService(service, service_digest(service, [s.packed for s in slots]))
 
     def _check_bounds(
         self,
@@ -828,6 +897,13 @@ def _same(a: StoredService | None, b: StoredService | None) -> bool:
     return (
         a.digest == b.digest and a.service.revision == b.service.revision and a.service == b.service
     )
+
+
+def _event(op: Op, revision: int) -> NodeEvent:
+    """What ``op``, committed at ``revision``, changed (as the store's watch reports it)."""
+    if isinstance(op, Put):
+        return NodeEvent(op.key, NodeEntry(op.record, revision, op.lease), revision=revision)
+    return NodeEvent(op.key, None, revision=revision)
 
 
 def _mod(entry: NodeEntry | None) -> int:

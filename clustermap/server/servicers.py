@@ -61,6 +61,7 @@ log = logging.getLogger("clustermap.server.rpc")
 T = TypeVar("T")
 
 MAX_FILTER: Final = 10_000
+_POLL_ANSWERS: Final = 256  # distinct (epoch, revision) askers whose answers the loop keeps
 
 _KIND_TO_PB: Final = {
     reg.NOT_MODIFIED: subscription_pb2.POLL_KIND_NOT_MODIFIED,
@@ -314,6 +315,10 @@ class SubscriptionServicer:
         self._loop = loop
         self._on_answer = on_answer
         self._cache = _EncodeCache()
+        # the loop's own: recent whole-map poll answers by the asker's (epoch, revision), good
+        # while the registry stays where they were made (a poll answered again costs no trip)
+        self._polls: dict[tuple[str, int], Answer] = {}
+        self._polls_revision = -1
         self.hub = WatchHub(
             registry,
             loop,
@@ -353,21 +358,44 @@ class SubscriptionServicer:
 
     async def Poll(self, request: subscription_pb2.PollRequest, context: Any) -> bytes:
         names = await self._names(request, context)
-        if names is None:  # the common polls: answered from the hub, no trip to the pool
-            cached = self.hub.current(request.epoch, request.revision)
+        key = (request.epoch, request.revision)
+        if names is None:  # the common polls: answered on the loop, no trip to the pool
+            cached = self.hub.current(*key) or self._answered(key)
             if cached is not None:
                 if self._on_answer is not None:
                     self._on_answer(cached[0].kind)
                 return cached[1]
         try:
-            result, data = await self._loop.run_blocking(
-                self.answer, request.epoch, request.revision, names
-            )
+            result, data = await self._loop.run_blocking(self.answer, *key, names)
         except Unavailable as exc:
             await _refused(context, exc)
+        if names is None and result.kind != reg.NOT_READY:
+            # answers of one revision only (a full answer at it is one shared bytes object)
+            if len(self._polls) >= _POLL_ANSWERS or result.revision != self._polls_revision:
+                self._polls.clear()
+                self._polls_revision = result.revision
+            self._polls[key] = (result, data)
         if self._on_answer is not None:
             self._on_answer(result.kind)
         return data
+
+    def _answered(self, key: tuple[str, int]) -> Answer | None:
+        """A whole-map poll's answer made before, if the registry is still where it was then:
+        the same epoch, revision and self-preservation, its store followed (lock-free reads;
+        on the loop only)."""
+        hit = self._polls.get(key)
+        if hit is None:
+            return None
+        result, registry = hit[0], self._registry
+        if (
+            result.revision != registry.revision
+            or result.epoch != registry.epoch
+            or result.self_preservation != registry.self_preservation
+            or not registry.following()
+        ):
+            del self._polls[key]
+            return None
+        return hit
 
     async def Watch(self, request: subscription_pb2.PollRequest, context: Any) -> None:
         names = await self._names(request, context)

@@ -103,11 +103,12 @@ class NodeEntry:
 @dataclass(frozen=True, slots=True)
 class NodeEvent:
     """One key changed: its new entry, or None when deleted (``expired``: by its lease's
-    expiry, not by a request)."""
+    expiry, not by a request) at ``revision`` (0: the revision it is reported with)."""
 
     key: NodeKey
     entry: NodeEntry | None
     expired: bool = False
+    revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,12 @@ class LeaseGone(LookupError):
 
 class Listener(Protocol):
     """What a store feeds (the registry)."""
+
+    @property
+    def revision(self) -> int:
+        """The newest revision the listener holds (it may hold writes of its own before the
+        store reports them): a store need not report changes up to it."""
+        ...
 
     def loaded(self, epoch: str, revision: int, entries: Mapping[NodeKey, NodeEntry]) -> None:
         """Everything stored at ``revision``; forget what came before."""

@@ -7,7 +7,8 @@ How a change reaches thousands of streams:
   Before it does, it computes the answers most streams need (the delta from the previous
   revision, NOT_MODIFIED at the new one). Answers are kept until the next change, which the
   follower also signals when the self-preservation flag flips or the store becomes unavailable
-  (checked every second), so a keepalive costs no registry call;
+  (checked every second), so a keepalive costs no registry call. While no stream is open and
+  the loop keeps no answer, it does not wake the loop at all;
 * on the loop, :meth:`WatchHub._changed` stores those answers and resolves every idle stream's
   own wake-up future (a stream waits on a private future, woken by a change or by its keepalive
   timer, so a cancelled stream never cancels anything shared);
@@ -79,6 +80,7 @@ class WatchHub:
         self.max_streams = max_streams
         self._on_answer = on_answer
         self.streams = 0
+        self._opened = 0  # streams ever opened (read by the follower: see _follow)
         self._closed = False
         self._generation = 0  # bumped on every change
         # idle streams' wake-ups, by the time their keepalive is due: a change resolves them all,
@@ -102,6 +104,11 @@ class WatchHub:
     def _follow(self) -> None:
         seen: tuple[str, int, bool] = ("", -1, False)  # epoch, revision, self-preservation
         lost = False
+        # (streams opened so far) when the loop was last told of a change with no stream open
+        # and no answer made: every answer it kept was then dropped, and while no stream opens
+        # it keeps none, so a change concerns no one there and need not wake it (a burst of
+        # registrations would otherwise wake the loop once per revision)
+        quiet: int | None = None
         while not self._registry.closed:
             self._registry.wait_changed(seen[1], 1.0)
             if self._registry.closed:
@@ -127,7 +134,11 @@ class WatchHub:
                 continue
             lost = False
             seen = state
+            opened = self._opened
+            if not self.streams and quiet == opened:
+                continue
             self._loop.call_soon(self._changed, tuple(answers))
+            quiet = None if self.streams or answers else opened
         self._loop.call_soon(self._close)
 
     # -- the loop -------------------------------------------------------------------------
@@ -208,6 +219,7 @@ class WatchHub:
                 "poll, or retry later",
             )
         self.streams += 1
+        self._opened += 1
         if self._on_stream is not None:
             self._on_stream(1)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -10,7 +11,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clustermap.checksum import MASK, map_checksum, service_digest, update_checksum
+from clustermap.checksum import MASK, map_checksum, pack_node, service_digest, update_checksum
 from clustermap.model import Node, Service
 
 BASE = Service(
@@ -39,6 +40,40 @@ def test_canonical_encoding_is_as_documented() -> None:
         "96a3636d31a1619195a1680101a2757090ab726f756e645f726f62696ecb000000000000000090"
     )
     assert service_digest(Service("a", (Node("h", 1),))) == xxhash.xxh3_64_intdigest(encoded)
+
+
+def _whole_document_digest(service: Service) -> int:
+    """The digest as documented: the whole document packed at once."""
+
+    def pairs(meta: Mapping[str, str]) -> list[list[str]]:
+        return [[k, meta[k]] for k in sorted(meta)]
+
+    nodes = sorted(service.nodes, key=lambda n: (n.host, n.port))
+    doc = [
+        "cm1",
+        service.name,
+        [[n.host, n.port, n.weight, n.status, pairs(n.meta)] for n in nodes],
+        service.strategy,
+        float(service.panic_threshold),
+        pairs(service.meta),
+    ]
+    return xxhash.xxh3_64_intdigest(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_digest_assembled_from_packed_nodes_is_the_whole_documents() -> None:
+    """The server's digest from nodes packed once each (:func:`pack_node`) equals packing the
+    whole document, across msgpack's array size classes (fixarray, array16, array32)."""
+    for count in (0, 1, 15, 16, 17, 300, 65_535, 65_536):
+        nodes = tuple(
+            Node(f"10.{i // 65_536}.{i // 256 % 256}.{i % 256}", 80 + i % 3, 1 + i % 5, "up",
+                 MappingProxyType({"zone": "ab"[i % 2]} if i % 7 else {}))
+            for i in range(count)
+        )  # fmt: skip
+        service = replace(BASE, nodes=nodes)
+        packed = [pack_node(n) for n in sorted(nodes, key=lambda n: (n.host, n.port))]
+        expected = _whole_document_digest(service)
+        assert service_digest(service) == expected
+        assert service_digest(service, packed) == expected
 
 
 def test_node_and_meta_order_do_not_matter_revision_does_not_count() -> None:

@@ -28,6 +28,11 @@ op = st.one_of(
 )
 
 
+def _host(port: int) -> str:
+    """Hosts whose order is not the ports' (nodes are published sorted by host, then port)."""
+    return f"h{port % 3}"
+
+
 class Clock:
     now = 0.0
 
@@ -51,14 +56,14 @@ def test_subscribers_converge(ops, log_size) -> None:
     history: list[int] = [0]
     for kind, svc, port, arg in ops:
         if kind == "reg":
-            reg.register(Registration(service=svc, host="h", port=port, weight=arg))
+            reg.register(Registration(service=svc, host=_host(port), port=port, weight=arg))
         elif kind == "dereg":
             with contextlib.suppress(NotFound):
-                reg.deregister(NodeAddress(service=svc, host="h", port=port))
+                reg.deregister(NodeAddress(service=svc, host=_host(port), port=port))
         elif kind == "set":
             status = ("up", "down", "drain")[arg]
             with contextlib.suppress(NotFound):
-                reg.update_node(NodeUpdate(service=svc, host="h", port=port, status=status))
+                reg.update_node(NodeUpdate(service=svc, host=_host(port), port=port, status=status))
         elif kind == "tick":
             clock.now += arg
             reg.expire()
@@ -81,3 +86,9 @@ def test_subscribers_converge(ops, log_size) -> None:
             assert sub["map"] == {s.name: s for s in current if names is None or s.name in names}
             assert map_checksum(service_digest(s) for s in sub["map"].values()) == ans.checksum
         history.append(reg.status().revision)
+    published = reg.services()[1]
+    for service in published:
+        assert list(service.nodes) == sorted(service.nodes, key=lambda n: (n.host, n.port))
+    store = reg.store
+    assert isinstance(store, MemoryStore)
+    assert {(s.name, n.host, n.port) for s in published for n in s.nodes} == set(store._entries)

@@ -6,13 +6,21 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from clustermap.model import DOWN, UP
 from clustermap.server.etcd_client import parse_etcd_url
 from clustermap.server.etcd_store import EtcdStore
-from clustermap.server.registry import DELTA, FULL, Deposed, Registry, StaticNode
+from clustermap.server.registry import (
+    DELTA,
+    FULL,
+    Deposed,
+    RegisterResult,
+    Registry,
+    StaticNode,
+)
 from clustermap.server.validation import NodeAddress, Registration
 from tests.integration.etcd.harness import EtcdCluster, start_cluster
 from tests.support.procs import wait_for
@@ -141,3 +149,92 @@ def test_lease_expiry_is_counted_and_deregistration_is_not(make: Callable[[], Re
     a.register(Registration(service="x", host="h", port=1, ttl=1.0))
     wait_for(lambda: a.services()[1] == [] and b.services()[1] == [], 30, "the lease to expire")
     assert a.status().leases_expired == b.status().leases_expired == 1
+
+
+class _LaggingWatch:
+    """Stands between a store and its registry: holds the store's reports while ``open`` is
+    clear, as a watch lagging behind etcd does (everything else is the real registry)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.open = threading.Event()
+        self.open.set()
+
+    @property
+    def revision(self) -> int:
+        return self.registry.revision
+
+    def loaded(self, epoch: str, revision: int, entries: Any) -> None:
+        self.open.wait()
+        self.registry.loaded(epoch, revision, entries)
+
+    def changed(self, revision: int, events: Any) -> None:
+        self.open.wait()
+        self.registry.changed(revision, events)
+
+
+def _lagging(r: Registry) -> _LaggingWatch:
+    store = r.store
+    assert isinstance(store, EtcdStore)
+    gate = _LaggingWatch(r)
+    store._listener = gate
+    return gate
+
+
+def test_a_write_is_answered_from_its_commit_without_waiting_for_the_watch(
+    make: Callable[[], Registry],
+) -> None:
+    a, b = make(), make()
+    a.register(reg("x", 1))
+    wait_for(lambda: b.revision == a.revision, 10, "b to follow")
+    before = a.revision
+    gate = _lagging(a)
+    gate.open.clear()  # a's watch delivers nothing from here on
+    try:
+        done = a.register(reg("x", 2))  # committed right after a's revision: folded in at once
+        assert done.revision == a.revision > before
+        ans = a.poll(a.epoch, before)  # read-your-writes on the same replica
+        assert ans.kind == DELTA
+        assert [n.port for n in ans.services[0].service.nodes] == [1, 2]
+        assert [n.port for n in a.service("x")[1].service.nodes] == [1, 2]
+        gone = a.deregister(NodeAddress(service="x", host="h", port=1))
+        assert gone == a.revision
+        assert [n.port for n in a.service("x")[1].service.nodes] == [2]
+        wait_for(lambda: b.revision == a.revision, 10, "the other replica to follow")
+        assert b.services()[1] == a.services()[1]
+        assert b.status().checksum == a.status().checksum
+    finally:
+        gate.open.set()  # the watch's late reports of those writes change nothing
+    b.register(reg("y", 1))  # someone else's write still arrives through the watch
+    wait_for(lambda: a.revision == b.revision, 10, "a's watch to deliver b's write")
+    assert a.services()[1] == b.services()[1]
+    assert a.status().checksum == b.status().checksum
+    assert [s.service.name for s in a.poll(a.epoch, before).services] == ["x", "y"]
+
+
+def test_a_write_past_someone_elses_revision_waits_for_the_watch(
+    make: Callable[[], Registry],
+) -> None:
+    a, b = make(), make()
+    a.register(reg("x", 1))
+    wait_for(lambda: b.revision == a.revision, 10, "b to follow")
+    gate = _lagging(a)
+    gate.open.clear()
+    held = a.revision
+    other = b.register(reg("x", 2)).revision  # a has not seen this one
+    result: list[RegisterResult] = []
+    t = threading.Thread(target=lambda: result.append(a.register(reg("x", 3))))
+    t.start()
+    try:
+        wait_for(lambda: len(b.services()[1][0].nodes) == 3, 10, "a's write to commit")
+        # a cannot fold its write over b's unseen one: its map stays a true etcd revision
+        assert a.revision == held
+        assert [n.port for n in a.services()[1][0].nodes] == [1]
+    finally:
+        gate.open.set()
+    t.join(30)
+    assert len(result) == 1
+    assert result[0].revision > other
+    assert [n.port for n in a.services()[1][0].nodes] == [1, 2, 3]
+    wait_for(lambda: b.revision == a.revision, 10, "b to follow")
+    assert a.status().checksum == b.status().checksum
