@@ -8,7 +8,8 @@
 * Every sweep (``feedback_interval``), reads all rows with one ``pread`` (never a mapping: a
   worker may truncate the file), skips rows no live process holds (``F_OFD_GETLK``), turns each
   changed row into deltas, publishes the machine-wide calls in flight per node into the load
-  file and hands the rest to :class:`~clustermap.sidecar.outlier.Outliers`.
+  file, the latencies :class:`~clustermap.sidecar.latency.Latencies` derives from them, and hands
+  the outcomes to :class:`~clustermap.sidecar.outlier.Outliers`.
 
 Rows are untrusted: :func:`~clustermap.feedback.layout.parse_row` clamps them, and a row whose
 counters go backwards or jump absurdly is ignored until its owner changes, logged once.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import logging
-import math
 import mmap
 import os
 import secrets
@@ -34,6 +34,7 @@ from clustermap.feedback import layout as L
 from clustermap.feedback.ofd import held
 from clustermap.feedback.worker import feedback_paths
 from clustermap.model import Ejection, Overlay, Service
+from clustermap.sidecar.latency import Latencies
 from clustermap.sidecar.outlier import Ejected, Observation, OutlierPolicy, Outliers
 
 __all__ = ["FeedbackHub", "NodeIds"]
@@ -43,10 +44,6 @@ log = logging.getLogger("clustermap.sidecar.feedback")
 _MASK: Final = (1 << 64) - 1
 #: More calls than this between two sweeps of one row is not a worker, it is garbage.
 _MAX_DELTA: Final = 1 << 20
-#: Decay time of the latency average (Finagle's PeakEwma default), seconds.
-_LATENCY_TAU: Final = 10.0
-#: A mean latency above an hour is garbage, not a sample (µs).
-_MAX_LATENCY_US: Final = 3600e6
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
 #: new node with an old one's calls.
 _QUARANTINE_S: Final = 60.0
@@ -139,9 +136,7 @@ class FeedbackHub:
         self._service_of: dict[int, str] = {}
         self._primed = False
         self._walls: dict[float, int] = {}
-        self._latency: dict[int, tuple[float, float]] = {}  # id -> (µs, when: monotonic)
-        self._pending: dict[int, float] = {}  # id -> latency (s) seen before its calls
-        self._decay_at = 0.0
+        self.latencies = Latencies()
         gid = _gid(group)
         self._fd, self.header = _open_rows(self.rows_path, rows, entries, mode, gid)
         try:
@@ -191,7 +186,7 @@ class FeedbackHub:
         self.ids.retain(current.values())
         live = set(self.ids.ids.values())
         self._service_of = {i: n for i, n in self._service_of.items() if i in live}
-        self._pending = {i: v for i, v in self._pending.items() if i in live}
+        self.latencies.forget(live)
         self.outliers.forget(live)
 
     # -- sweeping ---------------------------------------------------------------------------------
@@ -200,19 +195,22 @@ class FeedbackHub:
         """Read every row once; (services to republish, new ejections as (service, address,
         verdict))."""
         now = time.monotonic() if now is None else now
-        seen = self._read_rows()
+        seen, touched = self._read_rows()
         if not self._primed:  # a restarted sidecar: the rows' history is a baseline, not news
             self._primed = True
             seen = {}
+        touched |= self._latencies(now, seen)
+        self._costs(touched)
+        observations = {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
         of = self._service_of
         if self.outliers.interval_due(now):  # every service's interval counts are judged
             names = set(self._service_ids)
         else:
-            names = {of[i] for i in seen if i in of} | {
+            names = {of[i] for i in observations if i in of} | {
                 of[i] for i in self.outliers.ejected_ids() if i in of
             }
         services = {name: self._service_ids[name] for name in names}
-        changed, new = self.outliers.step(now, seen, services)
+        changed, new = self.outliers.step(now, observations, services)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
         out = []
         for name, node_id, verdict in new:
@@ -221,15 +219,17 @@ class FeedbackHub:
             out.append((name, node.address, verdict))
         return changed, out
 
-    def _read_rows(self) -> dict[int, Observation]:
+    def _read_rows(self) -> tuple[dict[int, list[float]], set[int]]:
+        """(id -> [ok, failed, tail, calls, reported latency seconds] since the last sweep, ids
+        whose calls in flight changed), the calls in flight published."""
         head = self.header
         size = head.row_size
         try:
             data = os.pread(self._fd, head.rows * size, L.HEADER_SIZE)
         except OSError as exc:
             log.error("feedback: cannot read %s: %s", self.rows_path, exc)
-            return {}
-        seen: dict[int, list[float]] = {}  # id -> [ok, failed, tail, calls, latency seconds]
+            return {}, set()
+        seen: dict[int, list[float]] = {}
         touched: set[int] = set()
         in_use = 0
         for r in range(head.rows):
@@ -255,9 +255,7 @@ class FeedbackHub:
         for i in touched:
             if i < self.capacity:
                 self.load[L.HEADER_SIZE // 8 + i] = max(0, self._inflight.get(i, 0))
-        touched |= self._latencies(seen)
-        self._costs(touched)
-        return {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
+        return seen, touched
 
     def _costs(self, ids: set[int]) -> None:
         """Each node's expected wait for least_request: (calls in flight + 1) x latency."""
@@ -269,47 +267,16 @@ class FeedbackHub:
                     (load[base + i] + 1) * load[base + capacity + i], L.WORD_MASK
                 )
 
-    def _latencies(self, seen: dict[int, list[float]]) -> set[int]:
-        """Peak EWMA of each node's latency (Finagle's): a slower sample is taken at once, a
-        faster one blended in with decay time :data:`_LATENCY_TAU`; with no samples the figure
-        decays toward 0, so an avoided node is tried again in time. A worker adds a call's
-        latency just before counting the call: latency seen without its call waits for it."""
-        now = time.monotonic()
+    def _latencies(self, now: float, seen: dict[int, list[float]]) -> set[int]:
+        """Publish the latencies that changed at this sweep (:mod:`~clustermap.sidecar.latency`:
+        from the calls in flight by Little's law); the ids whose latency word changed."""
+        done = {i: (int(v[3]), v[4]) for i, v in seen.items()}
+        changed = self.latencies.step(now, self._inflight, done)
         base = L.HEADER_SIZE // 8 + self.capacity
-        changed: set[int] = set()
-        for i, v in seen.items():
-            calls, seconds = v[3], v[4] + self._pending.pop(i, 0.0)
-            if i >= self.capacity:
-                continue
-            if not calls:
-                if seconds > 0:
-                    self._pending[i] = seconds
-                continue
-            sample = min(seconds * 1e6 / calls, _MAX_LATENCY_US)
-            old, when = self._latency.get(i, (0.0, now))
-            if sample >= old:
-                value = sample
-            else:
-                w = math.exp(-(now - when) / _LATENCY_TAU)
-                value = old * w + sample * (1 - w)
-            self._latency[i] = (value, now)
-            self.load[base + i] = max(1, int(value))
-            changed.add(i)
-        if now - self._decay_at < 0.25:
-            return changed
-        self._decay_at = now
-        for i, (value, when) in list(self._latency.items()):
-            if i in seen and seen[i][3]:
-                continue
-            value *= math.exp(-(now - when) / _LATENCY_TAU)
-            if value < 1 or i >= self.capacity:
-                del self._latency[i]
-                value = 1
-            else:
-                self._latency[i] = (value, now)
-            self.load[base + i] = max(1, int(value))
-            changed.add(i)
-        return changed
+        for i, value in changed.items():
+            if i < self.capacity:
+                self.load[base + i] = max(1, int(value))
+        return set(changed)
 
     def _apply(
         self, r: int, row: _Row, raw: bytes, seen: dict[int, list[float]], touched: set[int]
