@@ -137,6 +137,7 @@ class FeedbackHub:
         self._primed = False
         self._walls: dict[float, int] = {}
         self.latencies = Latencies()
+        self._done: dict[int, tuple[int, float]] = {}  # id -> (calls, reported s) this sweep
         gid = _gid(group)
         self._fd, self.header = _open_rows(self.rows_path, rows, entries, mode, gid)
         try:
@@ -195,22 +196,20 @@ class FeedbackHub:
         """Read every row once; (services to republish, new ejections as (service, address,
         verdict))."""
         now = time.monotonic() if now is None else now
-        seen, touched = self._read_rows()
+        seen = self._read_rows()
         if not self._primed:  # a restarted sidecar: the rows' history is a baseline, not news
             self._primed = True
             seen = {}
-        touched |= self._latencies(now, seen)
-        self._costs(touched)
-        observations = {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
+        self._costs(self._latencies(now))
         of = self._service_of
         if self.outliers.interval_due(now):  # every service's interval counts are judged
             names = set(self._service_ids)
         else:
-            names = {of[i] for i in observations if i in of} | {
+            names = {of[i] for i in seen if i in of} | {
                 of[i] for i in self.outliers.ejected_ids() if i in of
             }
         services = {name: self._service_ids[name] for name in names}
-        changed, new = self.outliers.step(now, observations, services)
+        changed, new = self.outliers.step(now, seen, services)
         self.load[L.SWEEP_OFF // 8] = time.time_ns()
         out = []
         for name, node_id, verdict in new:
@@ -219,17 +218,16 @@ class FeedbackHub:
             out.append((name, node.address, verdict))
         return changed, out
 
-    def _read_rows(self) -> tuple[dict[int, list[float]], set[int]]:
-        """(id -> [ok, failed, tail, calls, reported latency seconds] since the last sweep, ids
-        whose calls in flight changed), the calls in flight published."""
+    def _read_rows(self) -> dict[int, Observation]:
         head = self.header
         size = head.row_size
         try:
             data = os.pread(self._fd, head.rows * size, L.HEADER_SIZE)
         except OSError as exc:
             log.error("feedback: cannot read %s: %s", self.rows_path, exc)
-            return {}, set()
-        seen: dict[int, list[float]] = {}
+            self._done = {}
+            return {}
+        seen: dict[int, list[float]] = {}  # id -> [ok, failed, tail, calls, latency seconds]
         touched: set[int] = set()
         in_use = 0
         for r in range(head.rows):
@@ -255,7 +253,9 @@ class FeedbackHub:
         for i in touched:
             if i < self.capacity:
                 self.load[L.HEADER_SIZE // 8 + i] = max(0, self._inflight.get(i, 0))
-        return seen, touched
+        self._done = {i: (int(v[3]), v[4]) for i, v in seen.items()}
+        self._costs(touched)
+        return {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
 
     def _costs(self, ids: set[int]) -> None:
         """Each node's expected wait for least_request: (calls in flight + 1) x latency."""
@@ -267,11 +267,10 @@ class FeedbackHub:
                     (load[base + i] + 1) * load[base + capacity + i], L.WORD_MASK
                 )
 
-    def _latencies(self, now: float, seen: dict[int, list[float]]) -> set[int]:
+    def _latencies(self, now: float) -> set[int]:
         """Publish the latencies that changed at this sweep (:mod:`~clustermap.sidecar.latency`:
         from the calls in flight by Little's law); the ids whose latency word changed."""
-        done = {i: (int(v[3]), v[4]) for i, v in seen.items()}
-        changed = self.latencies.step(now, self._inflight, done)
+        changed = self.latencies.step(now, self._inflight, self._done)
         base = L.HEADER_SIZE // 8 + self.capacity
         for i, value in changed.items():
             if i < self.capacity:
