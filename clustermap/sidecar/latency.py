@@ -1,7 +1,7 @@
 """Each node's latency for least_request, from its calls in flight (pure: no I/O, no clock).
 
-A worker's ``call()`` reads no clock (two clock reads and a third store were a sixth of its cost,
-docs/performance.md §6): it counts a call in flight when it starts and as done when it ends. The
+A worker's ``call()`` reads no clock (two clock reads and a third store were a fifth of its cost,
+docs/performance.md §1b): it counts a call in flight when it starts and as done when it ends. The
 sidecar sees each node's calls in flight, summed over the machine's workers, at every sweep. By
 Little's law the mean latency of the calls a node finished in a window is its busy time (the
 integral of its calls in flight) over those completions; the busy time is the sum over sweeps of
@@ -14,10 +14,11 @@ call holds part of its time without its completion). Peak EWMA takes a high samp
 noisy one would make a fast node look slow and lose it its traffic. A window therefore feeds the
 average only once it holds all of: ``min_sightings`` calls seen in flight (summed over sweeps; a
 reported latency counts as the sightings it would have made), ``min_done`` completions, and twice
-as many completions as calls still in flight. In simulation (Poisson arrivals, 20 ms sweeps,
-latencies of 1-300 ms, fixed or exponential) 95 % of samples stay below 1.7 × the true mean; the
-per-sweep means of measured latencies, which this replaces, reached 3 × for exponential latencies.
-A node with little traffic gets few samples, and its figure decays toward 0 meanwhile.
+as many completions as calls still in flight. Simulated (``bench/bench_latency.py``: Poisson
+arrivals, 20 ms sweeps, latencies of 2-300 ms, fixed or exponential) the figure stays within
+0.7-1.5 × the true mean and below 2.4 × at worst, where the per-sweep means of timed calls that
+this replaces rode at 2-4 × for exponential latencies. A node with little traffic gets few
+samples, and its figure decays toward 0 meanwhile.
 
 The average is Finagle's peak EWMA: a sample above it is taken at once, one below is blended in
 with decay time ``tau``; a figure with no samples decays toward 0, so a node avoided for being
