@@ -1,6 +1,7 @@
 """Instruction counts of warm picks under callgrind: the pick ratios, immune to machine load.
 
 Run: uv run python bench/bench_callgrind.py [--nodes 16] [--number 20000] [--json PATH]
+[--only TEXT ...] (the rows whose label contains one of the TEXTs)
 
 Wall-clock ratios (bench_pick.py) move with whatever else the machine runs; instructions
 executed do not. For each statement, a child process runs it ``N`` and ``2 N`` times in a loop
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from common import routed, write_json
 
+import clustermap
 from clustermap.model import Node, Service, SlowStart
 from clustermap.region.layout import Meta
 from clustermap.region.writer import RegionWriter
@@ -86,7 +88,7 @@ ROWS = [
         10,
     ),
     (
-        "with call(): pick, count in flight, time",
+        "with call(): pick, count in flight, record",
         "with call('rr'):\n            pass",
         "bare('rr')",
         15,
@@ -154,7 +156,19 @@ def instructions(region: str, stmt: str, number: int) -> int:
         text=True,
         check=True,
         timeout=900,
-        env={**os.environ, "PYTHONHASHSEED": "0"},  # str hashes, hence dict probes, repeat
+        # The child imports from its current directory first: one nobody else writes to, or a
+        # listing that changes between the N and the 2 N run (/tmp) changes the import cost
+        # that the difference must cancel. It gets the parent's clustermap explicitly.
+        cwd=os.path.dirname(region),
+        env={
+            **os.environ,
+            "PYTHONHASHSEED": "0",  # str hashes, hence dict probes, repeat
+            "PYTHONPATH": os.pathsep.join(
+                filter(
+                    None, [str(Path(clustermap.__file__).parents[1]), os.environ.get("PYTHONPATH")]
+                )
+            ),
+        },
     )
     m = re.search(r"Collected : (\d+)", proc.stderr)
     if m is None:
@@ -171,6 +185,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--number", type=int, default=20_000)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--only", nargs="+", help="only the rows whose label contains one of these")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench_callgrind: valgrind is not installed (apt-get install valgrind)")
@@ -212,6 +227,8 @@ def main() -> None:
         print(f"{'what':40} {'instr':>8} {'baseline':>9} {'x bare':>7}  bar")
         table = []
         for label, stmt, baseline, bar in ROWS:
+            if args.only and not any(text in label for text in args.only):
+                continue
             ir, base = cost(stmt), cost(baseline)
             ratio = ir / base
             print(f"{label:40} {ir:8.0f} {base:9.0f} {ratio:7.2f}  {f'{bar}x' if bar else ''}")

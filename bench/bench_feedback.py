@@ -61,7 +61,7 @@ CASES = [
     ("bare call (baseline)", "bare('rr')", None),
     ("pick(), round_robin", "pick('rr')", 4),
     ("pick(strategy='least_request')", "pick('rr', strategy='least_request')", 10),
-    ("with call(): pick, count in flight, time", "with call('rr'):\n        pass", 15),
+    ("with call(): pick, count in flight, record", "with call('rr'):\n        pass", 15),
     ("  the with statement and object alone", "with nothing():\n        pass", None),
 ]
 

@@ -200,7 +200,7 @@ def main() -> None:
                 "clustermap",
             ),
             (
-                "with call(): pick, count in flight, time",
+                "with call(): pick, count in flight, record",
                 "with call('rr'):\n    pass",
                 "bare('rr')",
                 15,

@@ -34,6 +34,7 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
     "scale": (["bench_scale.py"], ["bench_scale.py", "--quick"], 240),
     "hash": (["bench_hash.py"], ["bench_hash.py", "--max-add", "16"], 120),
     "feedback": (["bench_feedback.py"], ["bench_feedback.py", "--quick"], 300),
+    "latency": (["bench_latency.py"], ["bench_latency.py", "--seconds", "60"], 120),
     "http": (["bench_http.py"], ["bench_http.py", "--quick"], 300),
     "tables": (["bench_tables.py"], ["bench_tables.py", "--quick", "--repeat", "7"], 600),
     "routing": (["bench_routing.py"], ["bench_routing.py", "--quick"], 300),

@@ -321,8 +321,9 @@ class ClusterMap:
         failure_exceptions: tuple[type[BaseException], ...] | None = None,
     ) -> Call:
         """``with cm.call("svc") as node:`` picks like :meth:`pick` and counts the call in flight
-        machine-wide until the block ends, then records its outcome and latency (see
-        :mod:`clustermap.feedback.calls` for which exceptions count as failures). ``subset``
+        machine-wide until the block ends, then records its outcome (see
+        :mod:`clustermap.feedback.calls` for which exceptions count as failures; the sidecar
+        derives the latency from the calls in flight). ``subset``
         keeps the nodes whose meta has all those pairs (NoAvailableNode if none). (Pass
         ``ok_exceptions`` / ``failure_exceptions`` by keyword; they are not keyword-only because
         in CPython 3.11 a keyword-only default costs a dict lookup per call.)"""

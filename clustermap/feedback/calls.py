@@ -1,8 +1,9 @@
 """``with clustermap.call(...) as node``: one call to a picked node, counted and judged.
 
 The call is counted in flight in this process's row from ``__enter__`` to ``__exit__`` (so
-least_request on every worker of the machine sees it), then recorded as a success or a failure
-with its latency. Which outcome:
+least_request on every worker of the machine sees it), then recorded as a success or a failure.
+No clock is read: the sidecar, which samples every node's calls in flight at each sweep, derives
+the latency from them (Little's law, :mod:`clustermap.sidecar.latency`). Which outcome:
 
 * :meth:`Call.mark_failed` / :meth:`Call.mark_ok` inside the block decide it explicitly;
 * otherwise an exception escaping the block that is an instance of ``failure_exceptions``
@@ -15,16 +16,14 @@ with its latency. Which outcome:
 Feedback never raises into the caller: if the counters cannot be written the block runs as a
 plain pick.
 
-The hot path is shaped by its cost (docs/performance.md §6): the two words a successful call
-touches are float64 words (``calls`` and ``latency``, :mod:`~clustermap.feedback.layout`), whose
-arithmetic needs no multi-digit integers; the clock is :func:`time.monotonic` (a float); and a
-plain :class:`Call` goes back to a free list when its block ends, so the next ``call()`` does not
-allocate one.
+The hot path is shaped by its cost (docs/performance.md §6): a successful call touches one
+float64 word (``calls``, :mod:`~clustermap.feedback.layout`), whose arithmetic needs no
+multi-digit integers, once when it starts and once when it ends; and a plain :class:`Call` goes
+back to a free list when its block ends, so the next ``call()`` does not allocate one.
 """
 
 from __future__ import annotations
 
-import time
 from types import TracebackType
 
 from clustermap.feedback import layout as L
@@ -32,7 +31,6 @@ from clustermap.model import Node
 
 __all__ = ["Call", "CustomCall", "free_calls", "record"]
 
-_monotonic = time.monotonic
 _OK_DONE = L.OK_DONE
 _WRAP = L.CALLS_WRAP
 _NOTHING: tuple[type[BaseException], ...] = ()
@@ -47,14 +45,16 @@ def record(
     words: memoryview, floats: memoryview[float], i: int, failed: bool, latency: float, release: int
 ) -> None:
     """One result into the entry whose ``calls`` word is ``floats[i]`` (docs/feedback.md);
-    ``words`` is the same file as unsigned words, ``latency`` in seconds, ``release`` is 1 when
-    the result ends a call counted in flight, 0 for :meth:`ClusterMap.report`."""
+    ``words`` is the same file as unsigned words. ``release`` is 1 when the result ends a call
+    counted in flight (its time is in the sidecar's samples: ``latency`` 0), 0 for
+    :meth:`ClusterMap.report`, whose ``latency`` (seconds) is added to the latency word."""
     try:
         calls = floats[i] - release + (0.0 if failed else L.OK_ONE)
         if calls >= _WRAP:
             calls -= _WRAP
         floats[i] = calls
-        floats[i + 1] += latency
+        if latency:
+            floats[i + 1] += latency
         if not failed:
             return
         words[i + 2] = (words[i + 2] + 1) & L.WORD_MASK
@@ -72,10 +72,10 @@ class Call:
 
     The node is picked when the object is made; it counts in flight from ``__enter__`` to
     ``__exit__``. A successful call adds to one word of this process's row when it starts and
-    to two when it ends.
+    to the same word when it ends.
     """
 
-    __slots__ = ("_failed", "_i", "_t0", "_w", "node")
+    __slots__ = ("_failed", "_i", "_w", "node")
 
     #: Exceptions escaping the block that count as a success / as a failure (see module doc).
     ok_exceptions: tuple[type[BaseException], ...] = _NOTHING
@@ -85,7 +85,6 @@ class Call:
     #: This process's feedback row as float64 words, or None (feedback off for this call).
     _w: memoryview[float] | None
     _i: int
-    _t0: float
     _failed: bool | None
 
     def __enter__(self) -> Node:
@@ -95,7 +94,6 @@ class Call:
                 w[self._i] += 1.0
             except (ValueError, TypeError):  # (a released view: nothing to count into)
                 self._w = None
-            self._t0 = _monotonic()
         return self.node
 
     def mark_failed(self) -> None:
@@ -114,10 +112,9 @@ class Call:
     ) -> None:
         w = self._w
         if w is not None and exc_type is None and self._failed is None:
-            # The common case, inlined: the latency, then one success and one call fewer.
+            # The common case, inlined: one success and one call fewer.
             i = self._i
             try:
-                w[i + 1] += _monotonic() - self._t0
                 calls = w[i] + _OK_DONE
                 w[i] = calls if calls < _WRAP else calls - _WRAP
             except (ValueError, TypeError):
@@ -146,7 +143,7 @@ class Call:
                     pass
                 return
         words = w.obj
-        record(memoryview(words).cast("Q"), w, i, failed, _monotonic() - self._t0, 1)
+        record(memoryview(words).cast("Q"), w, i, failed, 0.0, 1)
 
 
 class CustomCall(Call):

@@ -7,7 +7,7 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
 
     header (4096 B)
     0   8   magic b"CLMAPFBK"
-    8   4   format version (u32) = 2
+    8   4   format version (u32) = 3
     12  4   header size (u32) = 4096
     16  4   row count R (u32)
     20  4   entries per row K (u32)
@@ -24,23 +24,26 @@ little-endian; a "word" is an aligned 8-byte unsigned integer stored whole.
                entries are taken in order, so the first unused one ends the row
             1  calls (f64): an integer, in flight + 65536 x successes; below 2**53, the
                successes modulo 2**36 (the writer subtracts 2**52 when it reaches it)
-            2  latency (f64): seconds, the sum over this entry's finished calls
+            2  latency (f64): seconds, the sum of the latencies given to ``report()``
+               (``call()`` reads no clock: the sidecar derives its calls' latency from the
+               calls in flight, :mod:`clustermap.sidecar.latency`)
             3  failures (u64, mod 2**64)
             4  streak (u64): bits 32-63 the successes (mod 2**32) when the streak began, 0-31
                failures since (a streak whose success count is not the current one: 0)
 
 A worker owns a row while it holds an OFD write lock on the row's bytes (the kernel drops it when
 the process dies). Only the owner writes the row, one whole word at a time. A successful call is
-one store into the ``calls`` word when it starts, and one into ``latency`` and one into ``calls``
-when it ends: float64 words, because their arithmetic costs a worker least (no multi-digit
-integers; docs/performance.md §6). Counters wrap, and the sidecar reads differences between two
-sweeps. Everything in this file is untrusted input for the
-sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may have written.
+one store into the ``calls`` word when it starts and one when it ends: a float64 word, because
+its arithmetic costs a worker least (no multi-digit integers; docs/performance.md §6). Counters
+wrap, and the sidecar reads differences between two sweeps. Version 3 differs from 2 in meaning
+only: a version 2 worker also added its ``call()`` latencies, which the sidecar now measures.
+Everything in this file is untrusted input for the sidecar: :func:`parse_row` clamps or rejects
+what a buggy or hostile worker may have written.
 
 ``<region>.load`` — written by the sidecar only, mapped read-only by workers::
 
     0   8   magic b"CLMAPLOD"
-    8   4   format version (u32) = 2
+    8   4   format version (u32) = 3
     12  4   header size (u32) = 4096
     16  4   capacity: number of node ids (u32)
     20  4   reserved (0)
@@ -50,6 +53,7 @@ sidecar: :func:`parse_row` clamps or rejects what a buggy or hostile worker may 
     48  8   1 (the latency of a node without an id)
     word at 4096 + 8 * id: calls in flight to node ``id``, summed over every live row
     word at 4096 + 8 * (capacity + id): node ``id``'s peak-EWMA latency in µs, at least 1
+        (:mod:`clustermap.sidecar.latency`)
     word at 4096 + 8 * (2 * capacity + id): node ``id``'s cost for least_request, the expected
         wait (calls in flight + 1) x latency, at least 1: one load per candidate in a worker
 """
@@ -97,7 +101,7 @@ __all__ = [
 
 FEEDBACK_MAGIC: Final = b"CLMAPFBK"
 LOAD_MAGIC: Final = b"CLMAPLOD"
-VERSION: Final = 2
+VERSION: Final = 3
 HEADER_SIZE: Final = 4096
 ROW_HEADER: Final = 64
 ENTRY_WORDS: Final = 5
@@ -161,7 +165,8 @@ class LoadHeader:
 
 class Entry(NamedTuple):
     """One (worker, node) counter set, as read from a row: ``ok`` modulo 2**36, ``failed``
-    modulo 2**64, ``streak`` failures since this row's last success, ``latency`` in seconds."""
+    modulo 2**64, ``streak`` failures since this row's last success, ``latency`` the seconds
+    reported with ``report()``."""
 
     node_id: int
     in_flight: int

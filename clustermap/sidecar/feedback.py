@@ -8,7 +8,8 @@
 * Every sweep (``feedback_interval``), reads all rows with one ``pread`` (never a mapping: a
   worker may truncate the file), skips rows no live process holds (``F_OFD_GETLK``), turns each
   changed row into deltas, publishes the machine-wide calls in flight per node into the load
-  file and hands the rest to :class:`~clustermap.sidecar.outlier.Outliers`.
+  file, the latencies :class:`~clustermap.sidecar.latency.Latencies` derives from them, and hands
+  the outcomes to :class:`~clustermap.sidecar.outlier.Outliers`.
 
 Rows are untrusted: :func:`~clustermap.feedback.layout.parse_row` clamps them, and a row whose
 counters go backwards or jump absurdly is ignored until its owner changes, logged once.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import logging
-import math
 import mmap
 import os
 import secrets
@@ -34,6 +34,7 @@ from clustermap.feedback import layout as L
 from clustermap.feedback.ofd import held
 from clustermap.feedback.worker import feedback_paths
 from clustermap.model import Ejection, Overlay, Service, Trial
+from clustermap.sidecar.latency import Latencies
 from clustermap.sidecar.outlier import Ejected, Observation, OutlierPolicy, Outliers
 
 __all__ = ["FeedbackHub", "NodeIds"]
@@ -43,10 +44,6 @@ log = logging.getLogger("clustermap.sidecar.feedback")
 _MASK: Final = (1 << 64) - 1
 #: More calls than this between two sweeps of one row is not a worker, it is garbage.
 _MAX_DELTA: Final = 1 << 20
-#: Decay time of the latency average (Finagle's PeakEwma default), seconds.
-_LATENCY_TAU: Final = 10.0
-#: A mean latency above an hour is garbage, not a sample (µs).
-_MAX_LATENCY_US: Final = 3600e6
 #: A row that called a service within this long may be granted a half-open node's trial.
 _RECENT_S: Final = 60.0
 #: A freed node id is not reused for this long, so a worker's stale picker cannot credit a
@@ -141,9 +138,8 @@ class FeedbackHub:
         self._service_of: dict[int, str] = {}
         self._primed = False
         self._walls: dict[float, int] = {}
-        self._latency: dict[int, tuple[float, float]] = {}  # id -> (µs, when: monotonic)
-        self._pending: dict[int, float] = {}  # id -> latency (s) seen before its calls
-        self._decay_at = 0.0
+        self.latencies = Latencies()
+        self._done: dict[int, tuple[int, float]] = {}  # id -> (calls, reported s) this sweep
         # Half-open trials: service -> {row: (owner word, last sweep it called the service)};
         # node id -> (row, owner) of its trial; what the trial rows said this sweep.
         self._recent: dict[str, dict[int, tuple[int, float]]] = {}
@@ -209,8 +205,8 @@ class FeedbackHub:
         self.ids.retain(current.values())
         live = set(self.ids.ids.values())
         self._service_of = {i: n for i, n in self._service_of.items() if i in live}
-        self._pending = {i: v for i, v in self._pending.items() if i in live}
         self._recent = {n: v for n, v in self._recent.items() if n in current}
+        self.latencies.forget(live)
         self.outliers.forget(live)
 
     # -- sweeping ---------------------------------------------------------------------------------
@@ -231,6 +227,7 @@ class FeedbackHub:
         if not self._primed:  # a restarted sidecar: the rows' history is a baseline, not news
             self._primed = True
             seen = {}
+        self._costs(self._latencies(now))
         of = self._service_of
         if self.outliers.interval_due(now):  # every service's interval counts are judged
             names = set(self._service_ids)
@@ -253,6 +250,7 @@ class FeedbackHub:
             data = os.pread(self._fd, head.rows * size, L.HEADER_SIZE)
         except OSError as exc:
             log.error("feedback: cannot read %s: %s", self.rows_path, exc)
+            self._done = {}
             return {}
         seen: dict[int, list[float]] = {}  # id -> [ok, failed, tail, calls, latency seconds]
         touched: set[int] = set()
@@ -282,7 +280,7 @@ class FeedbackHub:
         for i in touched:
             if i < self.capacity:
                 self.load[L.HEADER_SIZE // 8 + i] = max(0, self._inflight.get(i, 0))
-        touched |= self._latencies(seen)
+        self._done = {i: (int(v[3]), v[4]) for i, v in seen.items()}
         self._costs(touched)
         return {i: Observation(int(v[0]), int(v[1]), int(v[2])) for i, v in seen.items()}
 
@@ -296,47 +294,15 @@ class FeedbackHub:
                     (load[base + i] + 1) * load[base + capacity + i], L.WORD_MASK
                 )
 
-    def _latencies(self, seen: dict[int, list[float]]) -> set[int]:
-        """Peak EWMA of each node's latency (Finagle's): a slower sample is taken at once, a
-        faster one blended in with decay time :data:`_LATENCY_TAU`; with no samples the figure
-        decays toward 0, so an avoided node is tried again in time. A worker adds a call's
-        latency just before counting the call: latency seen without its call waits for it."""
-        now = time.monotonic()
+    def _latencies(self, now: float) -> set[int]:
+        """Publish the latencies that changed at this sweep (:mod:`~clustermap.sidecar.latency`:
+        from the calls in flight by Little's law); the ids whose latency word changed."""
+        changed = self.latencies.step(now, self._inflight, self._done)
         base = L.HEADER_SIZE // 8 + self.capacity
-        changed: set[int] = set()
-        for i, v in seen.items():
-            calls, seconds = v[3], v[4] + self._pending.pop(i, 0.0)
-            if i >= self.capacity:
-                continue
-            if not calls:
-                if seconds > 0:
-                    self._pending[i] = seconds
-                continue
-            sample = min(seconds * 1e6 / calls, _MAX_LATENCY_US)
-            old, when = self._latency.get(i, (0.0, now))
-            if sample >= old:
-                value = sample
-            else:
-                w = math.exp(-(now - when) / _LATENCY_TAU)
-                value = old * w + sample * (1 - w)
-            self._latency[i] = (value, now)
-            self.load[base + i] = max(1, int(value))
-            changed.add(i)
-        if now - self._decay_at < 0.25:
-            return changed
-        self._decay_at = now
-        for i, (value, when) in list(self._latency.items()):
-            if i in seen and seen[i][3]:
-                continue
-            value *= math.exp(-(now - when) / _LATENCY_TAU)
-            if value < 1 or i >= self.capacity:
-                del self._latency[i]
-                value = 1
-            else:
-                self._latency[i] = (value, now)
-            self.load[base + i] = max(1, int(value))
-            changed.add(i)
-        return changed
+        for i, value in changed.items():
+            if i < self.capacity:
+                self.load[base + i] = max(1, int(value))
+        return set(changed)
 
     def _apply(
         self, r: int, row: _Row, raw: bytes, seen: dict[int, list[float]], touched: set[int]

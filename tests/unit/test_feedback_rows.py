@@ -217,3 +217,23 @@ def test_files_are_created_private_to_the_group_and_kept_across_restarts(
         assert os.stat(again.rows_path).st_ino == st_rows.st_ino  # workers keep their rows
     finally:
         again.close()
+
+
+def test_latency_is_measured_from_the_calls_in_flight(hub: FeedbackHub) -> None:
+    """A worker reads no clock: 4 calls seen in flight by 10 sweeps 20 ms apart, then 8 done
+    (4 of them too quick to be seen), is 0.8 s of busy time for 8 calls: 100 ms each."""
+    base = L.HEADER_SIZE // 8 + hub.capacity
+    hub.sweep(now=100.0)
+    holder = os.open(hub.rows_path, os.O_RDWR)
+    try:
+        assert try_lock(holder, L.HEADER_SIZE, hub.header.row_size)
+        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [entry(0, in_flight=4)]))
+        for k in range(1, 11):
+            hub.sweep(now=100.0 + 0.02 * k)
+            assert int(hub.load[base]) == 1  # no latency yet: nothing has finished
+        write_row(hub, holder, 0, row_bytes(1 << 32 | 7, [entry(0, ok=8)]))
+        hub.sweep(now=100.22)
+        assert int(hub.load[base]) == 100_000  # µs
+        assert int(hub.load[base + hub.capacity]) == 100_000  # the cost: (0 in flight + 1) x
+    finally:
+        os.close(holder)

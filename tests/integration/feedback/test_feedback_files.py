@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import clustermap
+from clustermap.feedback import layout as FL
 from clustermap.feedback.status import feedback_status
 from clustermap.model import Node, Service
 from clustermap.region.writer import RegionWriter
@@ -32,6 +33,14 @@ def region(region_path: Path) -> Path:
         w.publish([hub.decorate(Service("api", NODES))])
     hub.close()
     return region_path
+
+
+def old_version(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, (2).to_bytes(4, "little"), 8)
+    finally:
+        os.close(fd)
 
 
 def works_without_feedback(cm: clustermap.ClusterMap) -> None:
@@ -62,8 +71,17 @@ def test_feedback_on_with_healthy_files(region: Path) -> None:
         (lambda p: Path(str(p) + ".feedback").write_bytes(b"garbage" * 100), "bad magic"),
         (lambda p: os.truncate(str(p) + ".feedback", 4096), "truncated"),
         (lambda p: os.chmod(str(p) + ".load", 0o666), "world-writable"),
+        # A file of the release before: its workers added call() latencies, now the sidecar's.
+        (lambda p: old_version(str(p) + ".feedback"), "format version 2 is not supported"),
     ],
-    ids=["rows-missing", "load-missing", "rows-garbage", "rows-truncated", "load-world-writable"],
+    ids=[
+        "rows-missing",
+        "load-missing",
+        "rows-garbage",
+        "rows-truncated",
+        "load-world-writable",
+        "rows-version-2",
+    ],
 )
 def test_broken_files_turn_feedback_off_and_picks_go_on(
     region: Path, damage: object, why: str, caplog: pytest.LogCaptureFixture
@@ -79,15 +97,18 @@ def test_broken_files_turn_feedback_off_and_picks_go_on(
 
 def my_entry(cm: clustermap.ClusterMap, region: Path) -> tuple[int, int, int, int]:
     """(in flight, successes, failures, streak) of this process's only entry, from the file."""
-    from clustermap.feedback import layout as FL
+    e = my_raw_entry(cm, region)
+    return e.in_flight, e.ok, e.failed, e.streak
 
+
+def my_raw_entry(cm: clustermap.ClusterMap, region: Path) -> FL.Entry:
     raw = Path(str(region) + ".feedback").read_bytes()
     head = FL.parse_feedback_header(raw[:64], len(raw))
     assert cm._feedback is not None
     off = FL.row_offset(head, cm._feedback.row)
     _, entries, _ = FL.parse_row(raw[off : off + head.row_size], head.entries, 64)
     (e,) = entries
-    return e.in_flight, e.ok, e.failed, e.streak
+    return e
 
 
 def test_which_outcomes_count(region: Path) -> None:
@@ -127,3 +148,19 @@ def test_which_outcomes_count(region: Path) -> None:
     with pytest.raises(RuntimeError):
         marked_ok()
     assert my_entry(cm, region) == (0, 3, 2, 0)
+
+
+def test_call_reads_no_clock_and_report_adds_its_latency(region: Path) -> None:
+    """The latency word holds only what report() gives: the sidecar measures call()'s calls
+    from their time in flight (docs/feedback.md)."""
+    cm = clustermap.open(region)
+    with cm.call("api", key="k") as node:
+        pass
+    with pytest.raises(ConnectionResetError), cm.call("api", key="k"):
+        raise ConnectionResetError
+    e = my_raw_entry(cm, region)
+    assert (e.in_flight, e.ok, e.failed, e.latency) == (0, 1, 1, 0.0)
+    assert cm.report("api", node, ok=True, latency=0.25)
+    assert cm.report("api", node, ok=False)
+    e = my_raw_entry(cm, region)
+    assert (e.in_flight, e.ok, e.failed, e.latency) == (0, 2, 2, 0.25)
