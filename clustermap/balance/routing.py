@@ -121,11 +121,14 @@ def zone_name(raw: str) -> str:
 
 
 def restrict(service: Service, keep: Sequence[int]) -> Service:
-    """``service`` with only the nodes at positions ``keep`` (in map order); the sidecar's
-    overlay (feedback ids, ejections) follows its nodes."""
+    """``service`` with only the nodes at positions ``keep`` (in map order); what the sidecar
+    adds (feedback ids, ejections, slow-start ramps) follows its nodes."""
     overlay = service.overlay
+    ramp = service.slow_start
+    new = {old: k for k, old in enumerate(keep)} if overlay is not None or ramp is not None else {}
+    if ramp is not None:
+        ramp = ramp._replace(since=tuple((new[p], t) for p, t in ramp.since if p in new))
     if overlay is not None:
-        new = {old: k for k, old in enumerate(keep)}
         overlay = Overlay(
             tuple(overlay.ids[k] for k in keep),
             tuple(
@@ -143,6 +146,7 @@ def restrict(service: Service, keep: Sequence[int]) -> Service:
         service.revision,
         service.meta,
         overlay,
+        ramp if ramp is not None and ramp.since else None,
     )
 
 
