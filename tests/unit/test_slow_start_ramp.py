@@ -358,7 +358,8 @@ def test_a_ramp_outside_the_subset_leaves_its_picker_plain() -> None:
     assert sub.slow_start is None
     assert type(route(svc, (("version", "v2"),), "", time.time_ns()).picker) is ServicePicker
     ramp = restrict(svc, [5, 4]).slow_start  # positions follow the nodes
-    assert ramp is not None and [p for p, _ in ramp.since] == [0]
+    assert ramp is not None
+    assert [p for p, _ in ramp.since] == [0]
 
 
 def test_zone_local_picks_ramp() -> None:
