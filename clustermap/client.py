@@ -22,11 +22,12 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
+from clustermap.balance.picker import MaglevSource
 from clustermap.balance.routing import Route, route, subset_pairs, zone_name
 from clustermap.defaults import DEFAULT_REGION
 from clustermap.errors import ClusterMapError, UnknownService
@@ -283,7 +284,9 @@ class ClusterMap:
             if entry is main or entry[0] is not main[0] or entry[2] != main[2]:
                 with self._lock:
                     zone = self._machine_zone(self._ensure_reader())
-                found = route(main[4].service, pairs, zone, time.time_ns())
+                reader = self._reader
+                source = None if reader is None else _published_maglev(reader, service, main[2])
+                found = route(main[4].service, pairs, zone, time.time_ns(), source)
                 found.picker.load_source = found.keyed.load_source = self._feedback_state()
                 entry = (main[0], main[1], main[2], found.picker, found.keyed)
         with self._lock:
@@ -493,16 +496,15 @@ def _choose(entry: _Entry, key: str | bytes | None, strategy: str | None) -> Nod
     return entry[3].pick(key, strategy)
 
 
-def _published_maglev(
-    reader: RegionReader, name: str, version: int
-) -> Callable[[], MaglevTable | None]:
-    """Where a picker finds the Maglev table the sidecar published with this version. The slot
-    is looked up when the table is wanted: a replacement file may have moved the service."""
+def _published_maglev(reader: RegionReader, name: str, version: int) -> MaglevSource:
+    """Where a picker finds the Maglev table the sidecar published with this version over its
+    nodes (the whole service's or a declared subset's). The slot is looked up when the table
+    is wanted: a replacement file may have moved the service."""
 
-    def load() -> MaglevTable | None:
+    def load(nodes: int, digest: int) -> MaglevTable | None:
         try:
             slot = reader.directory().get(name)
-            found = None if slot is None else reader.maglev_table(slot, version)
+            found = None if slot is None else reader.maglev_table(slot, version, nodes, digest)
         except ClusterMapError:
             return None
         return None if found is None else MaglevTable(*found)
