@@ -134,24 +134,35 @@ class ClusterMap:
             if key is None:
                 return next(picker.default_it)
             # Inlined consistent_hash (one Python frame less per pick). A str key is assumed
-            # without a type test (~190 instructions); the first other key of this picker
-            # clears ``str_maglev`` and its keyed picks take the tested branch.
+            # without a type test (~190 instructions); the first bytes key of this picker
+            # moves the table to ``bytes_maglev``, which assumes bytes keys the same way, and
+            # the first str key after that sends its keyed picks to the tested branch.
             table = keyed.str_maglev
             if table is not None:
                 try:
                     return keyed.nodes[table[_xxh64(key.encode()) % MAGLEV_TABLE_SIZE]]  # type: ignore[union-attr]
-                except AttributeError:  # bytes
+                except AttributeError:  # bytes (or no key type at all)
                     keyed.str_maglev = None
+                    keyed.bytes_maglev = table
                 except IndexError:  # not a table of these nodes: the picker replaces it
                     pass
             else:
-                table = keyed.maglev
+                table = keyed.bytes_maglev
                 if table is not None:
-                    raw = key.encode() if isinstance(key, str) else key
                     try:
-                        return keyed.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                        return keyed.nodes[table[_xxh64(key) % MAGLEV_TABLE_SIZE]]  # type: ignore[arg-type]
+                    except TypeError:  # str (or no key type at all): mixed keys
+                        keyed.bytes_maglev = None
                     except IndexError:
                         pass
+                else:
+                    table = keyed.maglev
+                    if table is not None:
+                        raw = key.encode() if isinstance(key, str) else key
+                        try:
+                            return keyed.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                        except IndexError:
+                            pass
             return keyed.consistent_hash(key)
         it = picker.iters.get(strategy)  # key-less strategies, inlined the same way
         if it is not None:

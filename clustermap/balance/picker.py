@@ -244,6 +244,7 @@ class ServicePicker:
         "_why",
         "_wrandom",
         "_wrr",
+        "bytes_maglev",
         "default",
         "default_it",
         "default_strategy",
@@ -280,6 +281,9 @@ class ServicePicker:
         #: ``maglev`` for the client's inlined keyed pick, which assumes a str key; set back to
         #: None by the client on a bytes key (then keyed picks go through consistent_hash).
         self.str_maglev: Sequence[int] | None = None
+        #: ``maglev`` for the client's inlined keyed pick once it saw a bytes key (it assumes
+        #: bytes keys); set back to None by the client on a str key after that.
+        self.bytes_maglev: Sequence[int] | None = None
         self.maglev_shared = False
         self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
@@ -507,6 +511,7 @@ class ServicePicker:
         """A table entry that is not a node index: a shared table not made for these nodes
         (docs/region-format.md says when a reader could see one). Build our own instead."""
         self.str_maglev = None
+        self.bytes_maglev = None
         self.maglev = None
         self.maglev_shared = False
         self._maglev_source = None
@@ -633,9 +638,7 @@ class ExpiringPicker(ServicePicker):
         return super()._maglev_mismatch(key)
 
 
-def make_picker(
-    service: Service, maglev_source: MaglevSource | None = None
-) -> ServicePicker:
+def make_picker(service: Service, maglev_source: MaglevSource | None = None) -> ServicePicker:
     """The picker for ``service``: a :class:`~clustermap.balance.slowstart.RampingPicker` while
     nodes are in slow start, an :class:`ExpiringPicker` when it has ejected nodes.
     ``maglev_source`` gives the table the sidecar published, if any (see ServicePicker)."""

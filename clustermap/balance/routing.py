@@ -165,9 +165,7 @@ def declared_subsets(service: Service) -> list[Pairs]:
     out: list[Pairs] = []
     for keys in routing.selectors:
         values = {
-            tuple(n.meta[k] for k in keys)
-            for n in service.nodes
-            if all(k in n.meta for k in keys)
+            tuple(n.meta[k] for k in keys) for n in service.nodes if all(k in n.meta for k in keys)
         }
         out.extend(tuple(zip(keys, v, strict=True)) for v in sorted(values))
     if routing.fallback == "default" and routing.default_subset not in out:

@@ -85,7 +85,10 @@ def test_str_bytes_and_mixed_keys_pick_the_same_nodes(region_path: Path) -> None
     assert [cm.pick("h", k).address for k in KEYS] == want
     assert cm.picker("h").str_maglev is not None
     assert [cm.pick("h", k.encode()).address for k in KEYS] == want
-    assert cm.picker("h").str_maglev is None  # a bytes key switched off the untested branch
+    assert cm.picker("h").str_maglev is None  # a bytes key switched off the str branch
+    assert cm.picker("h").bytes_maglev is not None  # ... and on the bytes one
+    assert cm.pick("h", KEYS[0]).address == want[0]
+    assert cm.picker("h").bytes_maglev is None  # mixed keys: the tested branch from now on
     mixed = [cm.pick("h", k if i % 2 else k.encode()).address for i, k in enumerate(KEYS)]
     assert mixed == want
     with pytest.raises(TypeError):
