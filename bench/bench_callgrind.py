@@ -1,6 +1,7 @@
 """Instruction counts of warm picks under callgrind: the pick ratios, immune to machine load.
 
 Run: uv run python bench/bench_callgrind.py [--nodes 16] [--number 20000] [--json PATH]
+     [--only TEXT]   (only the rows whose label contains TEXT)
 
 Wall-clock ratios (bench_pick.py) move with whatever else the machine runs; instructions
 executed do not. For each statement, a child process runs it ``N`` and ``2 N`` times in a loop
@@ -177,6 +178,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--number", type=int, default=20_000)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--only", help="only the rows whose label contains this text")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench_callgrind: valgrind is not installed (apt-get install valgrind)")
@@ -218,6 +220,8 @@ def main() -> None:
         print(f"{'what':40} {'instr':>8} {'baseline':>9} {'x bare':>7}  bar")
         table = []
         for label, stmt, baseline, bar in ROWS:
+            if args.only and args.only not in label:
+                continue
             ir, base = cost(stmt), cost(baseline)
             ratio = ir / base
             print(f"{label:40} {ir:8.0f} {base:9.0f} {ratio:7.2f}  {f'{bar}x' if bar else ''}")
