@@ -483,12 +483,14 @@ class RegionWriter:
         if self._capped.get(name, "") != line:
             if line:
                 log.warning("%s", line)
-            self._capped[name] = line
+                self._capped[name] = line
+            else:
+                del self._capped[name]
 
     @property
     def tables_capped(self) -> int:
         """Hashed services some of whose declared subsets get no table (over a limit)."""
-        return sum(1 for line in self._capped.values() if line)
+        return len(self._capped)
 
     def _published_tables(self, name: str) -> dict[int, bytes]:
         """Copies of the payloads of ``name``'s published tables, by nodes digest."""

@@ -144,8 +144,12 @@ def test_tables_over_the_per_service_limit_are_left_to_workers_and_logged(
         w.publish([service])
         assert w.tables_capped == 1
         w.publish([service])  # the same again: logged once
+        fewer = Service("h", nodes[:10], "consistent_hash", meta=service.meta, revision=2)
+        w.publish([fewer])
+        assert w.tables_capped == 0
+        w.publish([service])  # over the limit again: logged again
     lines = [r.getMessage() for r in caplog.records if "no published table" in r.getMessage()]
-    assert len(lines) == 1
+    assert len(lines) == 2
     assert f"'h': {40 - MAX_SUBSET_TABLES} declared subsets get no published table" in lines[0]
     cm = clustermap.open(region_path)
     cm.pick("h", "k", subset={"shard": "s00"})
