@@ -82,6 +82,12 @@ ROWS = [
     ),
     ("pick(key=...), Maglev", "pick('hash', 'user:42')", "bare('hash', 'user:42')", 6),
     (
+        "pick(key=b...), Maglev, bytes key",
+        "pick('hash', b'user:42')",
+        "bare('hash', b'user:42')",
+        6,
+    ),
+    (
         "pick(strategy='least_request')",
         "pick('rr', strategy='least_request')",
         "bare('rr', strategy='least_request')",

@@ -37,6 +37,7 @@ import clustermap
 from clustermap.model import Node, Service
 from clustermap.region import layout as L
 from clustermap.region import writer as writer_module
+from clustermap.region.tables import TablePlan
 from clustermap.region.writer import RegionWriter
 
 MEMORY = r"""
@@ -62,6 +63,15 @@ for i in range(100):
         cm.pick(name, key=f"user:{i}")
 out["keyed picks"] = kib()
 out["shared"] = sum(cm.picker(n).maglev_shared for n in names)
+if sys.argv[2] == "subsets":  # keyed picks in both declared subsets of each service too
+    for i in range(100):
+        for name in names:
+            for v in ("v0", "v1"):
+                cm.pick(name, f"user:{i}", subset={"version": v})
+    out["keyed subset picks"] = kib()
+    out["subsets_shared"] = sum(
+        cm.picker(n, {"version": v}).maglev_shared for n in names for v in ("v0", "v1")
+    )
 print(json.dumps(out))
 """
 
@@ -69,12 +79,12 @@ print(json.dumps(out))
 @contextmanager
 def tables_disabled() -> Iterator[None]:
     """A writer that publishes no tables: an older sidecar, or a service it has none for."""
-    real = writer_module.table_input
-    writer_module.table_input = lambda service: None
+    real = writer_module.table_plan
+    writer_module.table_plan = lambda service, budget=0: TablePlan([], "")
     try:
         yield
     finally:
-        writer_module.table_input = real
+        writer_module.table_plan = real
 
 
 @contextmanager
@@ -124,11 +134,19 @@ def first_keyed(path: str, nodes: int, repeat: int) -> dict[str, float]:
     }
 
 
-def memory(path: str) -> dict[str, object]:
+def with_subsets(s: Service) -> Service:
+    """``s`` with nodes of versions v0 / v1 and the subset declared (meta subset_keys)."""
+    nodes = tuple(n._replace(meta={"version": f"v{k % 2}"}) for k, n in enumerate(s.nodes))
+    meta = {"subset_keys": "version"}
+    return Service(s.name, nodes, strategy=s.strategy, revision=s.revision, meta=meta)
+
+
+def memory(path: str, subsets: bool = False) -> dict[str, object]:
+    data = [hashed(i, 100) for i in range(10)]
     with RegionWriter(path) as w, unlimited_budget():
-        w.publish([hashed(i, 100) for i in range(10)])
+        w.publish([with_subsets(s) for s in data] if subsets else data)
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY, path],
+        [sys.executable, "-c", MEMORY, path, "subsets" if subsets else "whole"],
         check=True,
         capture_output=True,
         text=True,
@@ -194,15 +212,24 @@ def main() -> None:
         mem_now = memory(path)
         with tables_disabled():
             mem_before = memory(path)
-        for label, mem in (("table published", mem_now), ("worker builds", mem_before)):
-            a, b = mem["picks"], mem["keyed picks"]
+        mem_sub = memory(path, subsets=True)
+        with tables_disabled():
+            mem_sub_before = memory(path, subsets=True)
+        for label, mem, start, end in (
+            ("table published", mem_now, "picks", "keyed picks"),
+            ("worker builds", mem_before, "picks", "keyed picks"),
+            ("+2 subsets each, declared", mem_sub, "keyed picks", "keyed subset picks"),
+            ("+2 subsets each, built", mem_sub_before, "keyed picks", "keyed subset picks"),
+        ):
+            a, b = mem[start], mem[end]
             assert isinstance(a, dict)
             assert isinstance(b, dict)
+            shared = mem["subsets_shared"] if "subsets_shared" in mem else mem["shared"]
             print(
-                f"  {label:16} private +{b['RssAnon'] - a['RssAnon']:6} KiB in all "
+                f"  {label:26} private +{b['RssAnon'] - a['RssAnon']:6} KiB in all "
                 f"({(b['RssAnon'] - a['RssAnon']) / 10:7.1f} per service), region pages "
                 f"+{b['RssShmem'] - a['RssShmem']:5} KiB (shared); tables from the region: "
-                f"{mem['shared']}/10"
+                f"{shared}/{20 if 'subsets_shared' in mem else 10}"
             )
         print(f"3. region size at {args.services} services x 100 nodes")
         sizes = []
@@ -220,7 +247,12 @@ def main() -> None:
             args.json,
             {
                 "first_keyed": picks,
-                "memory_kib": {"published": mem_now, "worker_builds": mem_before},
+                "memory_kib": {
+                    "published": mem_now,
+                    "worker_builds": mem_before,
+                    "subsets_declared": mem_sub,
+                    "subsets_built": mem_sub_before,
+                },
                 "region": sizes,
                 "bars": {"first_keyed_pick_ms_100": 1.0, "private_kib_per_service": 50},
             },

@@ -22,11 +22,12 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import xxhash
 
 from clustermap.balance import MAGLEV_TABLE_SIZE, MaglevTable, ServicePicker
+from clustermap.balance.picker import MaglevSource
 from clustermap.balance.routing import Route, route, subset_pairs, zone_name
 from clustermap.balance.trial import offer_trial
 from clustermap.defaults import DEFAULT_REGION
@@ -134,24 +135,35 @@ class ClusterMap:
             if key is None:
                 return next(picker.default_it)
             # Inlined consistent_hash (one Python frame less per pick). A str key is assumed
-            # without a type test (~190 instructions); the first other key of this picker
-            # clears ``str_maglev`` and its keyed picks take the tested branch.
+            # without a type test (~190 instructions); the first bytes key of this picker
+            # moves the table to ``bytes_maglev``, which assumes bytes keys the same way, and
+            # the first str key after that sends its keyed picks to the tested branch.
             table = keyed.str_maglev
             if table is not None:
                 try:
                     return keyed.nodes[table[_xxh64(key.encode()) % MAGLEV_TABLE_SIZE]]  # type: ignore[union-attr]
-                except AttributeError:  # bytes
+                except AttributeError:  # bytes (or no key type at all)
                     keyed.str_maglev = None
+                    keyed.bytes_maglev = table
                 except IndexError:  # not a table of these nodes: the picker replaces it
                     pass
             else:
-                table = keyed.maglev
+                table = keyed.bytes_maglev
                 if table is not None:
-                    raw = key.encode() if isinstance(key, str) else key
                     try:
-                        return keyed.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                        return keyed.nodes[table[_xxh64(key) % MAGLEV_TABLE_SIZE]]  # type: ignore[arg-type]
+                    except TypeError:  # str (or no key type at all): mixed keys
+                        keyed.bytes_maglev = None
                     except IndexError:
                         pass
+                else:
+                    table = keyed.maglev
+                    if table is not None:
+                        raw = key.encode() if isinstance(key, str) else key
+                        try:
+                            return keyed.nodes[table[_xxh64(raw) % MAGLEV_TABLE_SIZE]]
+                        except IndexError:
+                            pass
             return keyed.consistent_hash(key)
         it = picker.iters.get(strategy)  # key-less strategies, inlined the same way
         if it is not None:
@@ -286,7 +298,9 @@ class ClusterMap:
             if entry is main or entry[0] is not main[0] or entry[2] != main[2]:
                 with self._lock:
                     zone = self._machine_zone(self._ensure_reader())
-                found = route(main[4].service, pairs, zone, time.time_ns())
+                reader = self._reader
+                source = None if reader is None else _published_maglev(reader, service, main[2])
+                found = route(main[4].service, pairs, zone, time.time_ns(), source)
                 found.picker.load_source = found.keyed.load_source = self._feedback_state()
                 entry = (main[0], main[1], main[2], found.picker, found.keyed)
         with self._lock:
@@ -497,16 +511,15 @@ def _choose(entry: _Entry, key: str | bytes | None, strategy: str | None) -> Nod
     return entry[3].pick(key, strategy)
 
 
-def _published_maglev(
-    reader: RegionReader, name: str, version: int
-) -> Callable[[], MaglevTable | None]:
-    """Where a picker finds the Maglev table the sidecar published with this version. The slot
-    is looked up when the table is wanted: a replacement file may have moved the service."""
+def _published_maglev(reader: RegionReader, name: str, version: int) -> MaglevSource:
+    """Where a picker finds the Maglev table the sidecar published with this version over its
+    nodes (the whole service's or a declared subset's). The slot is looked up when the table
+    is wanted: a replacement file may have moved the service."""
 
-    def load() -> MaglevTable | None:
+    def load(nodes: int, digest: int) -> MaglevTable | None:
         try:
             slot = reader.directory().get(name)
-            found = None if slot is None else reader.maglev_table(slot, version)
+            found = None if slot is None else reader.maglev_table(slot, version, nodes, digest)
         except ClusterMapError:
             return None
         return None if found is None else MaglevTable(*found)

@@ -326,12 +326,16 @@ class Routing(NamedTuple):
 
     subset_fallback=none|any|default   subset_default=k=v,k2=v2
     zone_min_healthy=0.714              zone_min_cluster_size=6
+    subset_keys=version;version,tier    (Envoy's subset_selectors: keys of the subsets picked
+                                        by key, whose Maglev tables the sidecar publishes)
     """
 
     fallback: str = "none"
     default_subset: tuple[tuple[str, str], ...] = ()
     zone_min_healthy: float = ZONE_MIN_HEALTHY
     zone_min_cluster_size: int = ZONE_MIN_CLUSTER_SIZE
+    #: Declared subset selectors: each a sorted tuple of meta keys, in the order declared.
+    selectors: tuple[tuple[str, ...], ...] = ()
 
 
 def check_routing(meta: Mapping[str, str]) -> Routing:
@@ -360,7 +364,16 @@ def check_routing(meta: Mapping[str, str]) -> Routing:
         if not raw.isdigit() or len(raw) > 6:
             raise ValueError(f"meta zone_min_cluster_size={clip(raw)} is not a whole number")
         size = int(raw)
-    return Routing(fallback, tuple(sorted(pairs.items())), healthy, size)
+    selectors: list[tuple[str, ...]] = []
+    for item in filter(None, (p.strip() for p in meta.get("subset_keys", "").split(";"))):
+        keys = tuple(sorted({k.strip() for k in item.split(",")}))
+        if any(not _META_KEY_RE.fullmatch(k) or len(k) > MAX_META_KEY for k in keys):
+            raise ValueError(
+                f"meta subset_keys: {clip(item)} is not KEY[,KEY...] (selectors split by ';')"
+            )
+        if keys not in selectors:
+            selectors.append(keys)
+    return Routing(fallback, tuple(sorted(pairs.items())), healthy, size, tuple(selectors))
 
 
 def check_service_meta(value: Mapping[str, str]) -> dict[str, str]:

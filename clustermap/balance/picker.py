@@ -54,6 +54,7 @@ __all__ = [
     "STRATEGIES",
     "ExpiringPicker",
     "LoadSource",
+    "MaglevSource",
     "MaglevTable",
     "ServicePicker",
     "eligible_nodes",
@@ -105,6 +106,13 @@ class MaglevTable(NamedTuple):
     entries: Sequence[int]
     nodes: int
     digest: int
+
+
+#: Where a picker finds a published Maglev table: called with the node count and nodes digest
+#: (:func:`~clustermap.balance.hashing.maglev_digest`) of its eligible nodes, it returns the
+#: table built over those nodes, if the region has one (the whole service's or a declared
+#: subset's; docs/region-format.md), else None.
+MaglevSource = Callable[[int, int], MaglevTable | None]
 
 
 def wants_maglev(service: Service) -> bool:
@@ -236,6 +244,7 @@ class ServicePicker:
         "_why",
         "_wrandom",
         "_wrr",
+        "bytes_maglev",
         "default",
         "default_it",
         "default_strategy",
@@ -255,7 +264,7 @@ class ServicePicker:
     def __init__(
         self,
         service: Service,
-        maglev_source: Callable[[], MaglevTable | None] | None = None,
+        maglev_source: MaglevSource | None = None,
     ) -> None:
         self.service = service
         #: Positions (in ``service.nodes``) of the nodes ejected by feedback, and the wall clock
@@ -272,6 +281,9 @@ class ServicePicker:
         #: ``maglev`` for the client's inlined keyed pick, which assumes a str key; set back to
         #: None by the client on a bytes key (then keyed picks go through consistent_hash).
         self.str_maglev: Sequence[int] | None = None
+        #: ``maglev`` for the client's inlined keyed pick once it saw a bytes key (it assumes
+        #: bytes keys); set back to None by the client on a str key after that.
+        self.bytes_maglev: Sequence[int] | None = None
         self.maglev_shared = False
         self._maglev_source = maglev_source
         self._ketama: tuple[list[int], list[Node]] | None = None
@@ -499,6 +511,7 @@ class ServicePicker:
         """A table entry that is not a node index: a shared table not made for these nodes
         (docs/region-format.md says when a reader could see one). Build our own instead."""
         self.str_maglev = None
+        self.bytes_maglev = None
         self.maglev = None
         self.maglev_shared = False
         self._maglev_source = None
@@ -507,13 +520,14 @@ class ServicePicker:
     def _shared_maglev(self) -> Sequence[int] | None:
         """The published table, if there is one and it was built over exactly our nodes."""
         source = self._maglev_source
-        found = source() if source is not None else None
-        if found is None or found.nodes != len(self._nodes_list) or len(found.entries) != _M:
+        if source is None:
             return None
         nodes = self._nodes_list
-        if found.digest != maglev_digest(
-            [canonical_name(n) for n in nodes], [n.weight for n in nodes]
-        ):
+        digest = maglev_digest([canonical_name(n) for n in nodes], [n.weight for n in nodes])
+        found = source(len(nodes), digest)
+        if found is None or found.nodes != len(nodes) or len(found.entries) != _M:
+            return None
+        if found.digest != digest:
             return None
         return found.entries
 
@@ -572,7 +586,7 @@ class ExpiringPicker(ServicePicker):
     def __init__(
         self,
         service: Service,
-        maglev_source: Callable[[], MaglevTable | None] | None = None,
+        maglev_source: MaglevSource | None = None,
     ) -> None:
         self._table: Sequence[int] | None = None
         super().__init__(service, maglev_source)
@@ -624,9 +638,7 @@ class ExpiringPicker(ServicePicker):
         return super()._maglev_mismatch(key)
 
 
-def make_picker(
-    service: Service, maglev_source: Callable[[], MaglevTable | None] | None = None
-) -> ServicePicker:
+def make_picker(service: Service, maglev_source: MaglevSource | None = None) -> ServicePicker:
     """The picker for ``service``: a :class:`~clustermap.balance.slowstart.RampingPicker` while
     nodes are in slow start, an :class:`ExpiringPicker` when it has ejected nodes.
     ``maglev_source`` gives the table the sidecar published, if any (see ServicePicker)."""

@@ -20,11 +20,11 @@ user's description of these rules and why they are so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
 from clustermap.balance.picker import (
-    MaglevTable,
+    MaglevSource,
     ServicePicker,
     eligible_nodes,
     live_ejections,
@@ -50,11 +50,13 @@ __all__ = [
     "Pairs",
     "Route",
     "ZoneDecision",
+    "declared_subsets",
     "describe",
     "restrict",
     "route",
     "routing_options",
     "subset_pairs",
+    "subset_service",
     "zone_decision",
     "zone_name",
 ]
@@ -121,11 +123,14 @@ def zone_name(raw: str) -> str:
 
 
 def restrict(service: Service, keep: Sequence[int]) -> Service:
-    """``service`` with only the nodes at positions ``keep`` (in map order); the sidecar's
-    overlay (feedback ids, ejections) follows its nodes."""
+    """``service`` with only the nodes at positions ``keep`` (in map order); what the sidecar
+    adds (feedback ids, ejections, slow-start ramps) follows its nodes."""
     overlay = service.overlay
+    ramp = service.slow_start
+    new = {old: k for k, old in enumerate(keep)} if overlay is not None or ramp is not None else {}
+    if ramp is not None:
+        ramp = ramp._replace(since=tuple((new[p], t) for p, t in ramp.since if p in new))
     if overlay is not None:
-        new = {old: k for k, old in enumerate(keep)}
         overlay = Overlay(
             tuple(overlay.ids[k] for k in keep),
             tuple(
@@ -143,11 +148,34 @@ def restrict(service: Service, keep: Sequence[int]) -> Service:
         service.revision,
         service.meta,
         overlay,
+        ramp if ramp is not None and ramp.since else None,
     )
 
 
 def _matching(service: Service, pairs: Pairs) -> list[int]:
     return [k for k, n in enumerate(service.nodes) if all(n.meta.get(a) == b for a, b in pairs)]
+
+
+def declared_subsets(service: Service) -> list[Pairs]:
+    """The subsets ``service`` declares in its meta ``subset_keys`` (Envoy's subset
+    selectors), as sorted pairs: for each selector in the order declared, every combination
+    of values its nodes have for all of its keys, in sorted order; then the default subset of
+    ``subset_fallback=default``. The sidecar publishes their Maglev tables (docs/routing.md)."""
+    routing = routing_options(service.meta)
+    out: list[Pairs] = []
+    for keys in routing.selectors:
+        values = {
+            tuple(n.meta[k] for k in keys) for n in service.nodes if all(k in n.meta for k in keys)
+        }
+        out.extend(tuple(zip(keys, v, strict=True)) for v in sorted(values))
+    if routing.fallback == "default" and routing.default_subset not in out:
+        out.append(routing.default_subset)
+    return out
+
+
+def subset_service(service: Service, pairs: Pairs) -> Service:
+    """``service`` restricted to the nodes whose meta has every pair (no fallback)."""
+    return restrict(service, _matching(service, pairs))
 
 
 class ZoneDecision(NamedTuple):
@@ -217,12 +245,13 @@ def route(
     pairs: Pairs,
     zone: str,
     now_ns: int,
-    maglev_source: Callable[[], MaglevTable | None] | None = None,
+    maglev_source: MaglevSource | None = None,
 ) -> Route:
     """The pickers for ``service`` inside the subset ``pairs`` (() for none) on a machine in
     ``zone``. Raises :class:`NoAvailableNode` naming the subset when it has no node that may
-    receive traffic and the service's fallback does not apply. ``maglev_source`` is used only
-    for the whole service (a published table is built over all its nodes)."""
+    receive traffic and the service's fallback does not apply. ``maglev_source`` finds the
+    keyed picker's table in the region: the whole service's, or that of a declared subset
+    (:func:`declared_subsets`) whose eligible nodes are the same."""
     routing = routing_options(service.meta) if pairs or zone else _DEFAULTS
     base = service
     fallback = ""
@@ -243,7 +272,7 @@ def route(
                 fallback = f"default subset {describe(default)} ({why})"
             else:
                 raise NoAvailableNode(why)
-    keyed = make_picker(base, maglev_source if base is service else None)
+    keyed = make_picker(base, maglev_source)
     decision = zone_decision(base, zone, routing, now_ns)
     picker = keyed
     if decision.state == LOCAL and len(decision.local) < len(base.nodes):

@@ -22,14 +22,14 @@ request only; a hash ring that moved keys as weights ramp would defeat affinity)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from itertools import chain, islice
 from typing import Final
 
 from clustermap.balance.picker import (
     ExpiringPicker,
-    MaglevTable,
+    MaglevSource,
     ServicePicker,
     _Calls,
     _random,
@@ -117,7 +117,7 @@ class RampingPicker(ExpiringPicker):
     def __init__(
         self,
         service: Service,
-        maglev_source: Callable[[], MaglevTable | None] | None = None,
+        maglev_source: MaglevSource | None = None,
     ) -> None:
         self._ramps: list[tuple[int, int]] = []
         self._chains: tuple[Iterator[Node], Iterator[Node]] | None = None

@@ -57,6 +57,9 @@ its service record. Payload (binary)::
     24  .. M entries (u8 or u16), node indices
 
 Readers that do not know kind 5 never see it (the service record's length excludes it).
+More table records of the same version may follow the first, each at the 64-byte boundary
+after the previous one (at most :data:`MAX_TABLE_RECORDS` in all): the tables of the service's
+declared subsets. A reader finds the one it wants by node count and nodes digest.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ __all__ = [
     "KIND_TXN",
     "LAST_SYNC_OFF",
     "MAGIC",
+    "MAX_TABLE_RECORDS",
     "MUTEX_OFF",
     "MUTEX_SIZE",
     "RECORD_HEADER",
@@ -123,6 +127,7 @@ __all__ = [
     "parse_header",
     "parse_record_header",
     "table_payload",
+    "table_records",
     "verify_payload",
     "with_table",
 ]
@@ -153,6 +158,8 @@ KIND_TABLE: Final = 5
 _STATIC = struct.Struct("<8sIIQQI4xQQQ")  # magic .. file id: 64 bytes
 _TABLE = struct.Struct("<4sIIIQ")  # magic, size, node count, width, nodes digest
 TABLE_MAGIC: Final = b"MGLV"
+#: Table records one service record may carry: its whole table and up to 16 subsets' tables.
+MAX_TABLE_RECORDS: Final = 17
 RECORD_HEADER: Final = struct.Struct("<IIQQ")  # kind, length, version, checksum
 MAX_PAYLOAD: Final = (1 << 32) - 1
 
@@ -526,6 +533,34 @@ def table_payload(
         return None
     payload = buf[t + hdr : t + hdr + length]
     return payload if verify_payload(payload, version, digest) else None
+
+
+def table_records(
+    buf: bytes | memoryview | mmap, off: int, version: int, limit: int
+) -> list[tuple[int, int, int, int, int]]:
+    """The table records attached to the service record at ``off`` (of ``version``), as
+    ``(payload offset, length, checksum, node count, nodes digest)``, read from their headers
+    and **not verified**: the caller verifies the payload it uses (:func:`verify_payload`).
+    The walk stops at the first record that is not a table of this version, or after
+    :data:`MAX_TABLE_RECORDS`."""
+    hdr = RECORD_HEADER.size
+    out: list[tuple[int, int, int, int, int]] = []
+    if not 0 <= off <= limit - hdr:
+        return out
+    kind, length, rversion, _ = parse_record_header(buf[off : off + hdr])
+    if kind != KIND_SERVICE or rversion != version:
+        return out
+    t = off + align(hdr + length)
+    while len(out) < MAX_TABLE_RECORDS and t <= limit - hdr - _TABLE.size:
+        kind, length, rversion, digest = parse_record_header(buf[t : t + hdr])
+        if kind != KIND_TABLE or rversion != version or t + hdr + length > limit:
+            break
+        if length < _TABLE.size:
+            break
+        _, _, nodes, _, nodes_digest = _TABLE.unpack_from(buf[t + hdr : t + hdr + _TABLE.size])
+        out.append((t + hdr, length, digest, nodes, nodes_digest))
+        t += align(hdr + length)
+    return out
 
 
 def encode_txn(generation: int, entries: list[tuple[int, int, int]]) -> bytes:

@@ -200,10 +200,14 @@ class RegionReader:
             if attempt > 16:
                 time.sleep(min(0.001, 0.00001 * attempt))
 
-    def maglev_table(self, slot: int, version: int) -> tuple[memoryview, int, int] | None:
+    def maglev_table(
+        self, slot: int, version: int, nodes: int | None = None, digest: int | None = None
+    ) -> tuple[memoryview, int, int] | None:
         """``(entries, node count, nodes digest)`` of the Maglev table published with version
         ``version`` of the service in ``slot``, or None if there is none (an older writer, a
-        service the writer publishes no table for, or the slot has moved on).
+        service the writer publishes no table for, or the slot has moved on). With ``nodes``
+        and ``digest``, the table built over those nodes (the whole service's or a declared
+        subset's, docs/region-format.md); else the first one (the whole service's).
 
         ``entries`` is a view of the region's pages, shared by every worker: no copy. It stays
         valid as long as the slot holds ``version`` (the caller checks that word before each
@@ -216,7 +220,17 @@ class RegionReader:
         off = int(words[base + 1])
         if off < self.header.data_offset:
             return None
-        payload = L.table_payload(self._view, off, version, self._size)
+        if nodes is None or digest is None:
+            payload = L.table_payload(self._view, off, version, self._size)
+        else:
+            payload = None
+            for start, length, checksum, count, found in L.table_records(
+                self._view, off, version, self._size
+            ):
+                if count == nodes and found == digest:
+                    view = self._view[start : start + length]
+                    payload = view if L.verify_payload(view, version, checksum) else None
+                    break
         if payload is None or int(words[base]) & _MASK != version:
             return None
         try:

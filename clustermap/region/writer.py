@@ -18,9 +18,10 @@ When the data area or the slot table is full, the writer builds a larger (or com
 beside the live one, sets RETIRED in the old file's slots, renames the new one over the path and
 keeps the old one open for a grace period; readers move over on their own.
 
-Services that are picked by key get their Maglev table built here, once per machine, and
-published right after their record (:mod:`clustermap.region.tables`); workers index those
-pages in place, so the space of a replaced table is reused only after a grace period.
+Services that are picked by key get their Maglev table (and their declared subsets' tables)
+built here, once per machine, and published right after their record
+(:mod:`clustermap.region.tables`); workers index those pages in place, so the space of a
+replaced table is reused only after a grace period.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ from clustermap.region import election, trust
 from clustermap.region import layout as L
 from clustermap.region.alloc import Allocator
 from clustermap.region.lock import LockTimeout, RobustMutex
-from clustermap.region.tables import TABLE_BUDGET_S, build_table, table_input
+from clustermap.region.tables import (
+    MAX_SUBSET_TABLE_BYTES,
+    TABLE_BUDGET_S,
+    build_table,
+    table_bytes,
+    table_plan,
+)
 
 __all__ = ["RegionWriter", "WriterStats"]
 
@@ -83,7 +90,8 @@ class _Entry:
     offset: int
     size: int  # bytes reserved (record rounded up to DATA_ALIGN)
     digest: int  # xxh3_64 of the payload, to skip unchanged upserts
-    table: int = 0  # nodes digest of the table record after it, 0 if none
+    tables: tuple[int, ...] = ()  # nodes digests of the table records after it, in order
+    extra: int = 0  # bytes of those tables beyond the first (subset tables)
 
 
 class RegionWriter:
@@ -109,8 +117,10 @@ class RegionWriter:
         self.recovered = 0  # updates repaired after a dead writer, since open
         self.last_stats: WriterStats | None = None
         self._retiring: list[tuple[float, int, mmap.mmap]] = []
-        #: Hashed services published without their table (over an update's build budget).
+        #: Hashed services published without their tables (over an update's build budget).
         self._owed: dict[str, Service] = {}
+        #: The last "declared subsets left without a table" line logged, per service.
+        self._capped: dict[str, str] = {}
         #: Extents that held a table workers may still be indexing: (free after, offset, size).
         self._quarantine: list[tuple[float, int, int]] = []
         self._election_fd = self._elect(float(wait))
@@ -242,16 +252,26 @@ class RegionWriter:
                 log.error("%s: slot %d points at an invalid record; dropping it", self.path, slot)
                 self._store_slot(slot, 0, 0)
                 continue
-            table = 0
-            found = L.table_payload(mm, off, version, hdr.file_size)
-            if found is not None and slot >= L.FIRST_SERVICE_SLOT:
-                try:
-                    table = L.decode_table(found)[3]
-                    end = off + L.align(end - off) + L.RECORD_HEADER.size + len(found)
-                except CorruptRegion:
-                    table = 0
+            tables: list[int] = []
+            extra = 0
+            if slot >= L.FIRST_SERVICE_SLOT:
+                for start, length, checksum, _, _ in L.table_records(
+                    mm, off, version, hdr.file_size
+                ):
+                    found = mm[start : start + length]
+                    if not L.verify_payload(found, version, checksum):
+                        break
+                    try:
+                        tables.append(L.decode_table(found)[3])
+                    except CorruptRegion:
+                        break
+                    if len(tables) > 1:
+                        extra += L.align(L.RECORD_HEADER.size + length)
+                    end = start + length
             size = L.align(end - off)
-            self._slots[slot] = _Entry(off, size, xxhash.xxh3_64_intdigest(payload), table)
+            self._slots[slot] = _Entry(
+                off, size, xxhash.xxh3_64_intdigest(payload), tuple(tables), extra
+            )
             used.append((off, size))
         self._alloc = Allocator(hdr.data_offset, hdr.file_size, used)
         self._quarantine = []
@@ -413,57 +433,85 @@ class RegionWriter:
         """Hashed services published without their Maglev table, for now."""
         return len(self._owed)
 
-    def _prepare_tables(
-        self, upserts: list[Service], removals: set[str]
-    ) -> dict[str, tuple[int, bytes | None]]:
-        """Table payloads (with their nodes digests) for this update, by service name.
+    def _prepare_tables(self, upserts: list[Service], removals: set[str]) -> dict[str, _Tables]:
+        """Table payloads (with their nodes digests) for this update, by service name: each
+        hashed service's whole table, then its declared subsets' (clustermap.region.tables).
 
         A table whose nodes did not change is not rebuilt: None stands for the one the region
-        holds, which is copied only if the service's record is rewritten. Owed tables
-        whose service is not in this update are paid back with what is left of the budget, by
-        appending their service to ``upserts``.
+        holds, which is copied only if the service's record is rewritten. A service's tables
+        are built together or not at all; owed tables whose service is not in this update are
+        paid back with what is left of the budget, by appending their service to ``upserts``.
         """
-        tables: dict[str, tuple[int, bytes | None]] = {}
+        tables: dict[str, _Tables] = {}
         for name in removals:
             self._owed.pop(name, None)
+            self._capped.pop(name, None)
         named = {s.name for s in upserts}
         owed = [s for name, s in self._owed.items() if name not in named]
         for name in named:
             self._owed.pop(name, None)
         start = time.monotonic()
         built = 0
+        used = sum(e.extra for e in self._slots.values())
         for s in [*upserts, *owed]:
-            given = table_input(s)
-            if given is None:
+            slot = self._dir.get(s.name)
+            old = self._slots[slot] if slot is not None else None
+            held = old.extra if old is not None else 0
+            plan = table_plan(s, MAX_SUBSET_TABLE_BYTES - used + held)
+            self._log_capped(s.name, plan.left_out)
+            if not plan.inputs:
                 self._owed.pop(s.name, None)
                 continue
-            slot = self._dir.get(s.name)
-            if slot is not None and self._slots[slot].table == given.digest:
-                tables[s.name] = (given.digest, None)
-            elif built and time.monotonic() - start >= TABLE_BUDGET_S:
+            have = set(old.tables) if old is not None else set()
+            missing = [g for g in plan.inputs if g.digest not in have]
+            if missing and built and time.monotonic() - start >= TABLE_BUDGET_S:
                 self._owed[s.name] = s
                 continue
-            else:
-                tables[s.name] = (given.digest, build_table(given))
-                built += 1
+            tables[s.name] = _Tables(
+                tuple(g.digest for g in plan.inputs),
+                [(g.digest, None if g.digest in have else build_table(g)) for g in plan.inputs],
+            )
+            built += len(missing)
+            used += sum(table_bytes(g) for g in plan.inputs[1:]) - held
             if s.name in self._owed:
                 del self._owed[s.name]
                 upserts.append(s)
         return tables
 
-    def _published_table(self, name: str) -> bytes | None:
-        """A copy of the payload of ``name``'s published table, if it has one."""
+    def _log_capped(self, name: str, line: str) -> None:
+        """Log once (per change of what is left out) the declared subsets that get no table."""
+        if self._capped.get(name, "") != line:
+            if line:
+                log.warning("%s", line)
+                self._capped[name] = line
+            else:
+                del self._capped[name]
+
+    @property
+    def tables_capped(self) -> int:
+        """Hashed services some of whose declared subsets get no table (over a limit)."""
+        return len(self._capped)
+
+    def _published_tables(self, name: str) -> dict[int, bytes]:
+        """Copies of the payloads of ``name``'s published tables, by nodes digest."""
         slot = self._dir.get(name)
-        if slot is None or not self._slots[slot].table:
-            return None
+        if slot is None or not self._slots[slot].tables:
+            return {}
         version, off = self._slot(slot)
-        found = L.table_payload(self._mm, off, version & ~L.RETIRED, self._hdr.file_size)
-        return bytes(found) if found is not None else None
+        version &= ~L.RETIRED
+        out: dict[int, bytes] = {}
+        for start, length, checksum, _, digest in L.table_records(
+            self._mm, off, version, self._hdr.file_size
+        ):
+            body = self._mm[start : start + length]
+            if L.verify_payload(body, version, checksum):
+                out.setdefault(digest, body)
+        return out
 
     def _release(self, entry: _Entry) -> None:
         """Free a replaced record's space; one with a table only after the grace period, since
         workers index tables in place (docs/region-format.md)."""
-        if entry.table:
+        if entry.tables:
             self._quarantine.append((time.monotonic() + _GRACE_S, entry.offset, entry.size))
         else:
             self._alloc.free(entry.offset, entry.size)
@@ -483,7 +531,7 @@ class RegionWriter:
         upserts: list[Service],
         removals: set[str],
         meta: L.Meta | None,
-        tables: Mapping[str, tuple[int, bytes | None]],
+        tables: Mapping[str, _Tables],
         force: bool = False,
     ) -> WriterStats:
         self._release_quarantined()
@@ -498,21 +546,34 @@ class RegionWriter:
             payload = L.encode_service(s)
             digest = xxhash.xxh3_64_intdigest(payload)
             table = tables.get(s.name)
-            tag = table[0] if table is not None else 0
+            tag = table.digests if table is not None else ()
             slot = self._dir.get(s.name)
             old = self._slots[slot] if slot is not None else None
-            if old is not None and old.digest == digest and old.table == tag and not force:
+            if old is not None and old.digest == digest and old.tables == tag and not force:
                 unchanged += 1
                 continue
             record = L.encode_record(L.KIND_SERVICE, gen, payload)
-            body = None
-            if table is not None:  # None in it: the table the region holds, nodes unchanged
-                body = table[1] if table[1] is not None else self._published_table(s.name)
-            if body is not None:
-                record = L.with_table(record, L.encode_record(L.KIND_TABLE, gen, body))
-            else:
-                tag = 0
-            pending.append(_Pending(-1 if slot is None else slot, s.name, record, digest, tag))
+            written: list[int] = []
+            extra = 0
+            if table is not None:  # None in it: a table the region holds, nodes unchanged
+                held = (
+                    self._published_tables(s.name)
+                    if any(b is None for _, b in table.bodies)
+                    else {}
+                )
+                for d, b in table.bodies:
+                    body = b if b is not None else held.get(d)
+                    if body is None:
+                        continue
+                    record = L.with_table(record, L.encode_record(L.KIND_TABLE, gen, body))
+                    if written:
+                        extra += L.align(L.RECORD_HEADER.size + len(body))
+                    written.append(d)
+            pending.append(
+                _Pending(
+                    -1 if slot is None else slot, s.name, record, digest, tuple(written), extra
+                )
+            )
         removals = {n for n in removals if n in self._dir and n not in seen}
         new_names = [p.name for p in pending if p.slot < 0 and p.name is not None]
         if meta is not None and meta != self._meta:
@@ -573,7 +634,7 @@ class RegionWriter:
                     raise _NoSpace
                 self._mm[off : off + len(p.record)] = p.record
                 target = directory[p.name] if p.name is not None else p.slot
-                placed.append((target, _Entry(off, size, p.digest, p.table)))
+                placed.append((target, _Entry(off, size, p.digest, p.tables, p.extra)))
             entries = [(slot, gen, e.offset) for slot, e in placed]
             entries += [(self._dir[n], 0, 0) for n in removals]
             txn = L.encode_record(L.KIND_TXN, gen, L.encode_txn(gen, entries))
@@ -851,7 +912,16 @@ class _Pending(NamedTuple):
     name: str | None
     record: bytes
     digest: int
-    table: int = 0
+    tables: tuple[int, ...] = ()
+    extra: int = 0
+
+
+class _Tables(NamedTuple):
+    """A service's tables for one update: their nodes digests (whole service first), and each
+    one's payload, None for one the region holds already (copied)."""
+
+    digests: tuple[int, ...]
+    bodies: list[tuple[int, bytes | None]]
 
 
 def _refuse_untrusted(path: str) -> None:

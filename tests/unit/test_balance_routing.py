@@ -64,9 +64,16 @@ def test_routing_options_parse_and_refuse() -> None:
             "subset_default": "version=v1, tier=gold",
             "zone_min_healthy": "0.5",
             "zone_min_cluster_size": "3",
+            "subset_keys": "version; version,tier;tier , version;;",
         }
     )
-    assert got == rules.Routing("default", (("tier", "gold"), ("version", "v1")), 0.5, 3)
+    assert got == rules.Routing(
+        "default",
+        (("tier", "gold"), ("version", "v1")),
+        0.5,
+        3,
+        (("version",), ("tier", "version")),
+    )
     assert rules.check_routing({}) == DEFAULT
     assert DEFAULT.zone_min_healthy == pytest.approx(1 / 1.4)
     assert DEFAULT.zone_min_cluster_size == 6
@@ -79,6 +86,9 @@ def test_routing_options_parse_and_refuse() -> None:
         {"zone_min_healthy": "nan"},
         {"zone_min_cluster_size": "-1"},
         {"zone_min_cluster_size": "x"},
+        {"subset_keys": "version,,tier"},
+        {"subset_keys": "ver sion"},
+        {"subset_keys": "-version"},
     ):
         with pytest.raises(ValueError, match="meta"):
             rules.check_routing(bad)

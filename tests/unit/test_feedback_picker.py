@@ -107,7 +107,7 @@ def test_a_published_table_is_not_used_while_nodes_are_ejected() -> None:
     published = MaglevTable(memoryview(entries).cast("B" if width == 1 else "H"), count, digest)
     calls = []
 
-    def source() -> MaglevTable:
+    def source(nodes: int, digest: int) -> MaglevTable:
         calls.append(1)
         return published
 

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 from clustermap.balance.picker import ExpiringPicker, ServicePicker, make_picker
+from clustermap.balance.routing import restrict, route
 from clustermap.balance.slowstart import (
     CHUNK,
     STEPS,
@@ -322,3 +323,52 @@ def test_a_ramp_that_ended_before_a_fork_leaves_plain_iterators() -> None:
     assert isinstance(picker.default_it, cycle)
     picks = [picker.pick(strategy="weighted") for _ in range(400)]
     assert share(picks, svc.nodes[3]) == 0.25
+
+
+# -- inside a subset or a zone (docs/routing.md) ---------------------------------------------------
+
+
+def tagged(ramping_position: int, since_s: float) -> Service:
+    """Six nodes: 0-3 of version v2 (0-1 in zone a), 4-5 of v1; one ramping since ``since_s``."""
+    now = time.time_ns()
+    out = tuple(
+        Node(f"10.0.0.{i}", 80, meta={"version": "v2" if i < 4 else "v1", "zone": "ab"[i // 2 % 2]})
+        for i in range(6)
+    )
+    ramp = SlowStart(3600 * S, 1.0, 0.1, ((ramping_position, now - int(since_s * S)),))
+    return Service("s", out, slow_start=ramp)
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "weighted", "least_request"])
+def test_subset_picks_ramp(strategy: str) -> None:
+    svc = tagged(3, since_s=1800.0)  # half-way: 0.5 of a normal share
+    found = route(svc, (("version", "v2"),), "", time.time_ns())
+    assert isinstance(found.picker, RampingPicker)
+    picks = [found.picker.pick(strategy=strategy) for _ in range(60 * CHUNK)]
+    rel = 0.25 if strategy == "least_request" else 0.05
+    assert share(picks, svc.nodes[3]) == pytest.approx(0.5 / 3.5, rel=rel)
+    for n in svc.nodes[:3]:
+        assert share(picks, n) == pytest.approx(1 / 3.5, rel=rel)
+    assert not {n.meta["version"] for n in picks} - {"v2"}
+
+
+def test_a_ramp_outside_the_subset_leaves_its_picker_plain() -> None:
+    svc = tagged(5, since_s=1800.0)
+    sub = restrict(svc, [0, 1, 2, 3])
+    assert sub.slow_start is None
+    assert type(route(svc, (("version", "v2"),), "", time.time_ns()).picker) is ServicePicker
+    ramp = restrict(svc, [5, 4]).slow_start  # positions follow the nodes
+    assert ramp is not None
+    assert [p for p, _ in ramp.since] == [0]
+
+
+def test_zone_local_picks_ramp() -> None:
+    svc = tagged(1, since_s=1800.0)  # zone a: nodes 0, 1, 4, 5 -> 1 ramps
+    meta = {"zone_min_cluster_size": "1"}
+    svc = replace(svc, meta=meta)
+    found = route(svc, (), "a", time.time_ns())
+    assert found.zone.state == "local"
+    assert isinstance(found.picker, RampingPicker)
+    picks = [found.picker.pick() for _ in range(70 * CHUNK)]
+    assert share(picks, svc.nodes[1]) == pytest.approx(0.5 / 3.5, rel=0.05)
+    assert {n.meta["zone"] for n in picks} == {"a"}

@@ -53,20 +53,6 @@ def local_picks(service: Service) -> list[str]:
     return [picker.pick(key=k).address for k in KEYS]
 
 
-@pytest.fixture
-def table_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """One entry per Maglev table the region writer builds (the real build still runs)."""
-    builds: list[int] = []
-    real = writer_module.build_table
-
-    def counting(given: object) -> bytes:
-        builds.append(1)
-        return real(given)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(writer_module, "build_table", counting)
-    return builds
-
-
 @pytest.mark.parametrize("count", [1, 5, 100, 300])
 def test_hashed_services_get_their_table_and_workers_index_it(
     region_path: Path, count: int
@@ -99,7 +85,10 @@ def test_str_bytes_and_mixed_keys_pick_the_same_nodes(region_path: Path) -> None
     assert [cm.pick("h", k).address for k in KEYS] == want
     assert cm.picker("h").str_maglev is not None
     assert [cm.pick("h", k.encode()).address for k in KEYS] == want
-    assert cm.picker("h").str_maglev is None  # a bytes key switched off the untested branch
+    assert cm.picker("h").str_maglev is None  # a bytes key switched off the str branch
+    assert cm.picker("h").bytes_maglev is not None  # ... and on the bytes one
+    assert cm.pick("h", KEYS[0]).address == want[0]
+    assert cm.picker("h").bytes_maglev is None  # mixed keys: the tested branch from now on
     mixed = [cm.pick("h", k if i % 2 else k.encode()).address for i, k in enumerate(KEYS)]
     assert mixed == want
     with pytest.raises(TypeError):
@@ -259,14 +248,14 @@ def test_a_table_of_other_nodes_is_never_used(region_path: Path) -> None:
     entries, count, digest = found
     other = Service("h", service.nodes[:6], strategy="consistent_hash")
     picker = clustermap.balance.ServicePicker(
-        other, lambda: clustermap.balance.MaglevTable(entries, count, digest)
+        other, lambda *_: clustermap.balance.MaglevTable(entries, count, digest)
     )
     assert [picker.pick(key=k).address for k in KEYS] == local_picks(other)
     assert not picker.maglev_shared
     # Right digest and count claimed, wrong content: indexes past the nodes fall back.
     liar = clustermap.balance.ServicePicker(
         other,
-        lambda: clustermap.balance.MaglevTable(
+        lambda *_: clustermap.balance.MaglevTable(
             bytes([200]) * MAGLEV_TABLE_SIZE, 6, _digest_of(other)
         ),
     )

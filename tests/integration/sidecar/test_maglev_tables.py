@@ -3,10 +3,13 @@ it after a real change on the server, all the same, equal to docs/hashing.md, an
 
 from __future__ import annotations
 
+import hashlib
 import json
+from array import array
 from pathlib import Path
 
 import clustermap
+from clustermap.model import Service
 from tests.support.procs import Child, wait_for
 from tests.support.stack import ServerProc, SidecarProc
 from tests.unit.test_balance_docs import VECTORS
@@ -81,6 +84,90 @@ def test_sidecar_table_after_a_change_is_shared_identical_and_documented(
         cm = clustermap.open(region)
         wait_for(lambda: len(cm.service("cache-svc").nodes) == len(names))
         assert [cm.pick("cache-svc", k).address for k in keys] == documented
+        for w in workers:
+            assert w.wait(timeout=30) == 0, w.stderr()
+    finally:
+        for w in workers:
+            w.close()
+        if sidecar is not None:
+            sidecar.close()
+        server.close()
+
+
+# A worker: waits for each expected node count in turn, then makes its first keyed picks of that
+# version inside each subset and reports whether its picker used a table from the region.
+SUBSET_WORKER = r"""
+import hashlib, json, sys, time
+from array import array
+import clustermap
+cm = clustermap.open(sys.argv[1])
+keys = json.loads(sys.argv[3])
+for count in map(int, sys.argv[2].split(",")):
+    deadline = time.monotonic() + 60
+    while len(cm.service("cache-svc").nodes) != count:
+        if time.monotonic() > deadline:
+            sys.exit(f"never saw {count} nodes")
+        time.sleep(0.005)
+    out = {"nodes": count}
+    for version in ("v1", "v2"):
+        subset = {"version": version}
+        picks = [cm.pick("cache-svc", k, subset=subset).address for k in keys]
+        picker = cm.picker("cache-svc", subset)
+        out[version] = {
+            "picks": picks,
+            "shared": picker.maglev_shared,
+            "sha256": hashlib.sha256(array("I", picker.maglev).tobytes()).hexdigest(),
+        }
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_sidecar_subset_tables_after_a_change_are_shared_and_equal_a_workers_own(
+    region_dir: Path,
+) -> None:
+    """The subsets a hashed service declares (meta subset_keys) get their tables from the real
+    sidecar with each real change: no worker builds one, and each equals a local build."""
+    clusters = region_dir / "clusters.toml"
+    clusters.write_text(
+        '[clusters.cache-svc]\nstrategy = "consistent_hash"\n'
+        '[clusters.cache-svc.meta]\nsubset_keys = "version"\n'
+    )
+    region = region_dir / "test.region"
+    keys = [f"user:{i}" for i in range(64)]
+    server = ServerProc("--clusters", str(clusters))
+    sidecar = None
+    workers: list[Child] = []
+    try:
+        for i in range(8):
+            server.register("cache-svc", f"10.9.0.{i}", 80, version=f"v{1 + i % 2}")
+        sidecar = SidecarProc(region, [server.address])
+        sidecar.wait_synced()
+        workers = [
+            Child.python("-c", SUBSET_WORKER, str(region), "8,9", json.dumps(keys))
+            for _ in range(2)
+        ]
+        before = [json.loads(w.readline(timeout=60)) for w in workers]
+        for r in before:
+            assert r["v1"]["shared"], r
+            assert r["v2"]["shared"], r
+        server.register("cache-svc", "10.9.0.8", 80, version="v2")  # the change
+        after = [json.loads(w.readline(timeout=60)) for w in workers]
+        cm = clustermap.open(region)
+        wait_for(lambda: len(cm.service("cache-svc").nodes) == 9)
+        for version in ("v1", "v2"):
+            subset = {"version": version}
+            nodes = [n for n in cm.service("cache-svc").nodes if n.meta["version"] == version]
+            local = clustermap.balance.ServicePicker(Service("cache-svc", tuple(nodes)))
+            want = [local.pick(key=k).address for k in keys]
+            sha = hashlib.sha256(array("I", local.maglev or ()).tobytes()).hexdigest()
+            for r in after:
+                assert r["nodes"] == 9
+                assert r[version]["shared"], r  # the first keyed pick of the new version
+                assert r[version]["picks"] == want
+                assert r[version]["sha256"] == sha  # equals the worker's own build
+            assert {cm.pick("cache-svc", k, subset=subset).meta["version"] for k in keys} == {
+                version
+            }
         for w in workers:
             assert w.wait(timeout=30) == 0, w.stderr()
     finally:
