@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, ParamSpec, TypeVar
 
+from clustermap import trace
 from clustermap.checksum import service_digest, update_checksum
 from clustermap.model import (
     DELTA,
@@ -391,6 +392,7 @@ class Registry:
             self._log.append(revision, changed)
             if revision > self._revision or changed:
                 self._revision = max(self._revision, revision)
+                trace.mark("server.commit", self._revision)
                 self._changed.notify_all()
 
     # -- registry calls -------------------------------------------------------------------

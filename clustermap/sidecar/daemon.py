@@ -20,6 +20,7 @@ from typing import Final
 
 from prometheus_client import Counter
 
+from clustermap import trace
 from clustermap.errors import ClusterMapError
 from clustermap.model import Service, parse_address
 from clustermap.region.layout import Meta
@@ -321,6 +322,7 @@ class Sidecar:
 
     def _stream_answer(self, server: str, answer: PollAnswer) -> None:
         assert self.watcher is not None
+        trace.mark("sidecar.dequeued", answer.revision)
         self._heard = time.monotonic()
         if not self._stream_since:
             self._stream_since = self._heard
@@ -452,6 +454,7 @@ class Sidecar:
             if self.watcher is not None:
                 self.watcher.resume_from("", 0)
             return False
+        trace.mark("sidecar.merged", answer.revision)
         if self.watcher is not None:
             self.watcher.resume_from(self.mirror.epoch, self.mirror.revision)
         self._count(answer.kind, answer.kind, outcomes)
@@ -489,7 +492,9 @@ class Sidecar:
             stream_since_ns=self._stream_since_ns if self._stream_since else 0,
             zone=self.settings.zone or "",
         )
+        trace.mark("sidecar.decided", answer.revision)
         self._publish(decision.upserts, decision.removals, meta)
+        trace.mark("sidecar.published", answer.revision)
         return True
 
     def _quarantined(self) -> dict[str, str]:
