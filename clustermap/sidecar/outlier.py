@@ -138,11 +138,10 @@ class Outliers:
     #: Uniform in [0, 1): decides a partly enforced ejection (``success_rate_enforcing``).
     draw: Callable[[], float] = random.random
 
-    def forget(self, keep: Iterable[int]) -> None:
-        """Drop the state of nodes no longer in the map."""
-        alive = set(keep)
-        for node_id in [i for i in self._nodes if i not in alive]:
-            del self._nodes[node_id]
+    def drop(self, node_ids: Iterable[int]) -> None:
+        """Drop the state of these nodes (gone from the map)."""
+        for node_id in node_ids:
+            self._nodes.pop(node_id, None)
 
     def ejected(self, node_id: int) -> Ejected | None:
         node = self._nodes.get(node_id)
