@@ -86,10 +86,12 @@ def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
 class Processes:
     """Plain worker processes polling their view every millisecond."""
 
-    def __init__(self, region: Path, workers: int, procs: list[subprocess.Popen[str]]) -> None:
+    def __init__(
+        self, region: Path, workers: int, nice: int, procs: list[subprocess.Popen[str]]
+    ) -> None:
         self.workers = [
             subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(region)],
+                _niced([sys.executable, "-c", WORKER, str(region)], nice),
                 stdout=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
@@ -164,26 +166,30 @@ class Gunicorn:
         workers: int,
         clients: int,
         nice: int,
+        product_nice: int,
         procs: list[subprocess.Popen[str]],
     ) -> None:
         self.port = free_port()
         env = dict(os.environ, CLUSTERMAP_REGION=str(region))
         env.pop(trace.ENV, None)  # the workers' sightings come back in their answers
         self.master = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("gunicorn")),
-                "--workers",
-                str(workers),
-                "--worker-class",
-                "sync",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--chdir",
-                str(HERE),
-                "--log-level",
-                "warning",
-                "prop_app:app",
-            ],
+            _niced(
+                [
+                    str(Path(sys.executable).with_name("gunicorn")),
+                    "--workers",
+                    str(workers),
+                    "--worker-class",
+                    "sync",
+                    "--bind",
+                    f"127.0.0.1:{self.port}",
+                    "--chdir",
+                    str(HERE),
+                    "--log-level",
+                    "warning",
+                    "prop_app:app",
+                ],
+                product_nice,
+            ),
             env=env,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -258,6 +264,11 @@ class Gunicorn:
             for a, b in zip(sorted(ts), sorted(ts)[1:], strict=False)
         ]
         return statistics.median(gaps) if gaps else float("nan")
+
+
+def _niced(argv: list[str], nice: int) -> list[str]:
+    """``argv`` run at nice level ``nice`` (coreutils nice(1): the pid stays the command's)."""
+    return ["nice", "-n", str(nice), *argv] if nice else argv
 
 
 def _populate(reg: registry_pb2_grpc.RegistryStub, services: int, nodes: int) -> None:
@@ -355,6 +366,14 @@ def main() -> None:
         "it; 0 makes them compete)",
     )
     ap.add_argument(
+        "--product-nice",
+        type=int,
+        default=0,
+        help="nice level of cm-server, cm-sidecar and the workers (default 0; below 0 needs "
+        "root: on a machine shared with other work it puts the product ahead of that work, "
+        "as on a machine of its own; give the clients a level between it and 19)",
+    )
+    ap.add_argument(
         "--subscribe",
         choices=("poll", "watch", "both"),
         default="poll",
@@ -408,7 +427,10 @@ def main() -> None:
         for a in addresses:
             procs.append(
                 subprocess.Popen(
-                    [str(bin_ / "cm-server"), "--listen", a, "--warmup", "0.1", *store],
+                    _niced(
+                        [str(bin_ / "cm-server"), "--listen", a, "--warmup", "0.1", *store],
+                        args.product_nice,
+                    ),
                     env=env,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
@@ -453,16 +475,19 @@ def main() -> None:
         for how in subscribes:
             region = tmp / f"{how}.region"
             sidecar = subprocess.Popen(
-                [
-                    str(bin_ / "cm-sidecar"),
-                    "--server",
-                    polled,
-                    "--region",
-                    str(region),
-                    "--interval",
-                    str(args.interval),
-                    *(["--watch"] if how == "watch" else []),
-                ],
+                _niced(
+                    [
+                        str(bin_ / "cm-sidecar"),
+                        "--server",
+                        polled,
+                        "--region",
+                        str(region),
+                        "--interval",
+                        str(args.interval),
+                        *(["--watch"] if how == "watch" else []),
+                    ],
+                    args.product_nice,
+                ),
                 env=env,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -473,9 +498,11 @@ def main() -> None:
             while _mode(region) != how:  # synced, and (watch) the stream is up
                 time.sleep(0.05)
             if args.mode == "gunicorn":
-                fleets[how] = Gunicorn(region, workers, args.clients, args.client_nice, procs)
+                fleets[how] = Gunicorn(
+                    region, workers, args.clients, args.client_nice, args.product_nice, procs
+                )
             else:
-                fleets[how] = Processes(region, workers, procs)
+                fleets[how] = Processes(region, workers, args.product_nice, procs)
         time.sleep(1.0)
         sent: dict[int, tuple[int, int]] = {}  # port registered: (time_ns before the call, rev)
         for i in range(args.changes):
@@ -573,6 +600,7 @@ def main() -> None:
                 "etcd_replicas": args.etcd_replicas,
                 "workers": workers,
                 "client_nice": args.client_nice if args.mode == "gunicorn" else None,
+                "product_nice": args.product_nice,
                 "interval_ms": args.interval * 1e3,
                 "changes": len(sent),
                 "origin": origin,
