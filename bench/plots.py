@@ -123,6 +123,56 @@ def propagation_figure(results: Path, out: Path) -> None:
     save(fig, out, "propagation.png", footer(fig, *runs))
 
 
+def propagation_watch_figure(results: Path, out: Path) -> None:
+    """Poll and watch side by side (bench_propagation.py --subscribe both): the CDFs, and where
+    the watch's milliseconds go, stage by stage."""
+    data = load(results, "propagation_watch")
+    if data is None:
+        print("no propagation_watch.json: skipped propagation_watch.png")
+        return
+    runs = data["results"]
+    fig, (cdf, stages) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
+    for how, color in (("poll", "tab:gray"), ("watch", "tab:blue")):
+        r = runs.get(how)
+        if r is None:
+            continue
+        lat = sorted(r["latencies_ms"])
+        frac = [(i + 1) / len(lat) for i in range(len(lat))]
+        cdf.step(
+            lat,
+            frac,
+            where="post",
+            color=color,
+            label=f"{how}: p50 {r['p50_ms']:.1f}, p90 {r['p90_ms']:.1f}, p99 {r['p99_ms']:.1f} ms",
+        )
+        cdf.axvline(
+            r["bar_ms"], **{**BAR, "color": color}, label=f"{how} bar: p99 ≤ {r['bar_ms']:.0f} ms"
+        )
+    cdf.axhline(0.99, color="gray", linewidth=0.5)
+    cdf.set_xscale("log")
+    cdf.set_xlabel(f"ms from {runs['watch']['origin']} to the first pick() that sees it (log)")
+    cdf.set_ylabel("fraction of (change, worker) pairs")
+    cdf.set_ylim(0, 1.01)
+    cdf.legend(fontsize=7, loc="upper left")
+    w = runs["watch"]
+    cdf.set_title(
+        f"{w['workers']} {w['mode']} workers per sidecar, {w['changes']} changes", fontsize=10
+    )
+    names = [*w.get("stages_ms", {}), "publish_to_pick"]
+    if w.get("stages_ms"):
+        q = {**w["stages_ms"], "publish_to_pick": w["publish_to_pick_ms"]}
+        y = list(range(len(names)))[::-1]
+        stages.barh(y, [q[n]["p99"] for n in names], color="lightsteelblue", label="p99")
+        stages.barh(y, [q[n]["p50"] for n in names], color="tab:blue", label="p50")
+        labels = [n if n != "publish_to_pick" else "until each worker's next pick" for n in names]
+        stages.set_yticks(y, labels, fontsize=8)
+        stages.set_xscale("log")
+        stages.set_xlabel("ms spent in each stage (since the previous one), log")
+        stages.legend(fontsize=8, loc="lower right")
+        stages.set_title("watch: where the milliseconds go", fontsize=10)
+    save(fig, out, "propagation_watch.png", footer(fig, data))
+
+
 def scale_figure(results: Path, out: Path) -> None:
     data = load(results, "scale")
     if data is None:
@@ -309,6 +359,7 @@ def feedback_figure(results: Path, out: Path) -> None:
 FIGURES: list[Callable[[Path, Path], None]] = [
     pick_figure,
     propagation_figure,
+    propagation_watch_figure,
     scale_figure,
     memory_figure,
     fleet_figure,

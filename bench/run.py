@@ -49,6 +49,11 @@ STEPS: dict[str, tuple[list[str], list[str], float]] = {
         ["bench_propagation.py", "--mode", "gunicorn", "--changes", "15"],
         180,
     ),
+    "propagation_watch": (
+        ["bench_propagation.py", "--mode", "gunicorn", "--subscribe", "both", "--changes", "40"],
+        ["bench_propagation.py", "--mode", "gunicorn", "--subscribe", "both", "--changes", "15"],
+        240,
+    ),
     "server": (
         ["bench_server.py"],
         ["bench_server.py", "--duration", "2", "--scale", "1000x100"],

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, ParamSpec, TypeVar
 
+from clustermap import trace
 from clustermap.checksum import pack_node, service_digest, update_checksum
 from clustermap.model import (
     DELTA,
@@ -415,6 +416,7 @@ class Registry:
             changed.append(name)
         self._log.append(revision, changed)
         self._revision = revision
+        trace.mark("server.commit", revision)
         self._changed.notify_all()
 
     def _fold_locked(self) -> None:

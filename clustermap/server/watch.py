@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import grpc
 
+from clustermap import trace
 from clustermap.model import NOT_MODIFIED, NOT_READY
 from clustermap.server.registry import PollResult, Registry, Unavailable
 from clustermap.server.serving import LoopThread
@@ -118,6 +119,7 @@ class WatchHub:
                 state = (now.epoch, now.revision, now.self_preservation)
                 if state == seen and not lost:
                     continue  # a timeout: nothing new (this wake-up notices flags and a lost store)
+                trace.mark("server.follower", now.revision)
                 # the answers most streams need, made here before they wake so that they find
                 # them ready: the delta from the previous revision, and NOT_MODIFIED at this one.
                 # Not while no stream is open (a racing new one asks for its own): a burst of
@@ -126,6 +128,7 @@ class WatchHub:
                 if ready and seen[1] >= 0 and now.revision != seen[1]:
                     ready.append(((seen[0], seen[1], None), None))
                 answers = [(key, self._answer_blocking(*key)) for key, _ in ready]
+                trace.mark("server.encoded", now.revision)
             except Unavailable:
                 if not lost:  # every stream asks again now, and is told UNAVAILABLE
                     lost = True
@@ -144,6 +147,8 @@ class WatchHub:
     # -- the loop -------------------------------------------------------------------------
 
     def _changed(self, ready: tuple[tuple[_Key, Answer], ...] = ()) -> None:
+        if ready:
+            trace.mark("server.loop", ready[0][1][0].revision)
         self._answers.clear()
         for key, answer in ready:
             if answer[0].kind == NOT_READY:
@@ -256,7 +261,9 @@ class WatchHub:
             result, data = answer
             now = loop.time()
             if now - last_sent >= keepalive or result.kind not in (NOT_MODIFIED, last_kind):
+                trace.mark("server.write", result.revision)
                 await context.write(data)
+                trace.mark("server.written", result.revision)
                 if on_answer is not None:
                     on_answer(result.kind)
                 last_sent, last_kind = now, result.kind

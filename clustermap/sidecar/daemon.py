@@ -20,6 +20,7 @@ from typing import Final
 
 from prometheus_client import Counter
 
+from clustermap import trace
 from clustermap.errors import ClusterMapError
 from clustermap.feedback.layout import owner_pid
 from clustermap.model import Service, parse_address
@@ -59,6 +60,7 @@ class Sidecar:
         self.mirror = Mirror()
         self.guard = Guard(_policy(settings))
         self.published: dict[str, Service] = {}
+        self._nodes = 0  # nodes in published
         self.meta = Meta()
         self.counters: dict[str, int] = {}
         self._signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
@@ -337,6 +339,7 @@ class Sidecar:
 
     def _stream_answer(self, server: str, answer: PollAnswer) -> None:
         assert self.watcher is not None
+        trace.mark("sidecar.dequeued", answer.revision)
         self._heard = time.monotonic()
         if not self._stream_since:
             self._stream_since = self._heard
@@ -468,6 +471,7 @@ class Sidecar:
             if self.watcher is not None:
                 self.watcher.resume_from("", 0)
             return False
+        trace.mark("sidecar.merged", answer.revision)
         if self.watcher is not None:
             self.watcher.resume_from(self.mirror.epoch, self.mirror.revision)
         self._count(answer.kind, answer.kind, outcomes)
@@ -505,7 +509,9 @@ class Sidecar:
             stream_since_ns=self._stream_since_ns if self._stream_since else 0,
             zone=self.settings.zone or "",
         )
+        trace.mark("sidecar.decided", answer.revision)
         self._publish(decision.upserts, decision.removals, meta)
+        trace.mark("sidecar.published", answer.revision)
         return True
 
     def _quarantined(self) -> dict[str, str]:
@@ -542,6 +548,12 @@ class Sidecar:
             self.writer.publish(written, removals, meta=meta, sync_ns=now_ns)
             self.meta = meta
             self._meta_at = time.monotonic()
+            before = [
+                old
+                for name in (*(s.name for s in upserts), *removals)
+                if (old := self.published.get(name)) is not None
+            ]
+            self._nodes += sum(len(s.nodes) for s in upserts) - sum(len(s.nodes) for s in before)
             for s in upserts:
                 self.published[s.name] = s
             for name in removals:
@@ -549,13 +561,13 @@ class Sidecar:
             if upserts or removals:
                 self._snapshot_dirty = True
                 if hub is not None:
-                    hub.retain(self.published.values())
+                    hub.retain(before, self.published)
             self.metrics.publish_seconds.observe(time.perf_counter() - t0)
         else:
             self.writer.touch(now_ns)
         self._last_ok = time.monotonic()
         self.metrics.synced(now_ns / 1e9)
-        self._refresh_gauges()
+        self._refresh_gauges(recount=False)  # the whole map only at start: this runs per change
         self._save_snapshot()
 
     def _mark_stale(self, reason: str) -> None:
@@ -575,11 +587,14 @@ class Sidecar:
         if outcome is not None:
             (by or self.metrics.polls).labels(outcome).inc()
 
-    def _refresh_gauges(self) -> None:
+    def _refresh_gauges(self, recount: bool = True) -> None:
+        """``recount``: count the published nodes anew (else :meth:`_publish` kept the count)."""
         m = self.metrics
+        if recount:
+            self._nodes = sum(len(s.nodes) for s in self.published.values())
         m.revision.set(self.meta.revision)
         m.services.set(len(self.published))
-        m.nodes.set(sum(len(s.nodes) for s in self.published.values()))
+        m.nodes.set(self._nodes)
         m.protected.set(1 if self.meta.protected else 0)
         m.stale.set(1 if self.meta.stale else 0)
 

@@ -26,7 +26,7 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -97,11 +97,12 @@ class NodeIds:
         self.ids[key] = i
         return i
 
-    def retain(self, services: Iterable[Service]) -> None:
-        keep = {(s.name, n.host, n.port) for s in services for n in s.nodes}
+    def release(self, keys: Iterable[tuple[str, str, int]]) -> list[int]:
+        """Free the ids of ``keys`` (after their rest); returns the ids freed."""
         until = time.monotonic() + _QUARANTINE_S
-        for key in [k for k in self.ids if k not in keep]:
-            self._resting.append((until, self.ids.pop(key)))
+        freed = [i for key in keys if (i := self.ids.pop(key, None)) is not None]
+        self._resting += [(until, i) for i in freed]
+        return freed
 
 
 @dataclass(slots=True)
@@ -197,17 +198,29 @@ class FeedbackHub:
             self._walls[until] = wall
         return wall
 
-    def retain(self, services: Iterable[Service]) -> None:
-        """After a publish: forget removed services and nodes."""
-        current = {s.name: s for s in services}
-        self._services = {n: s for n, s in self._services.items() if n in current}
-        self._service_ids = {n: v for n, v in self._service_ids.items() if n in current}
-        self.ids.retain(current.values())
-        live = set(self.ids.ids.values())
-        self._service_of = {i: n for i, n in self._service_of.items() if i in live}
-        self._recent = {n: v for n, v in self._recent.items() if n in current}
-        self.latencies.forget(live)
-        self.outliers.forget(live)
+    def retain(self, before: Iterable[Service], current: Mapping[str, Service]) -> None:
+        """After a publish: forget the services and nodes it removed. ``before`` are the
+        previous versions of the services the publish changed or removed, ``current`` the
+        published map: this costs what changed, not the size of the map (it runs on every
+        change, before the next one is applied)."""
+        gone: list[tuple[str, str, int]] = []
+        for old in before:
+            new = current.get(old.name)
+            if new is None:
+                self._services.pop(old.name, None)
+                self._service_ids.pop(old.name, None)
+                self._recent.pop(old.name, None)
+                gone += [(old.name, n.host, n.port) for n in old.nodes]
+            else:
+                keep = {(n.host, n.port) for n in new.nodes}
+                gone += [
+                    (old.name, n.host, n.port) for n in old.nodes if (n.host, n.port) not in keep
+                ]
+        freed = self.ids.release(gone)
+        for i in freed:
+            self._service_of.pop(i, None)
+        self.latencies.drop(freed)
+        self.outliers.drop(freed)
 
     # -- sweeping ---------------------------------------------------------------------------------
 

@@ -132,8 +132,8 @@ class Latencies:
             out[i] = value
         return out
 
-    def forget(self, keep: Iterable[int]) -> None:
-        """Drop the windows and figures of node ids not in ``keep``."""
-        live = set(keep)
-        self._windows = {i: w for i, w in self._windows.items() if i in live}
-        self._figures = {i: f for i, f in self._figures.items() if i in live}
+    def drop(self, node_ids: Iterable[int]) -> None:
+        """Drop the windows and figures of these node ids (gone from the map)."""
+        for i in node_ids:
+            self._windows.pop(i, None)
+            self._figures.pop(i, None)

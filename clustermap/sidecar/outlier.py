@@ -180,11 +180,10 @@ class Outliers:
     #: "failure" | "moved" | "returned").
     trial_events: list[tuple[str, int, str]] = field(default_factory=list)
 
-    def forget(self, keep: Iterable[int]) -> None:
-        """Drop the state of nodes no longer in the map."""
-        alive = set(keep)
-        for node_id in [i for i in self._nodes if i not in alive]:
-            del self._nodes[node_id]
+    def drop(self, node_ids: Iterable[int]) -> None:
+        """Drop the state of these nodes (gone from the map)."""
+        for node_id in node_ids:
+            self._nodes.pop(node_id, None)
 
     def ejected(self, node_id: int) -> Ejected | None:
         node = self._nodes.get(node_id)

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import grpc
 
+from clustermap import trace
 from clustermap.sidecar.answers import rpc_error, set_aside_invalid
 from clustermap.sidecar.config import SidecarSettings
 from clustermap.sidecar.poller import subscription_stubs
@@ -136,12 +137,14 @@ class Watcher:
             self._call = call
         try:
             for msg in call:
+                trace.mark("sidecar.received", msg.revision)
                 try:
                     answer = set_aside_invalid(poll_answer_from_pb(msg))
                 except WireError as exc:
                     log.error("rejected a malformed answer on the stream from %s: %s", server, exc)
                     call.cancel()
                     return stream, f"malformed answer: {exc}"
+                trace.mark("sidecar.decoded", answer.revision)
                 self._backoff.succeeded(server)
                 self._until.pop(server, None)
                 self._emit(StreamEvent(stream, server, answer))

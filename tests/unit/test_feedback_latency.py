@@ -139,11 +139,11 @@ def test_peak_ewma_takes_a_slower_sample_at_once_and_decays_without_samples() ->
     assert lat.step(now + 1.0, {}, {}) == {}
 
 
-def test_forget_drops_a_removed_nodes_window_and_figure() -> None:
+def test_drop_forgets_a_removed_nodes_window_and_figure() -> None:
     lat = Latencies(min_sightings=1, min_done=1)
     lat.step(0.0, {}, {})
     lat.step(0.02, {0: 1, 1: 1}, {})
     lat.step(0.04, {}, {0: (1, 0.0), 1: (1, 0.0)})
-    lat.forget([1])
+    lat.drop([0])
     assert lat.figure(0) == 0.0
     assert lat.figure(1) > 0

@@ -10,6 +10,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -237,3 +238,41 @@ def test_latency_is_measured_from_the_calls_in_flight(hub: FeedbackHub) -> None:
         assert int(hub.load[base + hub.capacity]) == 100_000  # the cost: (0 in flight + 1) x
     finally:
         os.close(holder)
+
+
+class _LookupsOnly(dict[str, Service]):
+    """A published map that fails if walked: retain must cost what changed, not the map."""
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("retain walked the whole published map")
+
+    def keys(self) -> Any:
+        raise AssertionError("retain walked the whole published map")
+
+    def values(self) -> Any:
+        raise AssertionError("retain walked the whole published map")
+
+    def items(self) -> Any:
+        raise AssertionError("retain walked the whole published map")
+
+
+def test_retain_forgets_only_the_nodes_a_change_removed(hub: FeedbackHub) -> None:
+    api = Service("api", (Node("10.0.0.1", 80), Node("10.0.0.2", 80)))
+    web = hub.decorate(Service("web", (Node("10.0.1.1", 80),)))
+    assert web.overlay is not None
+    kept, gone = (hub.ids.ids[("api", "10.0.0.1", 80)], hub.ids.ids[("api", "10.0.0.2", 80)])
+    smaller = Service("api", (Node("10.0.0.1", 80),))
+    hub.decorate(smaller)
+    hub.retain([api], _LookupsOnly(api=smaller, web=web))
+    assert ("api", "10.0.0.2", 80) not in hub.ids.ids
+    assert hub.ids.ids[("api", "10.0.0.1", 80)] == kept
+    assert hub.ids.ids[("web", "10.0.1.1", 80)] == web.overlay.ids[0]
+    # the freed id rests: a node added now gets another one
+    grown = hub.decorate(Service("api", (Node("10.0.0.1", 80), Node("10.0.0.3", 80))))
+    assert grown.overlay is not None
+    assert gone not in grown.overlay.ids
+    hub.retain([smaller], _LookupsOnly(api=grown, web=web))
+    # a removed service: every node of it goes
+    hub.retain([web], _LookupsOnly(api=grown))
+    assert ("web", "10.0.1.1", 80) not in hub.ids.ids
+    assert set(hub.ids.ids) == {("api", "10.0.0.1", 80), ("api", "10.0.0.3", 80)}
