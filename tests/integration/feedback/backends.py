@@ -24,14 +24,20 @@ def handler(delay: float) -> type[BaseHTTPRequestHandler]:
     return Slow
 
 
-def main() -> None:
-    for spec in sys.argv[1:]:
-        port, delay = spec.split(":")
-        server = ThreadingHTTPServer(("127.0.0.1", int(port)), handler(float(delay)))
+def serve(servers: list[tuple[int, type[BaseHTTPRequestHandler]]]) -> None:
+    """Serve each (port, handler) on loopback in threads, say ``ready``, and run until killed
+    (shared by the backend scripts of this folder)."""
+    for port, cls in servers:
+        server = ThreadingHTTPServer(("127.0.0.1", port), cls)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print("ready", flush=True)
     threading.Event().wait()
+
+
+def main() -> None:
+    specs = [spec.split(":") for spec in sys.argv[1:]]
+    serve([(int(port), handler(float(delay))) for port, delay in specs])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from backends import serve  # the script's own folder is first on sys.path
 
 
 def handler() -> type[BaseHTTPRequestHandler]:
@@ -42,12 +44,7 @@ def handler() -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
-    for port in sys.argv[1:]:
-        server = ThreadingHTTPServer(("127.0.0.1", int(port)), handler())
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    print("ready", flush=True)
-    threading.Event().wait()
+    serve([(int(port), handler()) for port in sys.argv[1:]])
 
 
 if __name__ == "__main__":
