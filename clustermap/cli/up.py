@@ -129,8 +129,12 @@ class _Child:
             return
         self._pump.join(5)
         with self._lock:
-            last = next((ln for ln in reversed(self.lines) if ln.strip()), "")
-        reason = last.removeprefix(f"{self.name}: ").strip() or f"status {self.proc.returncode}"
+            # its one-line error ("cm-sidecar: ...") if it printed one: gRPC's C core may log
+            # after it while the process exits
+            lines = [ln for ln in reversed(self.lines) if ln.strip()]
+            prefix = f"{self.name}: "
+            last = next((ln for ln in lines if ln.startswith(prefix)), lines[0] if lines else "")
+        reason = last.removeprefix(prefix).strip() or f"status {self.proc.returncode}"
         raise ClusterMapError(f"{self.name} did not start: {reason}{hint}")
 
     def stop(self) -> None:
@@ -142,6 +146,8 @@ class _Child:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._pump.join(5)
+        if not self._pump.is_alive() and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def up(args: argparse.Namespace) -> int:
