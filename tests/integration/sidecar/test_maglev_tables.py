@@ -14,9 +14,9 @@ from tests.support.procs import Child, wait_for
 from tests.support.stack import ServerProc, SidecarProc
 from tests.unit.test_balance_docs import VECTORS
 
-# A worker: waits until the service has each expected node count in turn, then makes its first
-# keyed picks of that version and reports what its picker used.
-WORKER = r"""
+# Both workers' start: for each node count given, in turn, wait until the service has it (the
+# body of the loop follows in each worker).
+_AWAIT_EACH_COUNT = r"""
 import hashlib, json, sys, time
 from array import array
 import clustermap
@@ -28,7 +28,13 @@ for count in map(int, sys.argv[2].split(",")):
         if time.monotonic() > deadline:
             sys.exit(f"never saw {count} nodes")
         time.sleep(0.005)
-    picks = [cm.pick("cache-svc", k).address for k in keys]
+"""
+
+# A worker: waits until the service has each expected node count in turn, then makes its first
+# keyed picks of that version and reports what its picker used.
+WORKER = (
+    _AWAIT_EACH_COUNT
+    + r"""    picks = [cm.pick("cache-svc", k).address for k in keys]
     picker = cm.picker("cache-svc")
     table = picker.maglev
     print(json.dumps({
@@ -39,6 +45,7 @@ for count in map(int, sys.argv[2].split(",")):
         "sha256": hashlib.sha256(array("I", table).tobytes()).hexdigest(),
     }), flush=True)
 """
+)
 
 
 def test_sidecar_table_after_a_change_is_shared_identical_and_documented(
@@ -96,19 +103,9 @@ def test_sidecar_table_after_a_change_is_shared_identical_and_documented(
 
 # A worker: waits for each expected node count in turn, then makes its first keyed picks of that
 # version inside each subset and reports whether its picker used a table from the region.
-SUBSET_WORKER = r"""
-import hashlib, json, sys, time
-from array import array
-import clustermap
-cm = clustermap.open(sys.argv[1])
-keys = json.loads(sys.argv[3])
-for count in map(int, sys.argv[2].split(",")):
-    deadline = time.monotonic() + 60
-    while len(cm.service("cache-svc").nodes) != count:
-        if time.monotonic() > deadline:
-            sys.exit(f"never saw {count} nodes")
-        time.sleep(0.005)
-    out = {"nodes": count}
+SUBSET_WORKER = (
+    _AWAIT_EACH_COUNT
+    + r"""    out = {"nodes": count}
     for version in ("v1", "v2"):
         subset = {"version": version}
         picks = [cm.pick("cache-svc", k, subset=subset).address for k in keys]
@@ -120,6 +117,7 @@ for count in map(int, sys.argv[2].split(",")):
         }
     print(json.dumps(out), flush=True)
 """
+)
 
 
 def test_sidecar_subset_tables_after_a_change_are_shared_and_equal_a_workers_own(
