@@ -97,6 +97,9 @@ class ServerProc:
 
         try:
             wait_for(serving, 60, "cm-server to serve")
+        except AssertionError as exc:  # say what the server said meanwhile
+            self.close()
+            raise AssertionError(f"{exc}; cm-server's log:\n{self.child.stderr()}") from None
         except BaseException:  # no one holds this object yet to close it: leak no process
             self.close()
             raise
