@@ -109,7 +109,6 @@ class ServerApp:
                 self._metrics_server = self.metrics.serve(cfg.metrics_listen)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
-        self._ready_reported = self.registry.ready()
 
     async def _serve(self, cfg: Config) -> int:
         """Build the ``grpc.aio`` server on the loop (its objects belong to that thread) and
@@ -181,7 +180,11 @@ class ServerApp:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_reflection(names, self.server, cfg.max_reflection)
-        self._set_ready(self.registry.ready())
+        # One reading for both: the health status set now and whether the main loop still has
+        # to report the end of warm-up. Read twice, a warm-up ending in between (a short one on
+        # a loaded machine) was never reported, and health said NOT_SERVING for good.
+        self._ready_reported = self.registry.ready()
+        self._set_ready(self._ready_reported)
         _check_bindable(cfg.listen)
         try:
             if cfg.server_tls_cert and cfg.server_tls_key:
