@@ -125,15 +125,19 @@ def after_two_sweeps(region: Path) -> None:
     wait_for(lambda: sweeps(region) > second, 10, "another sweep")
 
 
-def cmctl(region: Path, *args: str) -> dict[str, object]:
-    out = subprocess.run(
-        [CMCTL, "--region", str(region), *args, "--json"],
+def cmctl_text(region: Path, *args: str) -> str:
+    """What ``cmctl --region REGION ARGS...`` prints (it must succeed)."""
+    return subprocess.run(
+        [CMCTL, "--region", str(region), *args],
         capture_output=True,
         text=True,
         check=True,
         env=python_env(),
     ).stdout
-    result: dict[str, object] = json.loads(out)
+
+
+def cmctl(region: Path, *args: str) -> dict[str, object]:
+    result: dict[str, object] = json.loads(cmctl_text(region, *args, "--json"))
     return result
 
 

@@ -8,7 +8,6 @@ the backend's own count proves that exactly one request went to it machine-wide.
 from __future__ import annotations
 
 import re
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.feedback.test_feedback import Agent, cmctl
-from tests.support.procs import Child, python_env, wait_for
-from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
+from tests.integration.feedback.test_feedback import Agent, cmctl, cmctl_text
+from tests.support.procs import Child, wait_for
+from tests.support.stack import ServerProc, SidecarProc, free_port
 
 HERE = Path(__file__).parent
 
@@ -168,26 +167,14 @@ def test_a_sigkilled_trial_worker_hands_the_trial_to_another_and_cmctl_shows_it(
     assert 0 < trial["seconds_left"] <= 61
 
     # cmctl shows it, in text and JSON
-    text = subprocess.run(
-        [CMCTL, "--region", str(s.region), "status"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=python_env(),
-    ).stdout
+    text = cmctl_text(s.region, "status")
     assert f"trial by pid {trial['pid']}" in text, text
     dump = cmctl(s.region, "dump")
     nodes = {n["address"]: n for n in dump["services"]["api"]["nodes"]}  # type: ignore[index]
     assert nodes[s.bad]["half_open"] is True
     assert nodes[s.bad]["trial"]["pid"] == trial["pid"]
     assert nodes[s.bad]["ejected"] is True
-    dump_text = subprocess.run(
-        [CMCTL, "--region", str(s.region), "dump"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=python_env(),
-    ).stdout
+    dump_text = cmctl_text(s.region, "dump")
     assert f"HALF-OPEN (trial: pid {trial['pid']})" in dump_text, dump_text
 
     holder = pids[trial["pid"]]
