@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 import statistics
 import sys
 import threading
@@ -46,6 +45,7 @@ from clustermap._pb.clustermap.v1 import (  # noqa: E402
 )
 from tests.integration.etcd.harness import EtcdCluster, start_cluster  # noqa: E402
 from tests.support.procs import Child, python_env, wait_for  # noqa: E402
+from tests.support.stack import listening_address  # noqa: E402
 
 SCENARIOS = ("register", "register_1", "poll_not_modified")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -70,8 +70,7 @@ class Server:
         def listening() -> str | None:
             if self.child.proc.poll() is not None:
                 raise AssertionError(f"cm-server exited: {self.child.stderr()}")
-            found = re.search(r"event=listening address=(\S+)", self.child.stderr())
-            return found.group(1) if found else None
+            return listening_address(self.child.stderr())
 
         self.address = wait_for(listening, 60, "cm-server to listen")
         self.channel = grpc.insecure_channel(self.address)

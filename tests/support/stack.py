@@ -45,6 +45,16 @@ def dead_address() -> Iterator[str]:
         yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
+def listening_address(log: str) -> str | None:
+    """The address a cm-server logged it listens on (key=value lines, or JSON with
+    ``--log-format json``), or None before it did: a server started on port 0 binds a free port
+    itself, so no other process can take the port between our choosing and its binding it."""
+    found = re.search(r"event=listening address=(\S+)", log) or re.search(
+        r'"event":"listening","address":"([^"]+)"', log
+    )
+    return found.group(1) if found else None
+
+
 class ServerProc:
     """A real ``cm-server`` on a free port (or a given one, to restart "the same" server)."""
 
@@ -108,8 +118,7 @@ class ServerProc:
     def _listening(self) -> str | None:
         if self.child.proc.poll() is not None:
             raise AssertionError(f"cm-server exited: {self.child.stderr()}")
-        found = re.search(r"event=listening address=(\S+)", self.child.stderr())
-        return found.group(1) if found else None
+        return listening_address(self.child.stderr())
 
     def register(
         self, service: str, host: str, port: int, weight: int = 1, ttl: float = 0.0, **meta: str

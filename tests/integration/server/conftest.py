@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from clustermap._pb.clustermap.v1 import (
     subscription_pb2_grpc,
 )
 from tests.integration.etcd.harness import EtcdCluster, start_cluster
+from tests.support.stack import listening_address
 
 T = TypeVar("T")
 
@@ -227,11 +227,7 @@ def server(
         def listening() -> str | None:
             if proc.poll() is not None:
                 raise AssertionError(f"cm-server exited with {proc.returncode}:\n{srv.log()}")
-            log = srv.log()  # key=value lines, or JSON with --log-format json
-            found = re.search(r"event=listening address=(\S+)", log) or re.search(
-                r'"event":"listening","address":"([^"]+)"', log
-            )
-            return found.group(1) if found else None
+            return listening_address(srv.log())
 
         if not port:
             srv.address = wait_for(listening, 60, "cm-server to listen")
