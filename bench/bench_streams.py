@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import grpc
+import h2_watch
 from common import machine, start_server, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
@@ -176,8 +177,9 @@ def _round(
     ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     base = _proc_status(pid)
     share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
+    client = h2_watch.client if args.client == "raw" else _client
     procs = [
-        ctx.Process(target=_client, args=(address, k, args.per_connection, ready, stop, out))
+        ctx.Process(target=client, args=(address, k, args.per_connection, ready, stop, out))
         for k in share
         if k
     ]
@@ -268,7 +270,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", default="1000,2000,5000")
     ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--per-connection", type=int, default=1)
+    ap.add_argument(
+        "--client",
+        choices=("raw", "grpc"),
+        default="raw",
+        help="raw: plain HTTP/2 on sockets, one epoll loop per process (h2_watch.py); "
+        "grpc: grpc.aio channels, which cost more per message than the server",
+    )
+    ap.add_argument("--per-connection", type=int, default=1, help="> 1 needs --client grpc")
     ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")
     ap.add_argument("--changes", type=int, default=10)
     ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
@@ -285,6 +294,9 @@ def main() -> int:
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.client == "raw" and args.per_connection != 1:
+        print("--per-connection > 1 needs --client grpc", file=sys.stderr)
+        return 2
     nofile = _raise_nofile()
     counts = [int(x) for x in args.streams.split(",")]
     if max(counts) // args.per_connection + 100 > nofile:
