@@ -177,9 +177,13 @@ def _round(
     ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     base = _proc_status(pid)
     share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
-    client = h2_watch.client if args.client == "raw" else _client
+    client, extra = {
+        "raw": (h2_watch.client, (True,)),
+        "raw-quiet": (h2_watch.client, (False,)),
+        "grpc": (_client, ()),
+    }[args.client]
     procs = [
-        ctx.Process(target=client, args=(address, k, args.per_connection, ready, stop, out))
+        ctx.Process(target=client, args=(address, k, args.per_connection, ready, stop, out, *extra))
         for k in share
         if k
     ]
@@ -272,10 +276,12 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument(
         "--client",
-        choices=("raw", "grpc"),
+        choices=("raw", "raw-quiet", "grpc"),
         default="raw",
-        help="raw: plain HTTP/2 on sockets, one epoll loop per process (h2_watch.py); "
-        "grpc: grpc.aio channels, which cost more per message than the server",
+        help="raw: plain HTTP/2 on sockets, one epoll loop per process, answering data as a "
+        "grpc client does (h2_watch.py); raw-quiet: the same, sending only what HTTP/2 "
+        "requires (no window updates, no pings of its own); grpc: grpc.aio channels, which "
+        "cost more per message than the server",
     )
     ap.add_argument("--per-connection", type=int, default=1, help="> 1 needs --client grpc")
     ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")
@@ -294,7 +300,7 @@ def main() -> int:
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.client == "raw" and args.per_connection != 1:
+    if args.client != "grpc" and args.per_connection != 1:
         print("--per-connection > 1 needs --client grpc", file=sys.stderr)
         return 2
     nofile = _raise_nofile()

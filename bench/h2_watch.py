@@ -34,6 +34,10 @@ __all__ = ["Http2Watch", "client", "frame", "grpc_message", "opening", "request_
 
 WATCH = "/clustermap.v1.Subscription/Watch"
 OPEN_ATTEMPTS = 5  # as bench_streams.py's grpc client: a refused stream is retried, as a sidecar
+#: Pause after each batch of reads. The clients are faster than the server, so without it every
+#: message costs a wake-up of its own (a context switch and an epoll_wait), which was most of a
+#: message's cost; arrivals are stamped this much later at most.
+BATCH_S = 0.001
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -42,9 +46,14 @@ END_HEADERS, PADDED = 0x4, 0x8
 SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE = 0x2, 0x4
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65_535
+#: Windows of a client that credits what it reads (like_grpc): far more than a message in flight.
+GRPC_LIKE_WINDOW = 1 << 22
 
 _HEADER = struct.Struct(">BHBBI")  # length (3 bytes as 1 + 2), type, flags, stream id
 _PREFIX = struct.Struct(">BI")  # gRPC message: compressed flag, length
+_DATA_MESSAGE = struct.Struct(">BHBBIBI")  # a frame header, then a gRPC message's prefix
+_CREDIT = struct.Struct(">BHBBII BHBBII")  # WINDOW_UPDATE on stream 1, then on the connection
+_PING = struct.Struct(">BHBBIQ")
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -92,18 +101,16 @@ def grpc_message(payload: bytes) -> bytes:
     return _PREFIX.pack(0, len(payload)) + payload
 
 
-def opening(authority: str, request: bytes) -> bytes:
+def opening(authority: str, request: bytes, window: int = MAX_WINDOW) -> bytes:
     """Everything a client sends on a new connection: the preface, SETTINGS (no push, stream
-    windows of 2**31-1), the connection window raised to 2**31-1, and the call on stream 1
-    (HEADERS, then its one message with END_STREAM)."""
-    settings = struct.pack(
-        ">HIHI", SETTINGS_ENABLE_PUSH, 0, SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW
-    )
+    windows of ``window`` bytes), the connection window raised to ``window``, and the call on
+    stream 1 (HEADERS, then its one message with END_STREAM)."""
+    settings = struct.pack(">HIHI", SETTINGS_ENABLE_PUSH, 0, SETTINGS_INITIAL_WINDOW_SIZE, window)
     return b"".join(
         [
             PREFACE,
             frame(SETTINGS, 0, 0, settings),
-            frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)),
+            frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", window - DEFAULT_WINDOW)),
             frame(HEADERS, END_HEADERS, 1, request_headers(authority)),
             frame(DATA, END_STREAM, 1, grpc_message(request)),
         ]
@@ -116,20 +123,51 @@ _SETTINGS_ACK = frame(SETTINGS, ACK, 0)
 class Http2Watch:
     """The client side of one Watch call's connection, without the socket: :meth:`feed` takes
     the bytes read and returns the complete gRPC messages of stream 1; what must be sent back
-    (SETTINGS and PING acknowledgements) collects in :attr:`replies`; :attr:`ended` is set, with
-    :attr:`reason`, once the stream is over (trailers, RST_STREAM or GOAWAY)."""
+    collects in :attr:`replies`; :attr:`ended` is set, with :attr:`reason`, once the stream is
+    over (trailers, RST_STREAM or GOAWAY).
 
-    __slots__ = ("_frames", "_messages", "ended", "pings", "reason", "replies")
+    Replies: SETTINGS and PING acknowledgements, and with ``like_grpc`` what a grpc (C-core)
+    client such as the sidecar's sends after each read of data: WINDOW_UPDATEs on the stream and
+    the connection crediting the bytes read, and a PING (its bandwidth-delay probe) unless one
+    is still unanswered. The server parses those and answers each PING: work of its own per
+    message, which a client sending nothing would leave out of its figures. Without
+    ``like_grpc``, nothing is credited: open the connection with windows of 2**31-1."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_credit",
+        "_frames",
+        "_messages",
+        "_pinging",
+        "_pings_sent",
+        "ended",
+        "like_grpc",
+        "pings",
+        "reason",
+        "replies",
+    )
+
+    def __init__(self, like_grpc: bool = True) -> None:
+        self.like_grpc = like_grpc
         self._frames = b""  # an incomplete frame, kept for the next read
         self._messages = bytearray()  # an incomplete gRPC message (the full map spans frames)
+        self._credit = 0  # DATA bytes read and not yet credited back
+        self._pinging = False  # our PING is unanswered
+        self._pings_sent = 0
         self.replies = bytearray()
         self.ended = False
         self.reason = ""
-        self.pings = 0
+        self.pings = 0  # the server's PINGs answered
 
     def feed(self, data: bytes) -> list[bytes]:
+        n = len(data)
+        if n >= 14 and not self._frames and not self._messages:
+            # the usual read: one DATA frame holding one whole message
+            hi, lo, ftype, flags, stream, _, size = _DATA_MESSAGE.unpack_from(data)
+            if ftype == DATA and not flags and stream == 1 and hi << 16 | lo == n - 9 == size + 5:
+                if self.like_grpc:
+                    self._credit += n - 9
+                    self._answer_data()
+                return [data[14:]]
         buf = self._frames + data if self._frames else data
         end = len(buf)
         pos = 0
@@ -142,6 +180,7 @@ class Http2Watch:
             pos = start + (hi << 16 | lo)
             if ftype == DATA:
                 if stream & 0x7FFFFFFF == 1:
+                    self._credit += pos - start
                     if flags & PADDED:
                         self._data(buf[start + 1 : pos - buf[start]], out)
                     else:
@@ -149,7 +188,9 @@ class Http2Watch:
                     if flags & END_STREAM:
                         self._end("DATA with END_STREAM")
             elif ftype == PING:
-                if not flags & ACK:
+                if flags & ACK:
+                    self._pinging = False
+                else:
                     self.pings += 1
                     self.replies += frame(PING, ACK, 0, buf[start:pos])
             elif ftype == SETTINGS:
@@ -166,7 +207,20 @@ class Http2Watch:
                 self._end(f"GOAWAY {code}")
             # WINDOW_UPDATE, CONTINUATION, PRIORITY, unknown types: nothing to do
         self._frames = buf[pos:] if pos < end else b""
+        if self._credit and self.like_grpc and not self.ended:
+            self._answer_data()
         return out
+
+    def _answer_data(self) -> None:
+        credit = self._credit
+        self._credit = 0
+        self.replies += _CREDIT.pack(
+            0, 4, WINDOW_UPDATE, 0, 1, credit, 0, 4, WINDOW_UPDATE, 0, 0, credit
+        )
+        if not self._pinging:
+            self._pinging = True
+            self._pings_sent += 1
+            self.replies += _PING.pack(0, 8, PING, 0, 0, self._pings_sent)
 
     def _data(self, payload: bytes, out: list[bytes]) -> None:
         if not self._messages and len(payload) >= 5:  # the usual case: whole messages
@@ -198,10 +252,10 @@ class Http2Watch:
 class _Conn:
     __slots__ = ("events", "h2", "opened", "out", "slot", "sock")
 
-    def __init__(self, sock: socket.socket, slot: int, out: bytes) -> None:
+    def __init__(self, sock: socket.socket, slot: int, out: bytes, like_grpc: bool) -> None:
         self.sock = sock
         self.slot = slot
-        self.h2 = Http2Watch()
+        self.h2 = Http2Watch(like_grpc)
         self.out = out  # bytes still to send (the opening until the connect completes)
         self.opened = False
         self.events = select.EPOLLIN | select.EPOLLOUT  # as registered
@@ -221,17 +275,25 @@ def _sockaddr(address: str) -> tuple[int, tuple[str, int]]:
 
 
 def client(
-    address: str, n: int, per_conn: int, ready: mp.Queue, stop: Event, out: mp.Queue
+    address: str,
+    n: int,
+    per_conn: int,
+    ready: mp.Queue,
+    stop: Event,
+    out: mp.Queue,
+    like_grpc: bool = True,
 ) -> None:
     """Open ``n`` Watch streams on ``address`` (one connection each: ``per_conn`` must be 1),
     about 100 per 50 ms; put on ``ready`` the number never opened once every stream has its
     first answer (the full map) or gave up; record ``(revision, time.time())`` for every later
-    DELTA or FULL until ``stop`` is set; then put ``(arrivals, errors)`` on ``out``."""
+    DELTA or FULL until ``stop`` is set; then put ``(arrivals, errors)`` on ``out``.
+    ``like_grpc``: answer data as a grpc client does (:class:`Http2Watch`)."""
     if per_conn != 1:
         raise ValueError("the raw client opens one connection per stream")
     _raise_nofile()
     family, sockaddr = _sockaddr(address)
-    hello = opening(address, spb.PollRequest().SerializeToString())
+    window = GRPC_LIKE_WINDOW if like_grpc else MAX_WINDOW
+    hello = opening(address, spb.PollRequest().SerializeToString(), window)
     ep = select.epoll()
     conns: dict[int, _Conn] = {}
     attempts = [0] * n
@@ -252,7 +314,7 @@ def client(
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(sockaddr)
-        conn = _Conn(sock, slot, hello)
+        conn = _Conn(sock, slot, hello, like_grpc)
         conns[sock.fileno()] = conn
         ep.register(sock.fileno(), inout)
         if err not in (0, errno.EINPROGRESS):
@@ -339,6 +401,8 @@ def client(
                     continue
             if h2.ended:
                 ended(conn, h2.reason)
+        if events:
+            time.sleep(BATCH_S)  # let the next messages gather: one wake-up for several
     for conn in list(conns.values()):
         conn.sock.close()
     ep.close()
