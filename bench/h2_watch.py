@@ -54,6 +54,7 @@ _PREFIX = struct.Struct(">BI")  # gRPC message: compressed flag, length
 _DATA_MESSAGE = struct.Struct(">BHBBIBI")  # a frame header, then a gRPC message's prefix
 _CREDIT = struct.Struct(">BHBBII BHBBII")  # WINDOW_UPDATE on stream 1, then on the connection
 _PING = struct.Struct(">BHBBIQ")
+_PING_ACK_HEADER = bytes([0, 0, 8, PING, ACK])
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -160,14 +161,22 @@ class Http2Watch:
 
     def feed(self, data: bytes) -> list[bytes]:
         n = len(data)
-        if n >= 14 and not self._frames and not self._messages:
-            # the usual read: one DATA frame holding one whole message
-            hi, lo, ftype, flags, stream, _, size = _DATA_MESSAGE.unpack_from(data)
-            if ftype == DATA and not flags and stream == 1 and hi << 16 | lo == n - 9 == size + 5:
-                if self.like_grpc:
-                    self._credit += n - 9
-                    self._answer_data()
-                return [data[14:]]
+        if not self._frames:  # the usual reads first
+            if n >= 14 and not self._messages:  # one DATA frame holding one whole message
+                hi, lo, ftype, flags, stream, _, size = _DATA_MESSAGE.unpack_from(data)
+                if (
+                    ftype == DATA
+                    and not flags
+                    and stream == 1
+                    and hi << 16 | lo == n - 9 == size + 5
+                ):
+                    if self.like_grpc:
+                        self._credit += n - 9
+                        self._answer_data()
+                    return [data[14:]]
+            if n == 17 and data[:5] == _PING_ACK_HEADER:  # the answer to our PING
+                self._pinging = False
+                return []
         buf = self._frames + data if self._frames else data
         end = len(buf)
         pos = 0
