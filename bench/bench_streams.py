@@ -1,15 +1,30 @@
 """One cm-server process holding thousands of Watch streams: idle cost and fan-out latency.
 
 Run: uv run python bench/bench_streams.py [--streams 1000,2000,5000] [--procs 4]
-     [--per-connection 1] [--idle 10] [--changes 20] [--pin] [--json PATH]
+     [--client raw|raw-quiet|grpc] [--per-connection 1] [--idle 10] [--changes 20] [--pin]
+     [--json PATH]
 
 The figures of record (docs/performance.md §4b), on a quiet machine with at least 2 cores:
 ``uv run python bench/bench_streams.py --pin`` (about 4 minutes).
 
 For each stream count N (a sweep against one server with 100 services x 10 nodes), ``--procs``
-client processes open N/procs raw gRPC Watch streams each (grpc.aio; ``--per-connection``
-streams share one TCP connection, 1 = one connection per stream, as one per sidecar), and
-read the first answer (the full map) on every stream. Then:
+client processes open N/procs Watch streams each, one TCP connection per stream (as one per
+sidecar), and read the first answer (the full map) on every stream. The clients stand in for
+sidecars on as many other machines, but here they share the machine with the server, so they
+must cost far less than it (``--client``):
+
+* ``raw`` (the default, h2_watch.py): plain HTTP/2 on non-blocking sockets, one epoll loop per
+  process, ~30 us of CPU per message received. After each read of data it sends what the
+  sidecar's gRPC library sends: window credits and a bandwidth-delay PING, which the server
+  parses and answers, work of its own per message. Arrivals are stamped once per wake-up,
+  which comes at most ~1 ms after the message;
+* ``raw-quiet``: the same, sending only what HTTP/2 requires (~13 us per message): the server's
+  cost with clients that do not probe (a grpc client with ``grpc.http2.bdp_probe`` 0);
+* ``grpc``: grpc.aio channels (~110 us per message, more than the server spends sending it:
+  at 5 000 streams the latencies measure the clients); ``--per-connection`` streams share one
+  TCP connection.
+
+Then:
 
 * **idle**: for ``--idle`` seconds (20: longer than the keepalive period) nothing changes; the
   server's CPU (utime + stime from /proc/PID/stat) over that window, as a share of one core.
