@@ -1,15 +1,30 @@
 """One cm-server process holding thousands of Watch streams: idle cost and fan-out latency.
 
 Run: uv run python bench/bench_streams.py [--streams 1000,2000,5000] [--procs 4]
-     [--per-connection 1] [--idle 10] [--changes 20] [--pin] [--json PATH]
+     [--client raw|raw-quiet|grpc] [--per-connection 1] [--idle 10] [--changes 20] [--pin]
+     [--json PATH]
 
 The figures of record (docs/performance.md §4b), on a quiet machine with at least 2 cores:
 ``uv run python bench/bench_streams.py --pin`` (about 4 minutes).
 
 For each stream count N (a sweep against one server with 100 services x 10 nodes), ``--procs``
-client processes open N/procs raw gRPC Watch streams each (grpc.aio; ``--per-connection``
-streams share one TCP connection, 1 = one connection per stream, as one per sidecar), and
-read the first answer (the full map) on every stream. Then:
+client processes open N/procs Watch streams each, one TCP connection per stream (as one per
+sidecar), and read the first answer (the full map) on every stream. The clients stand in for
+sidecars on as many other machines, but here they share the machine with the server, so they
+must cost far less than it (``--client``):
+
+* ``raw`` (the default, h2_watch.py): plain HTTP/2 on non-blocking sockets, one epoll loop per
+  process, ~30 us of CPU per message received. After each read of data it sends what the
+  sidecar's gRPC library sends: window credits and a bandwidth-delay PING, which the server
+  parses and answers, work of its own per message. Arrivals are stamped once per wake-up,
+  which comes at most ~1 ms after the message;
+* ``raw-quiet``: the same, sending only what HTTP/2 requires (~13 us per message): the server's
+  cost with clients that do not probe (a grpc client with ``grpc.http2.bdp_probe`` 0);
+* ``grpc``: grpc.aio channels (~110 us per message, more than the server spends sending it:
+  at 5 000 streams the latencies measure the clients); ``--per-connection`` streams share one
+  TCP connection.
+
+Then:
 
 * **idle**: for ``--idle`` seconds (20: longer than the keepalive period) nothing changes; the
   server's CPU (utime + stime from /proc/PID/stat) over that window, as a share of one core.
@@ -52,6 +67,7 @@ import time
 from pathlib import Path
 
 import grpc
+import h2_watch
 from common import machine, start_server, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
@@ -176,8 +192,13 @@ def _round(
     ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     base = _proc_status(pid)
     share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
+    client, extra = {
+        "raw": (h2_watch.client, (True,)),
+        "raw-quiet": (h2_watch.client, (False,)),
+        "grpc": (_client, ()),
+    }[args.client]
     procs = [
-        ctx.Process(target=_client, args=(address, k, args.per_connection, ready, stop, out))
+        ctx.Process(target=client, args=(address, k, args.per_connection, ready, stop, out, *extra))
         for k in share
         if k
     ]
@@ -268,7 +289,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", default="1000,2000,5000")
     ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--per-connection", type=int, default=1)
+    ap.add_argument(
+        "--client",
+        choices=("raw", "raw-quiet", "grpc"),
+        default="raw",
+        help="raw: plain HTTP/2 on sockets, one epoll loop per process, answering data as a "
+        "grpc client does (h2_watch.py); raw-quiet: the same, sending only what HTTP/2 "
+        "requires (no window updates, no pings of its own); grpc: grpc.aio channels, which "
+        "cost more per message than the server",
+    )
+    ap.add_argument("--per-connection", type=int, default=1, help="> 1 needs --client grpc")
     ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")
     ap.add_argument("--changes", type=int, default=10)
     ap.add_argument("--spacing", type=float, default=2.0, help="seconds between changes")
@@ -285,6 +315,9 @@ def main() -> int:
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.client != "grpc" and args.per_connection != 1:
+        print("--per-connection > 1 needs --client grpc", file=sys.stderr)
+        return 2
     nofile = _raise_nofile()
     counts = [int(x) for x in args.streams.split(",")]
     if max(counts) // args.per_connection + 100 > nofile:
