@@ -1,7 +1,7 @@
 """One cm-server process holding thousands of Watch streams: idle cost and fan-out latency.
 
 Run: uv run python bench/bench_streams.py [--streams 1000,2000,5000] [--procs 4]
-     [--client raw|raw-quiet|grpc] [--per-connection 1] [--idle 10] [--changes 20] [--pin]
+     [--client raw|raw-bdp|grpc] [--per-connection 1] [--idle 10] [--changes 20] [--pin]
      [--json PATH]
 
 The figures of record (docs/performance.md §4b), on a quiet machine with at least 2 cores:
@@ -14,15 +14,17 @@ sidecars on as many other machines, but here they share the machine with the ser
 must cost far less than it (``--client``):
 
 * ``raw`` (the default, h2_watch.py): plain HTTP/2 on non-blocking sockets, one epoll loop per
-  process, ~30 us of CPU per message received. After each read of data it sends what the
-  sidecar's gRPC library sends: window credits and a bandwidth-delay PING, which the server
-  parses and answers, work of its own per message. Arrivals are stamped once per wake-up,
-  which comes at most ~1 ms after the message;
-* ``raw-quiet``: the same, sending only what HTTP/2 requires (~13 us per message): the server's
-  cost with clients that do not probe (a grpc client with ``grpc.http2.bdp_probe`` 0);
-* ``grpc``: grpc.aio channels (~110 us per message, more than the server spends sending it:
-  at 5 000 streams the latencies measure the clients); ``--per-connection`` streams share one
-  TCP connection.
+  process, ~13 us of CPU per message received. It sends what the sidecar's Watch channel sends
+  after its request (``STREAM_OPTIONS`` in sidecar/watcher.py: no bandwidth-delay probe, a
+  window far larger than a delta): nothing but acknowledgements of the server's SETTINGS and
+  PINGs. Arrivals are stamped once per wake-up, which comes at most ~1 ms after the message;
+* ``raw-bdp``: the same, answering each read of data as a gRPC client with its bandwidth-delay
+  probe on does (gRPC's default, and the sidecar's before it turned the probe off): window
+  credits and a PING, which the server parses and answers, work of its own per message
+  (~30 us per message received);
+* ``grpc``: grpc.aio channels with the sidecar's options (~110 us per message, more than the
+  server spends sending it: at 5 000 streams the latencies measure the clients);
+  ``--per-connection`` streams share one TCP connection.
 
 Then:
 
@@ -72,6 +74,7 @@ from common import machine, start_server, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
+from clustermap.sidecar.watcher import STREAM_OPTIONS
 
 WATCH = "/clustermap.v1.Subscription/Watch"
 OPEN_ATTEMPTS = 5
@@ -93,6 +96,7 @@ def _client(
         options = [
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.max_receive_message_length", 1 << 26),
+            *STREAM_OPTIONS,  # the sidecar's own (no bandwidth-delay probe)
         ]
         channels = [
             grpc.aio.insecure_channel(address, options=options)
@@ -193,8 +197,8 @@ def _round(
     base = _proc_status(pid)
     share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
     client, extra = {
-        "raw": (h2_watch.client, (True,)),
-        "raw-quiet": (h2_watch.client, (False,)),
+        "raw": (h2_watch.client, (False,)),
+        "raw-bdp": (h2_watch.client, (True,)),
         "grpc": (_client, ()),
     }[args.client]
     procs = [
@@ -291,12 +295,12 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument(
         "--client",
-        choices=("raw", "raw-quiet", "grpc"),
+        choices=("raw", "raw-bdp", "grpc"),
         default="raw",
-        help="raw: plain HTTP/2 on sockets, one epoll loop per process, answering data as a "
-        "grpc client does (h2_watch.py); raw-quiet: the same, sending only what HTTP/2 "
-        "requires (no window updates, no pings of its own); grpc: grpc.aio channels, which "
-        "cost more per message than the server",
+        help="raw: plain HTTP/2 on sockets, one epoll loop per process, sending what the "
+        "sidecar's Watch channel sends (h2_watch.py); raw-bdp: the same, answering data as a "
+        "grpc client with its bandwidth-delay probe on (window updates, a PING); grpc: "
+        "grpc.aio channels, which cost more per message than the server",
     )
     ap.add_argument("--per-connection", type=int, default=1, help="> 1 needs --client grpc")
     ap.add_argument("--idle", type=float, default=20.0, help="longer than the 15 s keepalive")

@@ -10,11 +10,11 @@ messages of stream 1, decoded with ``PollResponse.FromString``. No asyncio, no t
 ``select.epoll`` loop per process, pausing 1 ms after each batch of reads so that one wake-up
 serves several messages.
 
-What it sends back matters to the server: the sidecar's gRPC library answers each read of
+What it sends back matters to the server: a gRPC client at its defaults answers each read of
 data with WINDOW_UPDATEs and a bandwidth-delay PING, which the server parses and answers (at
-5 000 streams about a third of its CPU per message). ``like_grpc`` (the default) sends the
-same; without it the client sends nothing after its request, as a grpc client with
-``grpc.http2.bdp_probe`` 0 does.
+5 000 streams about a third of its CPU per message). ``like_grpc`` sends the same; without it
+the client sends nothing after its request, as the sidecar's Watch channel does
+(``grpc.http2.bdp_probe`` 0 and a 4 MiB window: one WINDOW_UPDATE in a whole run).
 
 The frame encoding and parsing (:func:`opening`, :class:`Http2Watch`) know no socket;
 :func:`client` is the socket loop, with the queue protocol of bench_streams.py's grpc client.
@@ -154,7 +154,7 @@ class Http2Watch:
         "replies",
     )
 
-    def __init__(self, like_grpc: bool = True) -> None:
+    def __init__(self, like_grpc: bool = False) -> None:
         self.like_grpc = like_grpc
         self._frames = b""  # an incomplete frame, kept for the next read
         self._messages = bytearray()  # an incomplete gRPC message (the full map spans frames)
@@ -297,7 +297,7 @@ def client(
     ready: mp.Queue[int],
     stop: Event,
     out: mp.Queue[tuple[list[tuple[int, float]], int]],
-    like_grpc: bool = True,
+    like_grpc: bool = False,
 ) -> None:
     """Open ``n`` Watch streams on ``address`` (one connection each: ``per_conn`` must be 1),
     about 100 per 50 ms; put on ``ready`` the number never opened once every stream has its
