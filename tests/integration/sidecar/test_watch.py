@@ -19,6 +19,8 @@ from clustermap._pb.clustermap.v1 import subscription_pb2
 from clustermap.feedback import layout as FL
 from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
+from clustermap.sidecar.watcher import STREAM_OPTIONS
+from tests.support.h2_relay import DATA, PING, FrameCountingRelay
 from tests.support.procs import wait_for
 from tests.support.proxy import TamperingProxy
 from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
@@ -333,3 +335,34 @@ def test_a_full_server_refuses_the_stream_and_the_sidecar_polls_and_backs_off(
     finally:
         sidecar.close()
         server.close()
+
+
+def test_the_stream_sends_no_bandwidth_probe_per_message(
+    server: ServerProc, region_path: Path
+) -> None:
+    """Every PING a sidecar sends costs the server a read and an answer. gRPC's bandwidth-delay
+    probe sent one after nearly every message received, 40 % of the server's CPU in a 5 000-stream
+    fan-out; the Watch channel turns it off (``STREAM_OPTIONS``), so only keepalive pings remain.
+    Seen on the wire, through a relay: the sidecar's own PINGs while 12 messages come in."""
+    relay = FrameCountingRelay(server.address)
+    server.register("a", "10.0.0.1", 80)
+    sidecar = watcher(region_path, [relay.address])
+    try:
+        sidecar.wait_synced()
+        wait_for(lambda: watching(region_path), what="the stream to be up")
+        start, pings = time.monotonic(), relay.count(relay.sent, PING)
+        messages = relay.count(relay.received, DATA)
+        for i in range(2, 6):  # changes, besides the server's keepalive answer every 0.5 s
+            server.register("a", f"10.0.0.{i}", 80)
+            wait_for(lambda i=i: f"10.0.0.{i}:80" in addresses(region_path, "a"))
+        wait_for(
+            lambda: relay.count(relay.received, DATA) - messages >= 12,
+            what="12 messages on the stream",
+        )
+        elapsed = time.monotonic() - start
+        sent = relay.count(relay.sent, PING) - pings
+    finally:
+        sidecar.close()
+        relay.close()
+    keepalive_s = dict(STREAM_OPTIONS)["grpc.keepalive_time_ms"] / 1000
+    assert sent <= 1 + elapsed / keepalive_s, f"{sent} PINGs in {elapsed:.1f} s"
