@@ -14,7 +14,7 @@ sidecars on as many other machines, but here they share the machine with the ser
 must cost far less than it (``--client``):
 
 * ``raw`` (the default, h2_watch.py): plain HTTP/2 on non-blocking sockets, one epoll loop per
-  process, ~13 us of CPU per message received. It sends what the sidecar's Watch channel sends
+  process, ~11-13 us of CPU per message received. It sends what the sidecar's Watch channel sends
   after its request (``STREAM_OPTIONS`` in sidecar/watcher.py: no bandwidth-delay probe, a
   window far larger than a delta): nothing but acknowledgements of the server's SETTINGS and
   PINGs. Arrivals are stamped once per wake-up, which comes at most ~1 ms after the message;
