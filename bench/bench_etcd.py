@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from common import machine  # noqa: E402
+from drive import drive  # noqa: E402
 
 from clustermap import wire  # noqa: E402
 from clustermap._pb.clustermap.v1 import (  # noqa: E402
@@ -41,41 +39,6 @@ from clustermap._pb.clustermap.v1 import (  # noqa: E402
 )
 from tests.integration.etcd.harness import start_cluster  # noqa: E402
 from tests.support.stack import ServerProc  # noqa: E402
-
-
-def drive(
-    address: str,
-    threads: int,
-    duration: float,
-    make: Callable[[grpc.Channel, int], Callable[[], None]],
-) -> dict[str, float]:
-    lat: list[list[float]] = [[] for _ in range(threads)]
-    channels = [grpc.insecure_channel(address) for _ in range(threads)]
-    calls = [make(ch, i) for i, ch in enumerate(channels)]
-    start = threading.Barrier(threads + 1)
-
-    def run(i: int) -> None:
-        start.wait()
-        end = time.perf_counter() + duration
-        out = lat[i]
-        while (t0 := time.perf_counter()) < end:
-            calls[i]()
-            out.append(time.perf_counter() - t0)
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    start.wait()
-    for t in ts:
-        t.join()
-    for ch in channels:
-        ch.close()
-    all_lat = sorted(x for xs in lat for x in xs)
-    return {
-        "per_s": round(len(all_lat) / duration),
-        "p50_ms": round(statistics.median(all_lat) * 1e3, 2),
-        "p99_ms": round(all_lat[int(len(all_lat) * 0.99)] * 1e3, 2),
-    }
 
 
 def scenarios(server: ServerProc, threads: int, duration: float) -> dict[str, dict[str, float]]:
