@@ -22,10 +22,8 @@ system, from /proc/PID/stat), the figure least distorted by other load.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from common import machine, write_json  # noqa: E402
-from drive import drive  # noqa: E402
+from drive import drive, new_nodes, polls, preload  # noqa: E402
 
 from clustermap import wire  # noqa: E402
 from clustermap._pb.clustermap.v1 import (  # noqa: E402
-    registry_pb2,
     registry_pb2_grpc,
     subscription_pb2_grpc,
 )
@@ -73,33 +70,8 @@ class Server:
 
 
 def scenarios(server: Server, threads: int, duration: float, which: list[str]) -> dict[str, dict]:
-    for s in range(100):
-        for n in range(10):
-            server.registry.Register(
-                registry_pb2.RegisterRequest(
-                    service=f"svc-{s:03d}", host=f"10.0.{s}.{n}", port=80, ttl_seconds=0
-                ),
-                timeout=10,
-            )
-    counter = itertools.count()
-
-    def register(ch: grpc.Channel, i: int) -> Callable[[], object]:
-        stub = registry_pb2_grpc.RegistryStub(ch)
-
-        def call() -> object:
-            k = next(counter)
-            return stub.Register(
-                registry_pb2.RegisterRequest(
-                    service=f"reg-{k % 10}",
-                    host=f"10.{1 + k // 62500 % 200}.{k // 250 % 250}.{k % 250}",
-                    port=80,
-                    ttl_seconds=0,
-                ),
-                timeout=10,
-            )
-
-        return call
-
+    preload(server.registry)
+    register = new_nodes()
     out = {}
     if "register" in which:
         out["register"] = drive(server.address, threads, duration, register, server.pid)
@@ -110,12 +82,9 @@ def scenarios(server: Server, threads: int, duration: float, which: list[str]) -
     probe = subscription_pb2_grpc.SubscriptionStub(server.channel)
     cur = wire.poll_answer_from_pb(probe.Poll(wire.poll_request(), timeout=10))
 
-    def not_modified(ch: grpc.Channel, i: int) -> Callable[[], object]:
-        stub = subscription_pb2_grpc.SubscriptionStub(ch)
-        req = wire.poll_request(cur.epoch, cur.revision)
-        return lambda: stub.Poll(req, timeout=10)
-
-    out["poll_not_modified"] = drive(server.address, threads, duration, not_modified, server.pid)
+    out["poll_not_modified"] = drive(
+        server.address, threads, duration, polls(cur.epoch, cur.revision), server.pid
+    )
     return out
 
 
