@@ -18,12 +18,8 @@ comparison, not as capacity. About 40 s.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from common import machine  # noqa: E402
+from drive import drive, new_nodes, polls, preload  # noqa: E402
 
 from clustermap import wire  # noqa: E402
 from clustermap._pb.clustermap.v1 import (  # noqa: E402
@@ -43,66 +40,11 @@ from tests.integration.etcd.harness import start_cluster  # noqa: E402
 from tests.support.stack import ServerProc  # noqa: E402
 
 
-def drive(
-    address: str,
-    threads: int,
-    duration: float,
-    make: Callable[[grpc.Channel, int], Callable[[], None]],
-) -> dict[str, float]:
-    lat: list[list[float]] = [[] for _ in range(threads)]
-    channels = [grpc.insecure_channel(address) for _ in range(threads)]
-    calls = [make(ch, i) for i, ch in enumerate(channels)]
-    start = threading.Barrier(threads + 1)
-
-    def run(i: int) -> None:
-        start.wait()
-        end = time.perf_counter() + duration
-        out = lat[i]
-        while (t0 := time.perf_counter()) < end:
-            calls[i]()
-            out.append(time.perf_counter() - t0)
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    start.wait()
-    for t in ts:
-        t.join()
-    for ch in channels:
-        ch.close()
-    all_lat = sorted(x for xs in lat for x in xs)
-    return {
-        "per_s": round(len(all_lat) / duration),
-        "p50_ms": round(statistics.median(all_lat) * 1e3, 2),
-        "p99_ms": round(all_lat[int(len(all_lat) * 0.99)] * 1e3, 2),
-    }
-
-
 def scenarios(server: ServerProc, threads: int, duration: float) -> dict[str, dict[str, float]]:
-    counter = itertools.count()
-    for s in range(100):
-        for n in range(10):
-            server.register(f"svc-{s:03d}", f"10.0.{s}.{n}", 80)
+    preload(server.registry)
     out: dict[str, dict[str, float]] = {}
 
-    def register(ch: grpc.Channel, i: int) -> Callable[[], None]:
-        stub = registry_pb2_grpc.RegistryStub(ch)
-
-        def call() -> None:
-            k = next(counter)
-            stub.Register(
-                registry_pb2.RegisterRequest(
-                    service=f"reg-{k % 10}",
-                    host=f"10.1.{k // 250 % 250}.{k % 250}",
-                    port=80,
-                    ttl_seconds=0,
-                ),
-                timeout=10,
-            )
-
-        return call
-
-    out["register"] = drive(server.address, threads, duration, register)
+    out["register"] = drive(server.address, threads, duration, new_nodes())
 
     leases = [server.register("hb", f"10.2.0.{i}", 80, ttl=30).lease_id for i in range(threads)]
 
@@ -113,24 +55,16 @@ def scenarios(server: ServerProc, threads: int, duration: float) -> dict[str, di
 
     out["heartbeat"] = drive(server.address, threads, duration, heartbeat)
 
-    probe = subscription_pb2_grpc.SubscriptionStub(grpc.insecure_channel(server.address))
-    cur = wire.poll_answer_from_pb(probe.Poll(wire.poll_request(), timeout=10))
+    with grpc.insecure_channel(server.address) as ch:
+        probe = subscription_pb2_grpc.SubscriptionStub(ch)
+        cur = wire.poll_answer_from_pb(probe.Poll(wire.poll_request(), timeout=10))
+    current = polls(cur.epoch, cur.revision)
 
-    def not_modified(ch: grpc.Channel, i: int) -> Callable[[], None]:
-        stub = subscription_pb2_grpc.SubscriptionStub(ch)
-        req = wire.poll_request(cur.epoch, cur.revision)
-        return lambda: stub.Poll(req, timeout=10) and None
-
-    out["poll_not_modified"] = drive(server.address, threads, duration, not_modified)
+    out["poll_not_modified"] = drive(server.address, threads, duration, current)
 
     server.register("svc-000", "10.0.0.0", 80, weight=2)
 
-    def delta(ch: grpc.Channel, i: int) -> Callable[[], None]:
-        stub = subscription_pb2_grpc.SubscriptionStub(ch)
-        req = wire.poll_request(cur.epoch, cur.revision)
-        return lambda: stub.Poll(req, timeout=10) and None
-
-    out["poll_delta"] = drive(server.address, threads, duration, delta)
+    out["poll_delta"] = drive(server.address, threads, duration, current)  # now 1 node behind
     return out
 
 

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from common import machine, write_json
+from common import cpu_seconds, machine, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc, subscription_pb2_grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
@@ -77,11 +77,6 @@ def _client(address: str, n: int, interval: float, duration: float, nice: int, q
     q.put(asyncio.run(run()))
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _machine_busy() -> tuple[float, float]:
     """(busy, total) CPU time of the whole machine so far, in ticks, from /proc/stat."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -112,7 +107,7 @@ def _fleet(
             )
             for _ in range(args.procs)
         ]
-        cpu0 = _cpu(server_pid)
+        cpu0 = cpu_seconds(server_pid)
         busy0 = _machine_busy()
         t0 = time.monotonic()
         for p in procs:
@@ -137,7 +132,7 @@ def _fleet(
         for p in procs:
             p.join()
         wall = time.monotonic() - t0
-        cpu = _cpu(server_pid) - cpu0
+        cpu = cpu_seconds(server_pid) - cpu0
         busy = _machine_busy()
         machine_busy = (busy[0] - busy0[0]) / max(busy[1] - busy0[1], 1e-9)
         lat = sorted(x for out, _ in results for x, _ in out)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import grpc
-from common import free_port, run_info
+from common import free_port, pct, run_info
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -60,7 +60,7 @@ def _summary(ms: list[float]) -> dict[str, float]:
     ms = sorted(ms)
     return {
         "p50_ms": statistics.median(ms),
-        "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+        "p99_ms": pct(ms, 99),
         "max_ms": ms[-1],
     }
 

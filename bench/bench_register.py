@@ -22,13 +22,8 @@ system, from /proc/PID/stat), the figure least distorted by other load.
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
 import statistics
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from common import machine, write_json  # noqa: E402
+from drive import drive, new_nodes, polls, preload  # noqa: E402
 
 from clustermap import wire  # noqa: E402
 from clustermap._pb.clustermap.v1 import (  # noqa: E402
-    registry_pb2,
     registry_pb2_grpc,
     subscription_pb2_grpc,
 )
@@ -48,14 +43,6 @@ from tests.support.procs import Child, python_env, wait_for  # noqa: E402
 from tests.support.stack import listening_address  # noqa: E402
 
 SCENARIOS = ("register", "register_1", "poll_not_modified")
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 class Server:
@@ -82,89 +69,22 @@ class Server:
         self.child.close()
 
 
-def drive(
-    server: Server,
-    threads: int,
-    duration: float,
-    make: Callable[[grpc.Channel], Callable[[], object]],
-) -> dict[str, float]:
-    lat: list[list[float]] = [[] for _ in range(threads)]
-    channels = [grpc.insecure_channel(server.address) for _ in range(threads)]
-    calls = [make(ch) for ch in channels]
-    for call in calls:  # connected and warm before the clock starts
-        call()
-    start = threading.Barrier(threads + 1)
-
-    def run(i: int) -> None:
-        start.wait()
-        end = time.perf_counter() + duration
-        out = lat[i]
-        while (t0 := time.perf_counter()) < end:
-            calls[i]()
-            out.append(time.perf_counter() - t0)
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    cpu0 = cpu_seconds(server.pid)
-    start.wait()
-    for t in ts:
-        t.join()
-    cpu = cpu_seconds(server.pid) - cpu0
-    for ch in channels:
-        ch.close()
-    all_lat = sorted(x for xs in lat for x in xs)
-    return {
-        "per_s": round(len(all_lat) / duration),
-        "p50_ms": round(statistics.median(all_lat) * 1e3, 2),
-        "cpu_us": round(cpu / len(all_lat) * 1e6),
-    }
-
-
 def scenarios(server: Server, threads: int, duration: float, which: list[str]) -> dict[str, dict]:
-    for s in range(100):
-        for n in range(10):
-            server.registry.Register(
-                registry_pb2.RegisterRequest(
-                    service=f"svc-{s:03d}", host=f"10.0.{s}.{n}", port=80, ttl_seconds=0
-                ),
-                timeout=10,
-            )
-    counter = itertools.count()
-
-    def register(ch: grpc.Channel) -> Callable[[], object]:
-        stub = registry_pb2_grpc.RegistryStub(ch)
-
-        def call() -> object:
-            k = next(counter)
-            return stub.Register(
-                registry_pb2.RegisterRequest(
-                    service=f"reg-{k % 10}",
-                    host=f"10.{1 + k // 62500 % 200}.{k // 250 % 250}.{k % 250}",
-                    port=80,
-                    ttl_seconds=0,
-                ),
-                timeout=10,
-            )
-
-        return call
-
+    preload(server.registry)
+    register = new_nodes()
     out = {}
     if "register" in which:
-        out["register"] = drive(server, threads, duration, register)
+        out["register"] = drive(server.address, threads, duration, register, server.pid)
     if "register_1" in which:
-        out["register_1"] = drive(server, 1, duration, register)
+        out["register_1"] = drive(server.address, 1, duration, register, server.pid)
     if "poll_not_modified" not in which:
         return out
     probe = subscription_pb2_grpc.SubscriptionStub(server.channel)
     cur = wire.poll_answer_from_pb(probe.Poll(wire.poll_request(), timeout=10))
 
-    def not_modified(ch: grpc.Channel) -> Callable[[], object]:
-        stub = subscription_pb2_grpc.SubscriptionStub(ch)
-        req = wire.poll_request(cur.epoch, cur.revision)
-        return lambda: stub.Poll(req, timeout=10)
-
-    out["poll_not_modified"] = drive(server, threads, duration, not_modified)
+    out["poll_not_modified"] = drive(
+        server.address, threads, duration, polls(cur.epoch, cur.revision), server.pid
+    )
     return out
 
 

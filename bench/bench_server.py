@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import run_info, start_server
+from common import cpu_seconds, run_info, start_server
 
 
 def _client(
@@ -70,12 +70,6 @@ def _client(
     for t in ts:
         t.join()
     q.put(results)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _encode_scale(services: int, nodes: int) -> dict[str, float]:
@@ -198,14 +192,14 @@ def main() -> int:
             ]
             for p in procs:
                 p.start()
-            cpu0 = _cpu_seconds(server.pid)
+            cpu0 = cpu_seconds(server.pid)
             gathered = [q.get(timeout=args.duration + 60) for _ in procs]
             for p in procs:
                 p.join()
             counts = [n for per in gathered for n, _ in per]
             lat = sorted(x for per in gathered for _, ls in per for x in ls)
             total = sum(counts)
-            cpu = _cpu_seconds(server.pid) - cpu0
+            cpu = cpu_seconds(server.pid) - cpu0
             qs = statistics.quantiles(lat, n=100) if len(lat) > 100 else [0.0] * 99
             results[name] = {
                 "polls_per_s": total / args.duration,

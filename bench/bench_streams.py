@@ -62,7 +62,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import resource
 import statistics
 import sys
 import time
@@ -70,7 +69,7 @@ from pathlib import Path
 
 import grpc
 import h2_watch
-from common import machine, start_server, write_json
+from common import cpu_seconds, machine, pct, raise_nofile, start_server, write_json
 
 from clustermap._pb.clustermap.v1 import registry_pb2, registry_pb2_grpc
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
@@ -80,17 +79,10 @@ WATCH = "/clustermap.v1.Subscription/Watch"
 OPEN_ATTEMPTS = 5
 
 
-def _raise_nofile() -> int:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def _client(
     address: str, n: int, per_conn: int, ready: mp.Queue, stop: mp.Event, out: mp.Queue
 ) -> None:
-    _raise_nofile()
+    raise_nofile()
 
     async def run() -> tuple[list[tuple[int, float]], int]:
         options = [
@@ -167,26 +159,13 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each of the process's threads so far (threads that ended are left out)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            out[int(task.name)] = cpu_seconds(pid, int(task.name))
     return out
-
-
-def _pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def _round(
@@ -214,14 +193,14 @@ def _round(
     time.sleep(2)  # let the opening burst settle
     held = _proc_status(pid)
     load_before = os.getloadavg()[0]
-    c0, t0 = _cpu(pid), time.monotonic()
+    c0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(args.idle)
-    idle_cpu = (_cpu(pid) - c0) / (time.monotonic() - t0)
+    idle_cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
     load = os.getloadavg()[0]
 
     sent: dict[int, float] = {}
-    c1, threads1 = _cpu(pid), _thread_cpu(pid)
-    k1 = sum(_cpu(p.pid) for p in procs if p.pid is not None)
+    c1, threads1 = cpu_seconds(pid), _thread_cpu(pid)
+    k1 = sum(cpu_seconds(p.pid) for p in procs if p.pid is not None)
     for i in range(args.changes):
         t = time.time()
         resp = reg.UpdateNode(
@@ -233,9 +212,9 @@ def _round(
         sent[resp.revision] = t
         time.sleep(args.spacing)
     time.sleep(2)
-    busy = _cpu(pid) - c1  # all of it: keepalives are not due while changes keep coming
+    busy = cpu_seconds(pid) - c1  # all of it: keepalives are not due while changes keep coming
     threads2 = _thread_cpu(pid)
-    clients_busy = sum(_cpu(p.pid) for p in procs if p.pid is not None) - k1
+    clients_busy = sum(cpu_seconds(p.pid) for p in procs if p.pid is not None) - k1
     # the event loop's thread is the busiest: with a core of its own for gRPC's other threads,
     # its CPU per change is the fan-out's floor (it holds the GIL for all the Python work)
     loop_busy = max((threads2[t] - threads1.get(t, 0.0) for t in threads2), default=0.0)
@@ -262,11 +241,11 @@ def _round(
         "rss_held_mib": round(held["VmRSS"] / 1024, 1),
         "kib_per_stream": round((held["VmRSS"] - base["VmRSS"]) / n, 1),
         "idle_cpu_pct": round(100 * idle_cpu, 2),
-        "p50_ms": round(1e3 * _pct(lat, 50), 1),
-        "p99_ms": round(1e3 * _pct(lat, 99), 1),
+        "p50_ms": round(1e3 * pct(lat, 50), 1),
+        "p99_ms": round(1e3 * pct(lat, 99), 1),
         "max_ms": round(1e3 * max(lat, default=float("nan")), 1),
         "all_p50_ms": round(1e3 * statistics.median(last), 1) if last else float("nan"),
-        "all_p99_ms": round(1e3 * _pct(last, 99), 1),
+        "all_p99_ms": round(1e3 * pct(last, 99), 1),
         "missing": missing,
         "cpu_us_per_message": round(1e6 * busy / max(1, len(lat)), 1),
         "cpu_ms_per_change": round(1e3 * busy / max(1, len(sent)), 1),
@@ -322,7 +301,7 @@ def main() -> int:
     if args.client != "grpc" and args.per_connection != 1:
         print("--per-connection > 1 needs --client grpc", file=sys.stderr)
         return 2
-    nofile = _raise_nofile()
+    nofile = raise_nofile()
     counts = [int(x) for x in args.streams.split(",")]
     if max(counts) // args.per_connection + 100 > nofile:
         print(

@@ -1,14 +1,19 @@
-"""Shared timing helpers: medians of repeated runs, and the bare-call baseline every ratio uses."""
+"""Shared bench helpers: medians of repeated runs, the bare-call baseline every ratio uses,
+percentiles, a process's CPU time and the machine it ran on."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from clustermap.model import Node, Service
@@ -46,9 +51,35 @@ def once_s(fn: Callable[[], object], repeat: int = 5) -> float:
     return statistics.median(runs)
 
 
-def machine() -> str:
-    import os
+def pct(xs: Iterable[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) of ``xs`` by nearest rank: the smallest sample with at
+    least ``p`` % of the samples at or below it (an observed value, never an interpolation);
+    nan when there are none."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    return s[max(0, math.ceil(p * len(s) / 100) - 1)]
 
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (of its thread ``tid`` when given),
+    from /proc (Linux): the figure least distorted by other load on a shared machine."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold ")"
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit (thousands of client sockets);
+    returns the soft limit now in force."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def machine() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"CPython {sys.version.split()[0]}"
@@ -97,7 +128,6 @@ def rss_kib(pid: int | str = "self") -> dict[str, int]:
 
 def run_info() -> dict[str, str]:
     """Who produced a result: the machine, the Python, the command line and when."""
-    import os
     import shlex
 
     script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"

@@ -22,18 +22,18 @@ The frame encoding and parsing (:func:`opening`, :class:`Http2Watch`) know no so
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import heapq
 import multiprocessing as mp
 import random
-import resource
 import select
 import socket
 import struct
 import sys
 import time
 from multiprocessing.synchronize import Event
+
+from common import raise_nofile
 
 from clustermap._pb.clustermap.v1 import subscription_pb2 as spb
 
@@ -277,12 +277,6 @@ class _Conn:
         self.events = select.EPOLLIN | select.EPOLLOUT  # as registered
 
 
-def _raise_nofile() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _sockaddr(address: str) -> tuple[int, tuple[str, int]]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -306,7 +300,7 @@ def client(
     ``like_grpc``: answer data as a grpc client does (:class:`Http2Watch`)."""
     if per_conn != 1:
         raise ValueError("the raw client opens one connection per stream")
-    _raise_nofile()
+    raise_nofile()
     family, sockaddr = _sockaddr(address)
     window = GRPC_LIKE_WINDOW if like_grpc else MAX_WINDOW
     hello = opening(address, spb.PollRequest().SerializeToString(), window)

@@ -22,7 +22,7 @@ from clustermap.feedback.status import feedback_status
 from clustermap.model import STRATEGIES, Ejection, Node, Service, Trial
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
-from clustermap.region.layout import Meta
+from clustermap.region.layout import SUBSET_TABLES_CAPPED, Meta
 from clustermap.rules import printable
 
 __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
@@ -199,7 +199,8 @@ def status_json(
         "repair_pending": snap.repair_pending,
         "services": len(snap.services),
         "nodes": sum(len(s.nodes) for s in snap.services.values()),
-        "counters": dict(meta.counters),
+        "counters": {k: v for k, v in meta.counters.items() if k != SUBSET_TABLES_CAPPED},
+        "subset_tables_capped": meta.counters.get(SUBSET_TABLES_CAPPED, 0),
         **_mode_json(meta),
         "quarantined": [
             {"service": name, "reason": why} for name, why in sorted(meta.quarantined.items())
@@ -304,6 +305,7 @@ def status(args: argparse.Namespace) -> int:
         ("reason", st["reason"] or "-"),
         ("writer", f"pid {st['writer_pid']} ({_alive_word(st['writer_alive'])})"),
         ("map", f"{st['services']} services, {st['nodes']} nodes"),
+        ("capped", _capped_text(st["subset_tables_capped"])),
         ("zone", st["zone"] or "-"),
         ("quarantined", str(len(st["quarantined"])) if st["quarantined"] else "-"),
     ]
@@ -347,6 +349,12 @@ def _mode_text(st: dict[str, Any]) -> str:
     if st["stream_reconnects"] or st["stream_fallbacks"]:
         text += f", {st['stream_reconnects']} reconnects, {st['stream_fallbacks']} fallbacks"
     return text
+
+
+def _capped_text(capped: int) -> str:
+    if not capped:
+        return "-"
+    return f"{capped} services: some subset tables over a limit, built by workers (see the log)"
 
 
 def _alive_word(alive: bool | None) -> str:

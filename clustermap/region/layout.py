@@ -107,6 +107,7 @@ __all__ = [
     "SLOT_DIRECTORY",
     "SLOT_META",
     "SLOT_SIZE",
+    "SUBSET_TABLES_CAPPED",
     "TXN_OFF",
     "WRITER_PID_OFF",
     "FileHeader",
@@ -247,6 +248,12 @@ def verify_payload(payload: bytes | memoryview, version: int, expected: int) -> 
 
 
 # -- payloads -------------------------------------------------------------------------------------
+
+
+#: The one entry of ``Meta.counters`` that is a current count, not a running total: hashed
+#: services some of whose declared subsets get no published table (over a limit,
+#: docs/routing.md). Older readers show it as one more counter.
+SUBSET_TABLES_CAPPED: Final = "subset_tables_capped"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from clustermap import trace
 from clustermap.errors import ClusterMapError
 from clustermap.feedback.layout import owner_pid
 from clustermap.model import Service, parse_address
-from clustermap.region.layout import Meta
+from clustermap.region.layout import SUBSET_TABLES_CAPPED, Meta
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar import snapshot
@@ -546,6 +546,7 @@ class Sidecar:
             written = tuple(hub.decorate(s) for s in upserts) if hub is not None else upserts
             written = tuple(self.ramps.decorate(s, now_ns) for s in written)
             self.writer.publish(written, removals, meta=meta, sync_ns=now_ns)
+            meta = self._show_capped(meta)
             self.meta = meta
             self._meta_at = time.monotonic()
             before = [
@@ -569,6 +570,19 @@ class Sidecar:
         self.metrics.synced(now_ns / 1e9)
         self._refresh_gauges(recount=False)  # the whole map only at start: this runs per change
         self._save_snapshot()
+
+    def _show_capped(self, meta: Meta) -> Meta:
+        """Put the writer's count of services with subset tables over a limit (known only once
+        it planned their tables) into the region's counters, republishing the meta when the
+        count changed, so that ``cmctl status`` shows it after the log line has scrolled away."""
+        capped = self.writer.tables_capped
+        self.metrics.subset_tables_capped.set(capped)
+        if capped == self.counters.get(SUBSET_TABLES_CAPPED, 0):
+            return meta
+        self.counters[SUBSET_TABLES_CAPPED] = capped
+        meta = replace(meta, counters=dict(self.counters))
+        self.writer.publish(meta=meta)
+        return meta
 
     def _mark_stale(self, reason: str) -> None:
         self.metrics.stale.set(1)

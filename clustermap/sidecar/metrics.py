@@ -87,6 +87,12 @@ class Metrics:
         self.quarantined_services = Gauge(
             "clustermap_sidecar_quarantined_services", "Services in quarantine", registry=r
         )
+        self.subset_tables_capped = Gauge(
+            "clustermap_sidecar_subset_tables_capped",
+            "Hashed services some of whose declared subsets get no published table (over a "
+            "limit; workers build those themselves)",
+            registry=r,
+        )
         self.ejections = Counter(
             "clustermap_sidecar_ejections",
             "Nodes ejected from callers' feedback, by kind of evidence",

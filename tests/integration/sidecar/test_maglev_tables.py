@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import urllib.request
 from array import array
 from pathlib import Path
 
 import clustermap
 from clustermap.model import Service
+from clustermap.region.layout import SUBSET_TABLES_CAPPED
+from clustermap.region.tables import MAX_SUBSET_TABLES
 from tests.support.procs import Child, wait_for
-from tests.support.stack import ServerProc, SidecarProc
+from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
 from tests.unit.test_balance_docs import VECTORS
 
 # Both workers' start: for each node count given, in turn, wait until the service has it (the
@@ -171,6 +175,67 @@ def test_sidecar_subset_tables_after_a_change_are_shared_and_equal_a_workers_own
     finally:
         for w in workers:
             w.close()
+        if sidecar is not None:
+            sidecar.close()
+        server.close()
+
+
+def _cmctl(region: Path, *args: str) -> str:
+    return subprocess.run(
+        [CMCTL, "--region", str(region), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def _metric(port: int, name: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def test_cmctl_status_shows_services_whose_subset_tables_are_capped(region_dir: Path) -> None:
+    """A service declaring more subsets than get a table is counted in ``cmctl status`` (text and
+    --json) and on /metrics, not only in a log line; the count clears when it is under again."""
+    clusters = region_dir / "clusters.toml"
+    clusters.write_text(
+        '[clusters.cache-svc]\nstrategy = "consistent_hash"\n'
+        '[clusters.cache-svc.meta]\nsubset_keys = "shard"\n'
+    )
+    region = region_dir / "test.region"
+    shards = MAX_SUBSET_TABLES + 2  # one subset per node: two over the per-service limit
+    server = ServerProc("--clusters", str(clusters))
+    sidecar = None
+    try:
+        for i in range(shards):
+            server.register("cache-svc", f"10.9.1.{i}", 80, shard=f"s{i:02d}")
+        port = free_port()
+        sidecar = SidecarProc(region, [server.address], "--metrics", f"127.0.0.1:{port}")
+        shown = sidecar
+
+        def capped() -> int | None:
+            m = shown.meta()
+            return None if m is None else m.counters.get(SUBSET_TABLES_CAPPED, 0)
+
+        wait_for(lambda: capped() == 1, what="the capped count in the region")
+        st = json.loads(_cmctl(region, "status", "--json"))
+        assert st["subset_tables_capped"] == 1
+        assert SUBSET_TABLES_CAPPED not in st["counters"]  # a count of now, not a running total
+        text = _cmctl(region, "status")
+        rows = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
+        assert rows["capped"].startswith("1 services: some subset tables over a limit"), text
+        assert SUBSET_TABLES_CAPPED not in text
+        assert _metric(port, "clustermap_sidecar_subset_tables_capped") == 1
+        for i in range(MAX_SUBSET_TABLES, shards):  # back to the limit: every subset has a table
+            server.deregister("cache-svc", f"10.9.1.{i}", 80)
+        wait_for(lambda: capped() == 0, what="the capped count to clear")
+        assert json.loads(_cmctl(region, "status", "--json"))["subset_tables_capped"] == 0
+        assert _metric(port, "clustermap_sidecar_subset_tables_capped") == 0
+    finally:
         if sidecar is not None:
             sidecar.close()
         server.close()
