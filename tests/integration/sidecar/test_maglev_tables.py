@@ -13,6 +13,7 @@ from pathlib import Path
 import clustermap
 from clustermap.model import Service
 from clustermap.region.layout import SUBSET_TABLES_CAPPED
+from clustermap.region.reader import RegionReader
 from clustermap.region.tables import MAX_SUBSET_TABLES
 from tests.support.procs import Child, wait_for
 from tests.support.stack import CMCTL, ServerProc, SidecarProc, free_port
@@ -229,6 +230,13 @@ def test_cmctl_status_shows_services_whose_subset_tables_are_capped(region_dir: 
         rows = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
         assert rows["capped"].startswith("1 services: some subset tables over a limit"), text
         assert SUBSET_TABLES_CAPPED not in text
+        assert _metric(port, "clustermap_sidecar_subset_tables_capped") == 1
+        # a restarted sidecar carries on from the region, tables included, and still counts it
+        sidecar.close()
+        sidecar = shown = SidecarProc(region, [server.address], "--metrics", f"127.0.0.1:{port}")
+        server.register("other-svc", "10.9.2.1", 80)  # published by the new sidecar, with its meta
+        wait_for(lambda: "other-svc" in RegionReader(region).snapshot().services)
+        assert capped() == 1
         assert _metric(port, "clustermap_sidecar_subset_tables_capped") == 1
         for i in range(MAX_SUBSET_TABLES, shards):  # back to the limit: every subset has a table
             server.deregister("cache-svc", f"10.9.1.{i}", 80)
