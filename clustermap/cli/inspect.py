@@ -22,7 +22,7 @@ from clustermap.feedback.status import feedback_status
 from clustermap.model import STRATEGIES, Ejection, Node, Service, Trial
 from clustermap.region import FORMAT_VERSION, RegionReader, Snapshot
 from clustermap.region.election import writer_running
-from clustermap.region.layout import SUBSET_TABLES_CAPPED, Meta
+from clustermap.region.layout import Meta
 from clustermap.rules import printable
 
 __all__ = ["STALE_AFTER_S", "add_commands", "service_json", "status_json"]
@@ -199,8 +199,8 @@ def status_json(
         "repair_pending": snap.repair_pending,
         "services": len(snap.services),
         "nodes": sum(len(s.nodes) for s in snap.services.values()),
-        "counters": {k: v for k, v in meta.counters.items() if k != SUBSET_TABLES_CAPPED},
-        "subset_tables_capped": meta.counters.get(SUBSET_TABLES_CAPPED, 0),
+        "counters": dict(meta.counters),
+        "subset_tables_capped": meta.tables_capped,
         **_mode_json(meta),
         "quarantined": [
             {"service": name, "reason": why} for name, why in sorted(meta.quarantined.items())

@@ -107,7 +107,6 @@ __all__ = [
     "SLOT_DIRECTORY",
     "SLOT_META",
     "SLOT_SIZE",
-    "SUBSET_TABLES_CAPPED",
     "TXN_OFF",
     "WRITER_PID_OFF",
     "FileHeader",
@@ -250,12 +249,6 @@ def verify_payload(payload: bytes | memoryview, version: int, expected: int) -> 
 # -- payloads -------------------------------------------------------------------------------------
 
 
-#: The one entry of ``Meta.counters`` that is a current count, not a running total: hashed
-#: services some of whose declared subsets get no published table (over a limit,
-#: docs/routing.md). Older readers show it as one more counter.
-SUBSET_TABLES_CAPPED: Final = "subset_tables_capped"
-
-
 @dataclass(frozen=True, slots=True)
 class Meta:
     """Map-wide state the sidecar publishes with each update.
@@ -282,6 +275,9 @@ class Meta:
     #: The machine's zone (``cm-sidecar --zone``), "" if none; workers keep picks in it
     #: (docs/routing.md). Absent from older writers; older readers ignore it.
     zone: str = ""
+    #: Hashed services some of whose declared subsets get no published table (over a limit,
+    #: docs/routing.md): workers build those. Absent from older writers; older readers ignore it.
+    tables_capped: int = 0
 
 
 def encode_meta(m: Meta) -> bytes:
@@ -299,6 +295,7 @@ def encode_meta(m: Meta) -> bytes:
             "mode": m.mode,
             "stream_since_ns": m.stream_since_ns,
             "zone": m.zone,
+            "tables_capped": m.tables_capped,
         }
     )
 
@@ -332,6 +329,7 @@ def decode_meta(payload: bytes | memoryview) -> Meta:
             mode=_str(d.get("mode", "")),
             stream_since_ns=_int(d.get("stream_since_ns", 0)),
             zone=_str(d.get("zone", "")),
+            tables_capped=_int(d.get("tables_capped", 0)),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CorruptRegion(f"malformed meta record: {exc}") from None

@@ -24,7 +24,7 @@ from clustermap import trace
 from clustermap.errors import ClusterMapError
 from clustermap.feedback.layout import owner_pid
 from clustermap.model import Service, parse_address
-from clustermap.region.layout import SUBSET_TABLES_CAPPED, Meta
+from clustermap.region.layout import Meta
 from clustermap.region.reader import RegionReader
 from clustermap.region.writer import RegionWriter
 from clustermap.sidecar import snapshot
@@ -508,6 +508,7 @@ class Sidecar:
             mode="watch" if self._stream_since else "poll",
             stream_since_ns=self._stream_since_ns if self._stream_since else 0,
             zone=self.settings.zone or "",
+            tables_capped=self.meta.tables_capped,
         )
         trace.mark("sidecar.decided", answer.revision)
         self._publish(decision.upserts, decision.removals, meta)
@@ -573,14 +574,13 @@ class Sidecar:
 
     def _show_capped(self, meta: Meta) -> Meta:
         """Put the writer's count of services with subset tables over a limit (known only once
-        it planned their tables) into the region's counters, republishing the meta when the
-        count changed, so that ``cmctl status`` shows it after the log line has scrolled away."""
+        it planned their tables) into the region's meta, republishing the meta when the count
+        changed, so that ``cmctl status`` shows it after the log line has scrolled away."""
         capped = self.writer.tables_capped
         self.metrics.subset_tables_capped.set(capped)
-        if capped == self.counters.get(SUBSET_TABLES_CAPPED, 0):
+        if capped == meta.tables_capped:
             return meta
-        self.counters[SUBSET_TABLES_CAPPED] = capped
-        meta = replace(meta, counters=dict(self.counters))
+        meta = replace(meta, tables_capped=capped)
         self.writer.publish(meta=meta)
         return meta
 
